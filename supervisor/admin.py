@@ -1,0 +1,149 @@
+"""Operator commands that talk to Redis only: enqueue, stats, dead letters."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+from worker.job import job_id_of, parse
+from worker.queue import JobQueue
+
+
+def build_message(url: str, *, start: float | None = None, end: float | None = None,
+                  duration: float | None = None, output: str | None = None,
+                  mode: str | None = None, fmt: str | None = None,
+                  job_id: str | None = None) -> bytes:
+    body: dict[str, Any] = {"url": url}
+    for key, value in (("id", job_id), ("start", start), ("end", end), ("duration", duration),
+                       ("output", output), ("mode", mode), ("format", fmt)):
+        if value is not None:
+            body[key] = value
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def enqueue(queue: JobQueue, message: bytes, *, validate: bool = True) -> str:
+    """LPUSH one message and return its job id; refuse what a worker would dead-letter."""
+    if validate:
+        parse(message, queue.config)  # raises Permanent with the reason
+    queue.client.lpush(queue.keys.queue, message)
+    return job_id_of(message)
+
+
+def stats(queue: JobQueue) -> dict[str, Any]:
+    k = queue.keys
+    pipe = queue.client.pipeline(transaction=False)
+    pipe.llen(k.queue)
+    pipe.llen(k.retry)
+    pipe.zcard(k.delayed)
+    pipe.llen(k.dead)
+    pipe.llen(k.done)
+    pipe.hgetall(k.workers)
+    depth, retry, delayed, dead, done, registry = pipe.execute()
+    workers = []
+    for wid_raw, payload in sorted(registry.items()):
+        wid = wid_raw.decode()
+        try:
+            info = json.loads(payload)
+        except ValueError:
+            info = {}
+        workers.append({"id": wid, **info})
+    pipe = queue.client.pipeline(transaction=False)
+    for w in workers:
+        pipe.pttl(k.heartbeat(w["id"]))
+        pipe.llen(k.processing(w["id"]))
+        if w.get("job"):
+            pipe.hmget(k.job(w["job"]), "stage", "progress")
+    replies = iter(pipe.execute())
+    now = time.time()
+    for w in workers:
+        ttl = next(replies)
+        w["alive"] = ttl is not None and ttl > 0
+        w["holding"] = next(replies)
+        w["uptime"] = round(now - float(w.get("started", now)), 1)
+        if w.get("job"):
+            stage, progress = next(replies)
+            if stage is not None:
+                w["stage"] = stage.decode()
+            if progress is not None:
+                w["progress"] = float(progress)
+    return {"prefix": queue.config.redis.prefix,
+            "queues": {"queue": depth, "retry": retry, "delayed": delayed, "dead": dead,
+                       "done": done},
+            "workers": workers, "time": now}
+
+
+def format_stats(data: dict[str, Any]) -> str:
+    q = data["queues"]
+    lines = [f"queue {q['queue']}   retry {q['retry']}   delayed {q['delayed']}   "
+             f"dead {q['dead']}   done {q['done']}   (prefix {data['prefix']})", ""]
+    if not data["workers"]:
+        lines.append("no workers registered")
+        return "\n".join(lines)
+    header = f"{'HOST':<16} {'PID':>7} {'SLOT':>4} {'UPTIME':>8} {'DONE':>5}  {'STATE':<9} JOB"
+    lines.append(header)
+    for w in data["workers"]:
+        state = w.get("stage", "idle") if w.get("alive") else "expired"
+        job = w.get("job") or "-"
+        if w.get("job"):
+            job = f"{job[:24]} {w.get('progress', 0):.0f}%"
+        lines.append(f"{str(w.get('host', '?'))[:16]:<16} {w.get('pid', 0):>7} "
+                     f"{w.get('slot', 0):>4} {_duration(w.get('uptime', 0)):>8} "
+                     f"{w.get('jobs_done', 0):>5}  {state:<9} {job}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def dead_letters(queue: JobQueue, limit: int = 0) -> list[tuple[bytes, dict[str, Any]]]:
+    raw = queue.client.lrange(queue.keys.dead, 0, limit - 1 if limit > 0 else -1)
+    result = []
+    for entry in raw:
+        try:
+            letter = json.loads(entry)
+        except ValueError:
+            letter = {"id": "?", "reason": "unreadable", "error": entry[:200].decode(
+                "utf-8", "replace")}
+        result.append((entry, letter))
+    return result
+
+
+def original_message(letter: dict[str, Any]) -> bytes | None:
+    if "message" in letter:
+        return str(letter["message"]).encode("utf-8")
+    if "message_b64" in letter:
+        return base64.b64decode(letter["message_b64"])
+    return None
+
+
+def retry_dead(queue: JobQueue, ids: list[str] | None) -> tuple[int, list[str]]:
+    """Replay dead letters (all when ``ids`` is None); returns (count, ids not found)."""
+    wanted = None if ids is None else set(ids)
+    replayed, seen = 0, set()
+    for entry, letter in dead_letters(queue):
+        job_id = str(letter.get("id", ""))
+        if wanted is not None and job_id not in wanted:
+            continue
+        message = original_message(letter)
+        if message is None:
+            continue
+        seen.add(job_id)
+        if queue.replay_dead(entry, message, job_id_of(message)):
+            replayed += 1
+    missing = sorted(wanted - seen) if wanted is not None else []
+    return replayed, missing
+
+
+def purge_dead(queue: JobQueue) -> int:
+    pipe = queue.client.pipeline(transaction=True)
+    pipe.llen(queue.keys.dead)
+    pipe.delete(queue.keys.dead)
+    return int(pipe.execute()[0])

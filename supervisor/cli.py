@@ -1,0 +1,279 @@
+"""The ``clip-supervisor`` command (SPEC section 7).
+
+Every command reads the same configuration (``--config``, else /etc/clip-supervisor.conf
+when it exists, else the built-in defaults, then ``CLIP_SUPERVISOR_*`` variables). Errors
+an operator can cause (bad config, Redis unreachable, pid file held) print one clear line
+and exit non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import psutil
+
+from worker import config as config_mod
+from worker import logs
+from worker.config import Config, ConfigError
+from worker.errors import Permanent
+from worker.queue import REDIS_ERRORS, JobQueue, connect
+
+from . import admin
+from .pidfile import DEFAULT_PIDFILE, AlreadyRunning, PidFile, holder
+
+PROG = "clip-supervisor"
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="F",
+                        help="INI file (default /etc/clip-supervisor.conf when it exists)")
+    common.add_argument("--redis-url", metavar="U", help="override [redis] url")
+    pid = argparse.ArgumentParser(add_help=False)
+    pid.add_argument("--pidfile", metavar="P", help="override [supervisor] pidfile")
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Clip videos from a Redis queue "
+                                     "with a pool of supervised worker processes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common, pid], help="run the supervisor")
+    run.add_argument("--workers", metavar="N", help="worker processes (auto = one per CPU)")
+    run.add_argument("--daemon", action="store_true", help="detach and run in the background")
+    run.add_argument("--logfile", metavar="L", help="override [supervisor] logfile")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    stop = sub.add_parser("stop", parents=[common, pid], help="stop a running daemon")
+    stop.add_argument("--timeout", type=float, metavar="S",
+                      help="seconds to wait (default graceful_timeout + 10)")
+    sub.add_parser("status", parents=[common, pid], help="is it running? (LSB exit codes)")
+    sub.add_parser("reload", parents=[common, pid], help="send HUP: reload and replace workers")
+
+    enq = sub.add_parser("enqueue", parents=[common], help="push one job, print its id")
+    enq.add_argument("url")
+    enq.add_argument("--start", type=float, metavar="S")
+    span = enq.add_mutually_exclusive_group()
+    span.add_argument("--end", type=float, metavar="E")
+    span.add_argument("--duration", type=float, metavar="D")
+    enq.add_argument("--output", metavar="O")
+    enq.add_argument("--mode", choices=("copy", "encode"))
+    enq.add_argument("--format", dest="fmt", metavar="F")
+    enq.add_argument("--id", dest="job_id", metavar="ID")
+
+    st = sub.add_parser("stats", parents=[common], help="queue depths and workers")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS")
+
+    dead = sub.add_parser("dead", parents=[common], help="inspect and replay dead letters")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dlist = dead_sub.add_parser("list", parents=[common], help="show dead letters")
+    dlist.add_argument("--json", action="store_true")
+    dlist.add_argument("--limit", type=int, default=0)
+    dretry = dead_sub.add_parser("retry", parents=[common], help="requeue dead letters")
+    dretry.add_argument("ids", nargs="*", metavar="ID")
+    dretry.add_argument("--all", action="store_true")
+    dead_sub.add_parser("purge", parents=[common], help="delete all dead letters")
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="run the whole main job on a generated sample, end to end")
+    demo.add_argument("--jobs", type=int, default=6)
+    demo.add_argument("--workers", default="2")
+    demo.add_argument("--output-dir", default="./clip-supervisor-demo")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = {}
+    for flag, key in (("redis_url", "redis.url"), ("workers", "supervisor.workers"),
+                      ("pidfile", "supervisor.pidfile"), ("logfile", "supervisor.logfile")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = str(value)
+    path = args.config if args.config else config_mod.default_path()
+    return config_mod.load(path, overrides=overrides)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    handler = globals()[f"cmd_{args.command}"]
+    try:
+        return int(handler(args, config))
+    except REDIS_ERRORS as exc:
+        return _fail(f"cannot reach Redis at {config.redis.url.split('@')[-1]}: {exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- run / stop / status / reload ------------------------------------------------------------
+
+
+def _pidfile_path(config: Config, daemon: bool = True) -> str:
+    return config.supervisor.pidfile or (DEFAULT_PIDFILE if daemon else "")
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from . import daemonize
+    from .master import Master
+
+    report_fd = None
+    if args.daemon:
+        report_fd = daemonize.daemonize(config.supervisor.logfile)
+    logs.setup("master", config.supervisor.logfile, config.supervisor.log_level,
+               args.log_format)
+    path = _pidfile_path(config, daemon=args.daemon)
+    pidfile = PidFile(path) if path else None
+    try:
+        if pidfile is not None:
+            pidfile.acquire()
+        os.makedirs(config.job.work_dir, exist_ok=True)
+    except AlreadyRunning as exc:
+        daemonize.report(report_fd, f"{PROG}: {exc}")
+        return _fail(str(exc))
+    except OSError as exc:
+        message = f"cannot start: {exc.filename}: {exc.strerror}"
+        daemonize.report(report_fd, f"{PROG}: {message}")
+        return _fail(message)
+    try:
+        master = Master(config)
+        return master.run(on_ready=lambda: daemonize.report(report_fd, "ok"))
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+
+
+def cmd_stop(args: argparse.Namespace, config: Config) -> int:
+    path = _pidfile_path(config)
+    exists, pid = holder(path)
+    if pid is None:
+        print("not running" + (" (stale pid file)" if exists else ""))
+        return 0
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print("not running")
+        return 0
+    timeout = args.timeout if args.timeout is not None else \
+        config.supervisor.graceful_timeout + 10
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if holder(path)[1] is None:
+            print(f"stopped (pid {pid})")
+            return 0
+        time.sleep(0.1)
+    print(f"still running (pid {pid}) after {timeout:g} s", file=sys.stderr)
+    return 1
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    path = _pidfile_path(config)
+    exists, pid = holder(path)
+    if pid is not None:
+        try:
+            workers = len(psutil.Process(pid).children())
+        except psutil.Error:
+            workers = 0
+        print(f"running (pid {pid}, {workers} workers)")
+        return 0
+    if exists:
+        print(f"dead, but pid file {path} exists")
+        return 1
+    print("not running")
+    return 3
+
+
+def cmd_reload(args: argparse.Namespace, config: Config) -> int:
+    _, pid = holder(_pidfile_path(config))
+    if pid is None:
+        print("not running")
+        return 3
+    os.kill(pid, signal.SIGHUP)
+    print(f"reloading (pid {pid})")
+    return 0
+
+
+# --- queue commands ----------------------------------------------------------------------------
+
+
+def _queue(config: Config) -> JobQueue:
+    return JobQueue(connect(config), config)
+
+
+def cmd_enqueue(args: argparse.Namespace, config: Config) -> int:
+    message = admin.build_message(args.url, start=args.start, end=args.end,
+                                  duration=args.duration, output=args.output, mode=args.mode,
+                                  fmt=args.fmt, job_id=args.job_id)
+    try:
+        job_id = admin.enqueue(_queue(config), message)
+    except Permanent as exc:
+        return _fail(f"refused ({exc.reason}): {exc.error}")
+    print(job_id)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, config: Config) -> int:
+    queue = _queue(config)
+    while True:
+        data = admin.stats(queue)
+        if args.json:
+            print(json.dumps(data, indent=2 if sys.stdout.isatty() else None))
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            print(admin.format_stats(data))
+        if not args.watch:
+            return 0
+        sys.stdout.flush()
+        time.sleep(args.watch)
+
+
+def cmd_dead(args: argparse.Namespace, config: Config) -> int:
+    queue = _queue(config)
+    if args.action == "list":
+        letters = admin.dead_letters(queue, args.limit)
+        if args.json:
+            print(json.dumps([letter for _, letter in letters], indent=2))
+            return 0
+        if not letters:
+            print("no dead letters")
+        for _, letter in letters:
+            error = str(letter.get("error", "")).strip().splitlines()
+            print(f"{letter.get('time', '?')}  {letter.get('id', '?')}  "
+                  f"{letter.get('reason', '?')}  attempts={letter.get('attempts', '?')}  "
+                  f"{error[-1][:120] if error else ''}")
+        return 0
+    if args.action == "retry":
+        if not args.ids and not args.all:
+            return _fail("dead retry: give job ids or --all", 2)
+        count, missing = admin.retry_dead(queue, None if args.all else args.ids)
+        print(f"requeued {count} dead letter(s)")
+        for job_id in missing:
+            print(f"not found: {job_id}", file=sys.stderr)
+        return 1 if missing else 0
+    count = admin.purge_dead(queue)
+    print(f"purged {count} dead letter(s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from .demo import run_demo
+
+    return run_demo(config, jobs=args.jobs, workers=args.workers,
+                    output_dir=os.path.abspath(args.output_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The master: keeps N workers alive, recovers what dead ones held, stops gracefully.
+
+The loop, in the manner of gunicorn's arbiter: signal handlers only record the signal (and
+Python's wake-up fd makes the loop's ``select`` return); the loop then waits on that pipe
+with a timeout, handles the recorded signals with ``handle_<name>`` methods, reaps every
+dead child with ``waitpid(-1, WNOHANG)``, recovers their messages, keeps the worker count,
+and runs periodic recovery of other hosts' dead workers. It never blocks on a job.
+
+System calls the loop makes go through ``System`` so the decisions can be unit-tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import setproctitle
+
+from worker import config as config_mod
+from worker import logs
+from worker.config import Config, ConfigError
+from worker.queue import REDIS_ERRORS, JobQueue, connect
+from worker.runner import Worker
+
+from . import recovery
+from .children import Exit, Slot, SlotState
+
+log = logging.getLogger("clip-supervisor.master")
+
+HANDLED = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+           signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD]
+FAST_STOP_TIMEOUT = 5.0  # seconds workers get to give back their jobs on a fast stop
+
+
+class State:
+    RUNNING = "running"
+    STOPPING = "stopping"  # graceful: workers finish their jobs
+    STOPPING_FAST = "stopping fast"  # workers abort and give back their jobs
+
+
+@dataclass
+class System:
+    """The seam between the loop and the kernel."""
+
+    fork = staticmethod(os.fork)
+    kill = staticmethod(os.kill)
+    waitpid = staticmethod(os.waitpid)
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+
+@dataclass
+class PendingRecovery:
+    worker_id: str
+    count_attempt: bool
+    worker_dir: str
+
+
+@dataclass
+class Master:
+    config: Config
+    system: System = field(default_factory=System)
+    slots: list[Slot] = field(default_factory=list)
+    state: str = State.RUNNING
+    signals: list[int] = field(default_factory=list)
+    pending: list[PendingRecovery] = field(default_factory=list)
+    stop_deadline: float = 0.0
+    generation: int = 0
+    exit_code: int = 0
+
+    def __post_init__(self) -> None:
+        self.pid = os.getpid()
+        self.target = self.config.supervisor.workers
+        self.queue = JobQueue(connect(self.config), self.config)
+        self._pipe: tuple[int, int] | None = None
+        self._next_scan = 0.0
+        self._started_recovery = False
+        self._redis_failing = False
+
+    # --- signals -------------------------------------------------------------------------------
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def install_signals(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipe = (r, w)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in HANDLED:
+            signal.signal(sig, self._record)
+
+    # --- main loop -----------------------------------------------------------------------------
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        self.install_signals()
+        os.makedirs(self.config.job.work_dir, exist_ok=True)
+        if on_ready is not None:
+            on_ready()
+        removed = recovery.clean_stale_dirs(self.config.job.work_dir)
+        if removed:
+            log.info("removed %d work folder(s) of dead workers", removed)
+        log.info("master started (pid %d, %d workers, redis %s, prefix %s)", self.pid,
+                 self.target, _safe_url(self.config.redis.url), self.config.redis.prefix)
+        while True:
+            self.dispatch_signals()
+            self.reap()
+            if self.state == State.RUNNING:
+                self.spawn_due()
+            self.redis_housekeeping()
+            if self.state != State.RUNNING and self.stop_progress():
+                break
+            self._title()
+            self.sleep(self.next_timeout())
+        self.finish_pending_recoveries()
+        log.info("master stopped")
+        return self.exit_code
+
+    def sleep(self, timeout: float) -> None:
+        assert self._pipe is not None
+        try:
+            ready, _, _ = select.select([self._pipe[0]], [], [], max(0.0, timeout))
+        except InterruptedError:
+            return
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._pipe[0], 4096):
+                    pass
+
+    def next_timeout(self) -> float:
+        now = self.system.monotonic()
+        timeout = 1.0
+        for slot in self.slots:
+            if slot.state is SlotState.BACKOFF:
+                timeout = min(timeout, slot.next_start - now)
+            if slot.state is SlotState.STARTING:
+                timeout = min(timeout, slot.spawned_at + self.config.supervisor.min_uptime - now)
+        if self.state != State.RUNNING:
+            timeout = min(timeout, self.stop_deadline - now)
+        if self.pending:
+            timeout = min(timeout, 0.5)
+        return max(0.01, timeout)
+
+    def dispatch_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            name = signal.Signals(signum).name.lower()
+            handler = getattr(self, f"handle_{name[3:]}", None)
+            if handler is not None:
+                handler()
+
+    # --- signal handlers (run by the loop, not in signal context) ------------------------------
+
+    def handle_chld(self) -> None:
+        pass  # the loop reaps after every wake-up
+
+    def handle_term(self) -> None:
+        self.stop(graceful=True)
+
+    def handle_int(self) -> None:
+        # A second INT (an impatient operator at the terminal) means: now.
+        self.stop(graceful=self.state == State.RUNNING)
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def handle_ttin(self) -> None:
+        if self.state == State.RUNNING:
+            self.target += 1
+            log.info("TTIN: workers %d", self.target)
+
+    def handle_ttou(self) -> None:
+        if self.state == State.RUNNING and self.target > 1:
+            self.target -= 1
+            log.info("TTOU: workers %d", self.target)
+            self.retire_extra()
+
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        log.info("USR1: log files reopened")
+        self.signal_workers(signal.SIGUSR1)
+
+    def handle_hup(self) -> None:
+        if self.state != State.RUNNING:
+            return
+        try:
+            new = config_mod.load(self.config.path)
+        except ConfigError as exc:
+            log.error("HUP: keeping the running configuration: %s", exc)
+            return
+        self.config = new
+        self.target = new.supervisor.workers
+        self.generation += 1
+        logs.setup(logs._state["role"], new.supervisor.logfile, new.supervisor.log_level,
+                   logs._state["format"])
+        log.info("HUP: configuration reloaded; replacing workers (now %d)", self.target)
+        self.retire_extra()
+        for slot in self.slots:
+            if slot.pid is not None and slot.state is not SlotState.STOPPING:
+                self.stop_slot(slot, signal.SIGTERM)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def stop(self, graceful: bool) -> None:
+        now = self.system.monotonic()
+        if graceful:
+            if self.state != State.RUNNING:
+                return
+            self.state = State.STOPPING
+            self.stop_deadline = now + self.config.supervisor.graceful_timeout
+            log.info("graceful stop: waiting up to %.0f s for jobs in progress",
+                     self.config.supervisor.graceful_timeout)
+            self.signal_workers(signal.SIGTERM)
+        else:
+            if self.state == State.STOPPING_FAST:
+                return
+            self.state = State.STOPPING_FAST
+            self.stop_deadline = now + min(FAST_STOP_TIMEOUT,
+                                           self.config.supervisor.graceful_timeout)
+            log.info("fast stop: aborting jobs in progress and requeueing them")
+            self.signal_workers(signal.SIGQUIT)
+
+    def stop_progress(self) -> bool:
+        """True once every worker is gone; kills the rest when the deadline passes."""
+        alive = [slot for slot in self.slots if slot.pid is not None]
+        if not alive:
+            return True
+        if self.system.monotonic() >= self.stop_deadline:
+            for slot in alive:
+                log.warning("worker %d (pid %d) did not stop in time: killing it", slot.index,
+                            slot.pid)
+                slot.killed_on_purpose = True
+                self._kill(slot.pid, signal.SIGKILL)
+            self.stop_deadline = self.system.monotonic() + 5.0
+        return False
+
+    def signal_workers(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.pid is not None:
+                if sig in (signal.SIGTERM, signal.SIGQUIT):
+                    slot.state = SlotState.STOPPING
+                self._kill(slot.pid, sig)
+
+    def stop_slot(self, slot: Slot, sig: int) -> None:
+        slot.state = SlotState.STOPPING
+        if slot.pid is not None:
+            self._kill(slot.pid, sig)
+
+    def retire_extra(self) -> None:
+        """Shrink to ``target``: the highest slots finish their jobs, then are removed."""
+        for slot in self.slots[self.target:]:
+            if slot.pid is not None and slot.state is not SlotState.STOPPING:
+                self.stop_slot(slot, signal.SIGTERM)
+
+    def _kill(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # already dead: the next reap collects it
+            self.system.kill(pid, sig)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def spawn_due(self) -> None:
+        now = self.system.monotonic()
+        while len(self.slots) < self.target:
+            self.slots.append(Slot(index=len(self.slots) + 1))
+        # Slots above the target are dropped once their worker has exited.
+        while len(self.slots) > self.target and self.slots[-1].pid is None:
+            self.slots.pop()
+        for slot in self.slots[: self.target]:
+            slot.tick(now, self.config.supervisor.min_uptime)
+            if slot.pid is None and slot.due(now):
+                self.spawn_worker(slot)
+
+    def spawn_worker(self, slot: Slot) -> None:
+        started_ms = int(self.system.time() * 1000)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = self.system.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            log.error("cannot fork a worker: %s", exc)
+            slot.exited(Exit(code=1, signal=None), self.system.monotonic(),
+                        self.config.supervisor.min_uptime,
+                        self.config.supervisor.restart_backoff_max)
+            return
+        if pid == 0:
+            self._become_worker(slot, started_ms, blocked)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        slot.spawned(pid, started_ms, self.system.monotonic(), self.generation)
+        log.info("spawned worker %d (pid %d)", slot.index, pid)
+
+    def _become_worker(self, slot: Slot, started_ms: int, mask: set) -> None:
+        code = 1
+        try:
+            if self._pipe is not None:
+                for fd in self._pipe:
+                    os.close(fd)
+            logs.set_role(f"worker {slot.index}")
+            worker = Worker(self.config, slot.index, started_ms, parent_pid=self.pid)
+            worker.install_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            code = worker.run()
+        except BaseException:
+            log.exception("worker %d crashed", slot.index)
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = self.system.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            self.worker_exited(slot, Exit.from_status(status))
+
+    def worker_exited(self, slot: Slot, how: Exit) -> None:
+        assert slot.pid is not None
+        worker_id = slot.worker_id(self.config.host_id)
+        worker_dir = slot.worker_dir(self.config.job.work_dir)
+        count = not how.clean and not slot.killed_on_purpose
+        level = logging.INFO if how.clean or slot.killed_on_purpose else logging.WARNING
+        log.log(level, "worker %d (pid %d) %s", slot.index, slot.pid, how.describe())
+        # Recover first, respawn after: the message is back on the queue before anyone new
+        # could be looking for work.
+        self.pending.append(PendingRecovery(worker_id, count, worker_dir))
+        self.run_pending_recoveries()
+        delay = slot.exited(how, self.system.monotonic(), self.config.supervisor.min_uptime,
+                            self.config.supervisor.restart_backoff_max)
+        if delay > 0 and self.state == State.RUNNING:
+            log.warning("worker %d failed to start %d time(s); next try in %.1f s",
+                        slot.index, slot.failures, delay)
+
+    # --- Redis-side recovery -------------------------------------------------------------------
+
+    def run_pending_recoveries(self) -> None:
+        while self.pending:
+            item = self.pending[0]
+            try:
+                recovery.recover_worker(self.queue, item.worker_id,
+                                        count_attempt=item.count_attempt)
+            except REDIS_ERRORS as exc:
+                self._redis_error(exc)
+                return
+            recovery.clean_worker_dir(item.worker_dir)
+            self.pending.pop(0)
+
+    def redis_housekeeping(self) -> None:
+        if self.pending:
+            self.run_pending_recoveries()
+        now = self.system.monotonic()
+        if now < self._next_scan:
+            return
+        self._next_scan = now + self.config.supervisor.heartbeat_interval
+        try:
+            if not self._started_recovery:
+                n = recovery.recover_at_start(self.queue, self.config.host_id)
+                if n:
+                    log.info("recovered %d message(s) left by this host's dead workers", n)
+                self._started_recovery = True
+            live = {slot.worker_id(self.config.host_id) for slot in self.slots if slot.pid}
+            recovery.recover_expired(self.queue, live)
+            if self._redis_failing:
+                log.info("Redis is reachable again")
+                self._redis_failing = False
+        except REDIS_ERRORS as exc:
+            self._redis_error(exc)
+
+    def _redis_error(self, exc: Exception) -> None:
+        if not self._redis_failing:
+            log.warning("Redis unavailable (%s); will retry", exc)
+        self._redis_failing = True
+
+    def finish_pending_recoveries(self, timeout: float = 5.0) -> None:
+        deadline = self.system.monotonic() + timeout
+        while self.pending and self.system.monotonic() < deadline:
+            self.run_pending_recoveries()
+            if self.pending:
+                time.sleep(0.2)
+        if self.pending:
+            log.error("could not requeue messages of %d worker(s) (Redis unavailable); the "
+                      "next supervisor start recovers them", len(self.pending))
+
+    def _title(self) -> None:
+        alive = sum(1 for slot in self.slots if slot.pid is not None)
+        suffix = "" if self.state == State.RUNNING else f" {self.state}"
+        setproctitle.setproctitle(
+            f"clip-supervisor: master [workers {alive}/{self.target}]{suffix}")
+
+
+def _safe_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -1,0 +1,1 @@
+"""One clip-supervisor worker: fetch/ack, pipeline, storage. Never imports ``supervisor``."""

@@ -1,0 +1,332 @@
+"""Configuration: one INI file, every key overridable from the environment.
+
+Both the worker and the supervisor read the same file, so the loader lives here (the worker
+never imports the supervisor). Every value is parsed and checked when the file is loaded, so
+a bad value fails at start with a message naming its key, never later inside a job.
+
+Precedence, lowest first: built-in defaults, the INI file, ``CLIP_SUPERVISOR_<SECTION>_<KEY>``
+environment variables, then explicit overrides (the CLI flags).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_PATH = "/etc/clip-supervisor.conf"
+ENV_PREFIX = "CLIP_SUPERVISOR_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the key."""
+
+
+# --- value parsers: each takes the raw string and returns the typed value or raises ValueError
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("expected a positive number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a number >= 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("expected an integer >= 1")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("expected an integer >= 0")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _size(raw: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", raw)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a size such as 1048576, 512KiB, 1MiB or 2GiB")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value < 1:
+        raise ValueError("expected a size >= 1 byte")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _workers(raw: str) -> int:
+    if raw.strip().lower() in ("auto", ""):
+        return os.cpu_count() or 1
+    return _positive_int(raw)
+
+
+def _optional_duration(raw: str) -> float | None:
+    return None if raw.strip() == "" else _positive_float(raw)
+
+
+def _str_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _schemes(raw: str) -> tuple[str, ...]:
+    schemes = tuple(s.lower() for s in _str_list(raw))
+    unknown = set(schemes) - {"http", "https", "gs", "file"}
+    if unknown:
+        raise ValueError(f"unknown scheme(s) {', '.join(sorted(unknown))}; "
+                         "allowed: http, https, gs, file")
+    return schemes
+
+
+def _mode(raw: str) -> str:
+    if raw not in ("copy", "encode"):
+        raise ValueError("expected copy or encode")
+    return raw
+
+
+def _pipeline(raw: str) -> str:
+    if raw not in ("ffmpeg", "noop"):
+        raise ValueError("expected ffmpeg or noop")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected debug, info, warning or error")
+    return level
+
+
+def _prefix(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", raw):
+        raise ValueError("expected 1-64 characters of [A-Za-z0-9._:-]")
+    return raw
+
+
+def _redis_url(raw: str) -> str:
+    scheme = urlsplit(raw).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _abs_path(raw: str) -> str:
+    if not os.path.isabs(raw):
+        raise ValueError("expected an absolute path")
+    return os.path.normpath(raw)
+
+
+def _optional_path(raw: str) -> str:
+    return "" if raw.strip() == "" else _abs_path(raw)
+
+
+def _output_base(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not os.path.isabs(parts.path):
+            raise ValueError("expected file:///absolute/path")
+        return "file://" + os.path.normpath(parts.path)
+    if parts.scheme == "gs":
+        if not parts.netloc:
+            raise ValueError("expected gs://bucket[/prefix]")
+        return raw.rstrip("/")
+    raise ValueError("expected a file:///absolute/path or gs://bucket/prefix URL")
+
+
+def _outputs(raw: str) -> tuple[str, ...]:
+    return tuple(_output_base(item) for item in _str_list(raw))
+
+
+def _listen(raw: str) -> str:
+    raw = raw.strip()
+    if raw == "":
+        return ""
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9187")
+    return raw
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _opt(parser: Callable[[str], Any], default: str, doc: str = "") -> Any:
+    return field(default=None, metadata={"parser": parser, "default": default, "doc": doc})
+
+
+@dataclass
+class SupervisorConfig:
+    workers: int = _opt(_workers, "auto", "worker processes; auto = one per CPU")
+    host_id: str = _opt(_text, "", "identity of this host in worker ids; default hostname")
+    pidfile: str = _opt(_optional_path, "",
+                        "empty: none in the foreground, /run/clip-supervisor.pid as a daemon")
+    logfile: str = _opt(_optional_path, "", "empty = standard error")
+    log_level: str = _opt(_log_level, "info")
+    graceful_timeout: float = _opt(_positive_float, "30")
+    heartbeat_interval: float = _opt(_positive_float, "2")
+    heartbeat_ttl: float = _opt(_positive_float, "10")
+    max_jobs_per_worker: int = _opt(_non_negative_int, "0", "0 = unlimited")
+    max_worker_memory_mb: int = _opt(_non_negative_int, "0", "0 = unlimited")
+    min_uptime: float = _opt(_positive_float, "2",
+                             "a worker that dies sooner counts as a failed start")
+    restart_backoff_max: float = _opt(_positive_float, "30")
+
+
+@dataclass
+class RedisConfig:
+    url: str = _opt(_redis_url, "redis://127.0.0.1:6379/0")
+    prefix: str = _opt(_prefix, "clips")
+    socket_timeout: float = _opt(_positive_float, "5")
+    block_timeout: float = _opt(_positive_float, "1",
+                                "seconds an idle worker blocks in BLMOVE per call")
+
+
+@dataclass
+class JobConfig:
+    work_dir: str = _opt(_abs_path, "/var/tmp/clip-supervisor")
+    timeout: float = _opt(_positive_float, "900")
+    stall_timeout: float = _opt(_positive_float, "60")
+    max_attempts: int = _opt(_positive_int, "3")
+    retry_backoff: float = _opt(_non_negative_float, "5")
+    retry_backoff_max: float = _opt(_non_negative_float, "600")
+    default_duration: float | None = _opt(_optional_duration, "")
+    mode: str = _opt(_mode, "copy")
+    pipeline: str = _opt(_pipeline, "ffmpeg")
+    ffmpeg: str = _opt(_text, "ffmpeg")
+    ffprobe: str = _opt(_text, "ffprobe")
+    encode_preset: str = _opt(_text, "veryfast")
+    allowed_schemes: tuple[str, ...] = _opt(_schemes, "http,https,gs")
+    allow_private_networks: bool = _opt(_bool, "false")
+    max_source_bytes: int = _opt(_size, "2GiB")
+    max_message_bytes: int = _opt(_size, "1MiB")
+    connect_timeout: float = _opt(_positive_float, "10")
+    job_ttl: float = _opt(_positive_float, "604800", "seconds {prefix}:job:<id> hashes live")
+    done_max: int = _opt(_positive_int, "10000", "length cap of the {prefix}:done list")
+
+
+@dataclass
+class StorageConfig:
+    output_base: str = _opt(_output_base, "file:///var/lib/clip-supervisor/clips")
+    allowed_outputs: tuple[str, ...] = _opt(_outputs, "")
+
+
+@dataclass
+class MetricsConfig:
+    listen: str = _opt(_listen, "")
+
+
+@dataclass
+class Config:
+    supervisor: SupervisorConfig
+    redis: RedisConfig
+    job: JobConfig
+    storage: StorageConfig
+    metrics: MetricsConfig
+    path: str | None = None
+
+    @property
+    def host_id(self) -> str:
+        return self.supervisor.host_id or socket.gethostname()
+
+
+_SECTIONS: dict[str, type] = {
+    "supervisor": SupervisorConfig,
+    "redis": RedisConfig,
+    "job": JobConfig,
+    "storage": StorageConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def options() -> list[tuple[str, str, str, str]]:
+    """Every (section, key, default, doc), for docs and tests."""
+    return [(name, f.name, f.metadata["default"], f.metadata["doc"])
+            for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def default_path() -> str | None:
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, str] | None = None) -> Config:
+    """Load and validate. ``overrides`` maps ``"section.key"`` to a raw string (CLI flags)."""
+    env = os.environ if env is None else env
+    parser = configparser.ConfigParser(interpolation=None)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                parser.read_file(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except (configparser.Error, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid INI: {exc}") from exc
+        for section in parser.sections():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{path}: unknown section [{section}]")
+            known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            for key in parser[section]:
+                if key not in known:
+                    raise ConfigError(f"{path}: unknown key [{section}] {key}")
+    overrides = overrides or {}
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        values = {}
+        for f in dataclasses.fields(cls):
+            env_name = f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}"
+            raw, origin = f.metadata["default"], "default"
+            if parser.has_option(name, f.name):
+                raw, origin = parser.get(name, f.name), path
+            if env_name in env:
+                raw, origin = env[env_name], f"environment {env_name}"
+            if f"{name}.{f.name}" in overrides:
+                raw, origin = overrides[f"{name}.{f.name}"], "command line"
+            try:
+                values[f.name] = f.metadata["parser"](raw.strip())
+            except ValueError as exc:
+                detail = str(exc) if "expected" in str(exc) else f"invalid value ({exc})"
+                raise ConfigError(
+                    f"[{name}] {f.name} = {raw!r} (from {origin}): {detail}") from exc
+        sections[name] = cls(**values)
+    config = Config(path=path, **sections)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    sup = config.supervisor
+    if sup.heartbeat_ttl <= sup.heartbeat_interval:
+        raise ConfigError("[supervisor] heartbeat_ttl must be greater than heartbeat_interval "
+                          f"({sup.heartbeat_ttl} <= {sup.heartbeat_interval})")
+    if config.redis.socket_timeout <= config.redis.block_timeout:
+        # A blocking read must time out on the server before the socket gives up on it,
+        # or a dead connection and an empty queue look alike (see FIELD-NOTES, Redis).
+        raise ConfigError("[redis] socket_timeout must be greater than block_timeout")

@@ -1,0 +1,62 @@
+"""Redis key names (SPEC section 4).
+
+Every key sits under one hash tag, ``{prefix}``, so a Redis Cluster keeps all of them in one
+slot and multi-key scripts and MULTI blocks stay legal there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "clips"
+
+    @property
+    def base(self) -> str:
+        return "{" + self.prefix + "}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.base}:queue"
+
+    @property
+    def retry(self) -> str:
+        return f"{self.base}:retry"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.base}:delayed"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.base}:workers"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.base}:attempts"
+
+    @property
+    def done(self) -> str:
+        return f"{self.base}:done"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def processing_pattern(self) -> str:
+        return f"{self.base}:processing:*"
+
+    def processing(self, worker_id: str) -> str:
+        return f"{self.base}:processing:{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.base}:heartbeat:{worker_id}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.base}:job:{job_id}"
+
+    def worker_id_of(self, processing_key: str) -> str:
+        return processing_key[len(self.processing("")):]

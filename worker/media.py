@@ -1,0 +1,236 @@
+"""ffprobe and ffmpeg: probing a source and cutting a clip out of it.
+
+Both run as argument lists (never a shell), only on a local file, with a protocol whitelist
+of ``file`` and a demuxer whitelist, so a crafted input (an HLS playlist, a concat list, a
+``subfile:`` reference) cannot make them read other local files or reach the network.
+ffmpeg runs in its own session so that a timeout or an abort kills its whole process group,
+and with a parent-death signal so that it dies with its worker even after a SIGKILL. Its two
+pipes are drained with a selector while it runs, whatever it prints (the seed's Popen pipe
+deadlock cannot happen), and its ``-progress`` report is parsed as it arrives.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import Aborted, Permanent, Transient
+from .wake import Waker
+
+DEMUXERS = "mov,mp4,m4a,3gp,matroska,webm,avi,flv,mpegts,mpeg,ogg,asf,h264,hevc,m4v"
+PROTOCOLS = "file"
+STDERR_TAIL = 2000
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the worker that started it dies."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    duration: float
+    video_codec: str
+    format_name: str
+    size: int
+
+
+def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = text.strip()
+    return text[-limit:]
+
+
+def probe(ffprobe: str, path: str, timeout: float) -> MediaInfo:
+    """Validate that ``path`` is a video and return its duration."""
+    cmd = [ffprobe, "-v", "error", "-protocol_whitelist", PROTOCOLS,
+           "-format_whitelist", DEMUXERS, "-print_format", "json",
+           "-show_format", "-show_streams", path]
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, start_new_session=True,
+                              preexec_fn=_die_with_parent, check=False)
+    except subprocess.TimeoutExpired:
+        raise Transient("timeout", f"ffprobe took more than {timeout:g} s") from None
+    except FileNotFoundError:
+        raise Transient("ffprobe_missing", f"cannot run {ffprobe!r}") from None
+    if done.returncode != 0:
+        raise Permanent("not_video", _tail(done.stderr) or f"ffprobe exit {done.returncode}")
+    try:
+        info = json.loads(done.stdout)
+    except ValueError:
+        raise Permanent("not_video", "ffprobe printed no JSON") from None
+    streams = info.get("streams") or []
+    fmt = info.get("format") or {}
+    video = [s for s in streams if s.get("codec_type") == "video"
+             and not (s.get("disposition") or {}).get("attached_pic")]
+    if not video:
+        raise Permanent("not_video", f"no video stream ({fmt.get('format_name', 'unknown')})")
+    durations = [_float(fmt.get("duration"))] + [_float(s.get("duration")) for s in video]
+    duration = max((d for d in durations if d is not None), default=None)
+    if duration is None or duration <= 0:
+        raise Permanent("not_video", "the source has no known duration")
+    return MediaInfo(duration=duration, video_codec=str(video[0].get("codec_name", "")),
+                     format_name=str(fmt.get("format_name", "")),
+                     size=int(_float(fmt.get("size")) or 0))
+
+
+def _float(value: object) -> float | None:
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return result if result == result else None
+
+
+def clip_command(ffmpeg: str, src: str, dst: str, start: float, length: float, mode: str,
+                 muxer: str, preset: str) -> list[str]:
+    # -ss before -i: a fast input seek. With stream copy the clip starts at the keyframe at or
+    # before `start`; re-encoding decodes from there and drops frames up to `start` exactly.
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "warning", "-xerror",
+           "-protocol_whitelist", PROTOCOLS, "-format_whitelist", DEMUXERS,
+           "-ss", f"{start:.6f}", "-i", src, "-t", f"{length:.6f}",
+           "-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1"]
+    if mode == "copy":
+        cmd += ["-c", "copy", "-avoid_negative_ts", "make_zero"]
+    else:
+        cmd += ["-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
+                "-c:a", "aac", "-b:a", "128k"]
+    if muxer in ("mp4", "mov"):
+        cmd += ["-movflags", "+faststart"]
+    cmd += ["-progress", "pipe:1", "-f", muxer, "-y", dst]
+    return cmd
+
+
+@dataclass
+class ClipResult:
+    out_time: float
+    size: int
+    elapsed: float
+
+
+class FFmpegRun:
+    """One ffmpeg process, watched until it ends, times out, stalls, or is aborted."""
+
+    def __init__(self, cmd: list[str], length: float, deadline: float, stall_timeout: float,
+                 waker: Waker, should_abort: Callable[[], bool],
+                 on_progress: Callable[[float, str], None]) -> None:
+        self.cmd = cmd
+        self.length = length
+        self.deadline = deadline
+        self.stall_timeout = stall_timeout
+        self.waker = waker
+        self.should_abort = should_abort
+        self.on_progress = on_progress
+        self.stderr: collections.deque[bytes] = collections.deque(maxlen=64)
+        self.report: dict[str, str] = {}
+        self.ended = False
+
+    def run(self) -> ClipResult:
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            raise Transient("ffmpeg_missing", f"cannot run {self.cmd[0]!r}") from None
+        try:
+            self._watch(proc)
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        if proc.returncode != 0 or not self.ended:
+            tail = _tail(b"".join(self.stderr)) or f"ffmpeg exit {proc.returncode}"
+            raise Permanent("media_error", tail)
+        out_time = _out_time(self.report)
+        size = int(self.report.get("total_size", "0") or 0)
+        return ClipResult(out_time=out_time, size=size, elapsed=time.monotonic() - started)
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        sel = selectors.DefaultSelector()
+        assert proc.stdout is not None and proc.stderr is not None
+        sel.register(proc.stdout, selectors.EVENT_READ, "progress")
+        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(self.waker.fileno(), selectors.EVENT_READ, "wake")
+        pending = b""
+        open_pipes = 2
+        last_change = time.monotonic()
+        last_mark: tuple[str, str] = ("", "")
+        try:
+            while open_pipes:
+                now = time.monotonic()
+                if self.should_abort():
+                    raise Aborted()
+                if now > self.deadline:
+                    raise Transient("timeout", "the job exceeded its timeout while clipping")
+                if now - last_change > self.stall_timeout:
+                    raise Transient("stalled", f"ffmpeg made no progress for "
+                                    f"{self.stall_timeout:g} s")
+                timeout = max(0.0, min(self.deadline, last_change + self.stall_timeout) - now)
+                for key, _ in sel.select(timeout=min(timeout, 1.0)):
+                    if key.data == "wake":
+                        self.waker.drain()
+                        continue
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        open_pipes -= 1
+                    elif key.data == "stderr":
+                        self.stderr.append(chunk)
+                    else:
+                        pending = self._parse(pending + chunk)
+                        mark = (self.report.get("out_time_us", ""),
+                                self.report.get("total_size", ""))
+                        if mark != last_mark:
+                            last_mark, last_change = mark, time.monotonic()
+        finally:
+            sel.close()
+
+    def _parse(self, data: bytes) -> bytes:
+        *lines, rest = data.split(b"\n")
+        for line in lines:
+            key, sep, value = line.decode("ascii", "replace").strip().partition("=")
+            if not sep:
+                continue
+            self.report[key] = value.strip()
+            if key == "progress":
+                self.ended = value.strip() == "end"
+                percent = 100.0 if self.ended else min(
+                    99.9, 100.0 * _out_time(self.report) / self.length if self.length else 0)
+                self.on_progress(percent, self.report.get("speed", ""))
+        return rest
+
+
+def _out_time(report: dict[str, str]) -> float:
+    # out_time_ms is in microseconds too, despite its name (FIELD-NOTES).
+    for key in ("out_time_us", "out_time_ms"):
+        value = report.get(key, "")
+        if value.lstrip("-").isdigit():
+            return max(0.0, int(value) / 1e6)
+    return 0.0

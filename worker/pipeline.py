@@ -1,0 +1,144 @@
+"""One job's stages: fetch the source, probe it, clip it, check the clip, store it.
+
+The pipeline knows nothing about Redis: it takes a parsed Job, works inside a fresh folder of
+its own under the worker's folder (removed whatever happens), reports stage changes and
+progress through callbacks, and either returns a result or raises a JobFailed/Aborted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from . import media, source
+from .config import Config
+from .errors import Permanent, Transient
+from .job import Job
+from .storage import store_for
+from .wake import Waker
+
+# A clip shorter than this share of the range asked for means the source was cut short.
+MIN_OUTPUT_SHARE = 0.5
+
+
+@dataclass
+class Result:
+    output: str
+    source_duration: float = 0.0
+    clip_start: float = 0.0
+    clip_end: float = 0.0
+    out_time: float = 0.0
+    size: int = 0
+    bytes_in: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, config: Config, worker_dir: str, waker: Waker,
+                 should_abort: Callable[[], bool],
+                 on_stage: Callable[[str], None],
+                 on_progress: Callable[[float, str], None]) -> None:
+        self.config = config
+        self.worker_dir = worker_dir
+        self.waker = waker
+        self.should_abort = should_abort
+        self.on_stage = on_stage
+        self.on_progress = on_progress
+
+    def already_stored(self, job: Job) -> bool:
+        return store_for(job.output, self.worker_dir).exists(job.output)
+
+    def run(self, job: Job, deadline: float) -> Result:
+        job_dir = os.path.join(self.worker_dir, "job")
+        shutil.rmtree(job_dir, ignore_errors=True)
+        os.makedirs(job_dir)
+        try:
+            return self._run(job, job_dir, deadline)
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _stage(self, result: Result, name: str, started: float) -> float:
+        now = time.monotonic()
+        result.timings[name] = round(now - started, 3)
+        return now
+
+    def _run(self, job: Job, job_dir: str, deadline: float) -> Result:
+        cfg = self.config.job
+        result = Result(output=job.output)
+        started = time.monotonic()
+
+        self.on_stage("fetch")
+        local = self._fetch(job, job_dir, deadline, result)
+        started = self._stage(result, "fetch", started)
+
+        self.on_stage("probe")
+        info = media.probe(cfg.ffprobe, local, timeout=max(1.0, deadline - time.monotonic()))
+        result.source_duration = info.duration
+        if job.start >= info.duration:
+            raise Permanent("past_end", f"start {job.start:g} s is at or past the source's end "
+                            f"({info.duration:.3f} s)")
+        end = info.duration if job.end is None else min(job.end, info.duration)
+        result.clip_start, result.clip_end = job.start, end
+        started = self._stage(result, "probe", started)
+
+        self.on_stage("clip")
+        clip_path = os.path.join(job_dir, f"clip.{job.format}")
+        cmd = media.clip_command(cfg.ffmpeg, local, clip_path, job.start, end - job.start,
+                                 job.mode, job.muxer, cfg.encode_preset)
+        clip = media.FFmpegRun(cmd, end - job.start, deadline, cfg.stall_timeout, self.waker,
+                               self.should_abort, self.on_progress).run()
+        self._verify(clip, clip_path, end - job.start)
+        result.out_time, result.size = clip.out_time, os.path.getsize(clip_path)
+        started = self._stage(result, "clip", started)
+
+        self.on_stage("store")
+        if time.monotonic() > deadline:
+            raise Transient("timeout", "the job exceeded its timeout before storing")
+        store_for(job.output, self.worker_dir).put(clip_path, job.output, {
+            "job_id": job.id, "source": job.url, "start": f"{job.start:g}", "end": f"{end:g}"})
+        self._stage(result, "store", started)
+        return result
+
+    def _fetch(self, job: Job, job_dir: str, deadline: float, result: Result) -> str:
+        cfg = self.config.job
+        scheme = urlsplit(job.url).scheme.lower()
+        if scheme == "file":
+            path = source.local_path(job.url, cfg.max_source_bytes)
+            result.bytes_in = os.path.getsize(path)
+            return path
+        if scheme in ("http", "https"):
+            self._check_disk(job_dir)
+            dest = os.path.join(job_dir, "source")
+            limits = source.FetchLimits(connect_timeout=cfg.connect_timeout,
+                                        stall_timeout=cfg.stall_timeout,
+                                        max_bytes=cfg.max_source_bytes,
+                                        allow_private=cfg.allow_private_networks)
+            result.bytes_in = source.fetch_http(job.url, dest, limits, deadline,
+                                                self.should_abort, self.waker)
+            return dest
+        raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported yet")
+
+    def _check_disk(self, job_dir: str) -> None:
+        free = shutil.disk_usage(job_dir).free
+        # The source plus a clip at most as large: refuse to start what cannot finish.
+        if free < min(self.config.job.max_source_bytes, 1 << 40):
+            raise Transient("disk_full", f"{free} bytes free in work_dir, less than "
+                            f"max_source_bytes {self.config.job.max_source_bytes}")
+
+    @staticmethod
+    def _verify(clip: media.ClipResult, path: str, expected: float) -> None:
+        # ffmpeg can exit 0 on a broken input with a tiny or empty output (FIELD-NOTES): check
+        # what it reports it wrote, and the file itself, before storing anything.
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise Permanent("media_error", "ffmpeg wrote no output file") from None
+        if size == 0 or clip.out_time <= 0:
+            raise Permanent("media_error", f"ffmpeg wrote an empty clip ({size} bytes)")
+        if clip.out_time < expected * MIN_OUTPUT_SHARE:
+            raise Permanent("media_error", f"the clip is {clip.out_time:.2f} s long, "
+                            f"{expected:.2f} s were asked for: the source is damaged")

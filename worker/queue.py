@@ -1,0 +1,186 @@
+"""The Redis side of a job's life: fetch, record, ack, retry, dead-letter, recover.
+
+One object per process wraps a redis-py client, our key names and the Lua scripts of
+``worker.scripts``. The supervisor uses the same object for recovery and the CLI for
+inspection, so every writer of a key goes through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from . import scripts
+from .config import Config
+from .keys import Keys
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+
+def connect(config: Config, *, socket_timeout: float | None = None) -> redis.Redis:
+    return redis.Redis.from_url(
+        config.redis.url,
+        socket_timeout=socket_timeout or config.redis.socket_timeout,
+        socket_connect_timeout=min(config.redis.socket_timeout, 5.0),
+        health_check_interval=30,
+    )
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Fetched:
+    message: bytes
+    source: str  # "queue" or "retry"
+
+
+class JobQueue:
+    def __init__(self, client: redis.Redis, config: Config) -> None:
+        self.client = client
+        self.config = config
+        self.keys = Keys(config.redis.prefix)
+        self._fetch = client.register_script(scripts.FETCH)
+        self._done = client.register_script(scripts.DONE)
+        self._dead = client.register_script(scripts.DEAD)
+        self._retry = client.register_script(scripts.RETRY)
+        self._release = client.register_script(scripts.RELEASE)
+        self._recover = client.register_script(scripts.RECOVER)
+        self._replay = client.register_script(scripts.REPLAY_DEAD)
+        self._has_blmove: bool | None = None
+
+    # --- fetching -------------------------------------------------------------------------
+
+    def fetch_nowait(self, worker_id: str) -> Fetched | float:
+        """The next message, or the seconds until a delayed retry is due (inf: none)."""
+        k = self.keys
+        found, *rest = self._fetch(keys=[k.queue, k.retry, k.delayed, k.processing(worker_id)],
+                                   args=[100])
+        if found == 1:
+            return Fetched(rest[0], rest[1].decode())
+        return math.inf if rest[0] < 0 else rest[0] / 1000.0
+
+    def blocking_command(self, worker_id: str, timeout: float) -> list:
+        """BLMOVE (or BRPOPLPUSH before Redis 6.2) from the queue into our processing list."""
+        if self._has_blmove is None:
+            version = str(self.client.info("server").get("redis_version", "0"))
+            major, minor = (int(x) for x in version.split(".")[:2])
+            self._has_blmove = (major, minor) >= (6, 2)
+        if self._has_blmove:
+            return ["BLMOVE", self.keys.queue, self.keys.processing(worker_id), "RIGHT", "LEFT",
+                    f"{max(timeout, 0.01):.3f}"]
+        return ["BRPOPLPUSH", self.keys.queue, self.keys.processing(worker_id),
+                max(1, math.ceil(timeout))]
+
+    def release(self, worker_id: str) -> int:
+        """Give back whatever this worker holds, to the front of the queue, uncounted."""
+        return int(self._release(keys=[self.keys.processing(worker_id), self.keys.queue]))
+
+    def held(self, worker_id: str) -> list[bytes]:
+        return self.client.lrange(self.keys.processing(worker_id), 0, -1)
+
+    # --- recording --------------------------------------------------------------------------
+
+    def start(self, job_id: str, fields: dict[str, str | int | float]) -> int:
+        """Mark a job running; return the attempts it already used."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.job(job_id), mapping=fields)
+        pipe.expire(self.keys.job(job_id), int(self.config.job.job_ttl))
+        pipe.hget(self.keys.attempts, job_id)
+        attempts = pipe.execute()[-1]
+        return int(attempts or 0)
+
+    def update(self, job_id: str, fields: dict[str, str | int | float]) -> None:
+        self.client.hset(self.keys.job(job_id), mapping=fields)
+
+    def done(self, worker_id: str, message: bytes, job_id: str, event: dict,
+             fields: dict[str, str | int | float]) -> int:
+        k = self.keys
+        return int(self._done(
+            keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts],
+            args=[message, job_id, json.dumps(event), int(self.config.job.job_ttl),
+                  self.config.job.done_max, *_pairs(fields)]))
+
+    def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
+             fields: dict[str, str | int | float]) -> int:
+        k = self.keys
+        return int(self._dead(
+            keys=[k.processing(worker_id), k.job(job_id), k.dead, k.attempts],
+            args=[message, job_id, json.dumps(letter, ensure_ascii=False),
+                  int(self.config.job.job_ttl), *_pairs(fields)]))
+
+    def retry(self, worker_id: str, message: bytes, job_id: str, letter: dict,
+              fields: dict[str, str | int | float]) -> tuple[int, float | None]:
+        """Count a failed attempt; delay the message, or dead-letter it at max_attempts.
+
+        Returns (attempts, due time in epoch seconds or None when dead-lettered).
+        """
+        k = self.keys
+        cfg = self.config.job
+        attempts, due = self._retry(
+            keys=[k.processing(worker_id), k.delayed, k.attempts, k.job(job_id), k.dead],
+            args=[message, job_id, cfg.max_attempts, int(cfg.retry_backoff * 1000),
+                  int(cfg.retry_backoff_max * 1000), uuid.uuid4().hex,
+                  json.dumps(letter, ensure_ascii=False), int(cfg.job_ttl), *_pairs(fields)])
+        return int(attempts), (None if due < 0 else due / 1000.0)
+
+    # --- liveness and recovery ----------------------------------------------------------------
+
+    def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:
+        payload = json.dumps(info)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.heartbeat(worker_id), payload, px=int(ttl * 1000))
+        pipe.hset(self.keys.workers, worker_id, payload)
+        pipe.execute()
+
+    def unregister(self, worker_id: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.heartbeat(worker_id))
+        pipe.hdel(self.keys.workers, worker_id)
+        pipe.execute()
+
+    def recover(self, worker_id: str, *, only_if_expired: bool, count_attempt: bool) -> int:
+        """Requeue a dead worker's messages; -1 if its heartbeat says it is alive."""
+        k = self.keys
+        return int(self._recover(
+            keys=[k.processing(worker_id), k.queue, k.attempts, k.heartbeat(worker_id),
+                  k.workers],
+            args=[worker_id, "1" if only_if_expired else "0", "1" if count_attempt else "0"]))
+
+    def registered_workers(self) -> dict[str, dict]:
+        entries = self.client.hgetall(self.keys.workers)
+        result = {}
+        for wid, payload in entries.items():
+            try:
+                result[wid.decode()] = json.loads(payload)
+            except ValueError:
+                result[wid.decode()] = {}
+        return result
+
+    def orphan_processing_lists(self) -> list[str]:
+        """Worker ids with a processing list but no registry entry (start-up only: SCAN)."""
+        registered = set(self.registered_workers())
+        found = []
+        for key in self.client.scan_iter(match=self.keys.processing_pattern, count=500):
+            wid = self.keys.worker_id_of(key.decode())
+            if wid not in registered:
+                found.append(wid)
+        return found
+
+    def replay_dead(self, entry: bytes, message: bytes, job_id: str) -> bool:
+        k = self.keys
+        return bool(self._replay(keys=[k.dead, k.queue, k.attempts],
+                                 args=[entry, message, job_id]))
+
+
+def _pairs(fields: dict[str, str | int | float]) -> list[str | int | float]:
+    flat: list[str | int | float] = []
+    for key, value in fields.items():
+        flat += [key, value]
+    return flat

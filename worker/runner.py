@@ -1,0 +1,425 @@
+"""One worker process: fetch one message when idle, run it, record the outcome, repeat.
+
+Signals (SPEC section 6): TERM finishes the current job, then exits; QUIT and INT abort the
+job now, give its message back to the front of the queue, and exit. The handlers only set
+flags and wake the blocked call (see worker.wake); the loop does the rest. When the
+supervisor dies the kernel sends us SIGUSR2 (PR_SET_PDEATHSIG), which aborts like QUIT.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import shutil
+import signal
+import threading
+import time
+from typing import Any
+
+import psutil
+import setproctitle
+
+from . import logs
+from .config import Config
+from .errors import Aborted, JobFailed, Permanent, Transient
+from .job import ID_RE, Job, job_id_of, parse
+from .media import set_parent_death_signal
+from .pipeline import Pipeline, Result
+from .queue import REDIS_ERRORS, Fetched, JobQueue, connect, now_iso
+from .wake import Waker
+
+log = logging.getLogger("clip-supervisor.worker")
+
+# Named exit codes: the supervisor reads them to tell a clean exit from a crash.
+EXIT_OK = 0  # stopped on request (TERM), nothing held
+EXIT_RECYCLE = 3  # max_jobs_per_worker or max_worker_memory_mb reached
+EXIT_BOOT_ERROR = 4  # cannot start (work_dir, configuration): restarting will not help soon
+EXIT_ABORTED = 5  # QUIT/INT: the job was given back
+EXIT_PARENT_GONE = 6  # the supervisor died: the job was given back
+
+PROGRESS_INTERVAL = 0.5  # seconds between job-hash progress writes
+REDIS_BACKOFF_MAX = 5.0
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+
+
+def worker_dir_name(pid: int, started_ms: int) -> str:
+    return f"w-{pid}-{started_ms}"
+
+
+def worker_id_for(host_id: str, pid: int, started_ms: int) -> str:
+    return f"{host_id}:{pid}:{started_ms}"
+
+
+class Worker:
+    def __init__(self, config: Config, slot: int = 0, started_ms: int | None = None,
+                 parent_pid: int | None = None) -> None:
+        self.config = config
+        self.slot = slot
+        self.pid = os.getpid()
+        self.started_ms = started_ms if started_ms is not None else int(time.time() * 1000)
+        self.parent_pid = parent_pid
+        self.worker_id = worker_id_for(config.host_id, self.pid, self.started_ms)
+        self.dir = os.path.join(config.job.work_dir, worker_dir_name(self.pid, self.started_ms))
+        self.stopping = False  # TERM: finish the job, then exit
+        self.aborting = False  # QUIT/INT/parent gone: abandon the job now
+        self.parent_gone = False
+        self.reopen_logs = False
+        self.current: Job | None = None
+        self.busy = False
+        self.stage = "idle"
+        self.progress = 0.0
+        self.jobs_done = 0
+        self._last_progress_write = 0.0
+        self._heartbeat_stop = threading.Event()
+        self.waker = Waker()
+        self.client: Any = None
+        self.queue: JobQueue | None = None
+        self._bconn: Any = None
+
+    # --- signals --------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        self.waker.install()
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGQUIT, self._on_abort)
+        signal.signal(signal.SIGINT, self._on_abort)
+        signal.signal(PARENT_DEATH_SIGNAL, self._on_parent_gone)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        if not self.busy:
+            self.waker.interrupt()
+
+    def _on_abort(self, signum: int, frame: object) -> None:
+        self.aborting = True
+        self.waker.interrupt()
+
+    def _on_parent_gone(self, signum: int, frame: object) -> None:
+        self.parent_gone = True
+        self.aborting = True
+        self.waker.interrupt()
+
+    def _on_usr1(self, signum: int, frame: object) -> None:
+        self.reopen_logs = True
+
+    def _poll(self) -> bool:
+        """Housekeeping between steps; True when the current job must be abandoned."""
+        if self.reopen_logs:
+            self.reopen_logs = False
+            logs.reopen()
+        if self.parent_pid is not None and not self.parent_gone \
+                and os.getppid() != self.parent_pid:
+            self.parent_gone = self.aborting = True
+        return self.aborting
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signals()
+        if self.parent_pid is not None:
+            set_parent_death_signal(PARENT_DEATH_SIGNAL)
+            if os.getppid() != self.parent_pid:  # the parent died before prctl took effect
+                return EXIT_PARENT_GONE
+        self._title("starting")
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as exc:
+            log.error("cannot create work folder %s: %s", self.dir, exc.strerror)
+            return EXIT_BOOT_ERROR
+        self.client = connect(self.config)
+        self.queue = JobQueue(self.client, self.config)
+        self._bconn = self.client.connection_pool.get_connection()
+        code = EXIT_OK
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        try:
+            self._persist(self._beat, "register")
+            heartbeat.start()
+            log.info("worker %s ready (%s)", self.slot, self.worker_id)
+            code = self._loop()
+        finally:
+            self._heartbeat_stop.set()
+            if heartbeat.is_alive():
+                heartbeat.join(timeout=2)
+            self._shutdown()
+        if self.parent_gone:
+            code = EXIT_PARENT_GONE
+        log.info("worker %s exits (code %d)", self.slot, code)
+        return code
+
+    def _loop(self) -> int:
+        max_jobs = self.config.supervisor.max_jobs_per_worker
+        max_rss = self.config.supervisor.max_worker_memory_mb * 1024 * 1024
+        me = psutil.Process()
+        while True:
+            if self._poll():
+                return EXIT_ABORTED
+            if self.stopping:
+                return EXIT_OK
+            if max_jobs and self.jobs_done >= max_jobs:
+                log.info("recycling after %d jobs", self.jobs_done)
+                return EXIT_RECYCLE
+            if max_rss and me.memory_info().rss > max_rss:
+                log.info("recycling: RSS %d MiB above max_worker_memory_mb",
+                         me.memory_info().rss >> 20)
+                return EXIT_RECYCLE
+            self._title("idle")
+            message = self._next_message()
+            if message is None:
+                continue
+            if self.stopping or self.aborting:
+                # Taken in the instant a stop arrived: give it back untouched.
+                self._persist(lambda: self.queue.release(self.worker_id), "release")
+                continue
+            try:
+                self._handle(message)
+            except Aborted:  # Redis was down when the abort came: the supervisor recovers
+                return EXIT_ABORTED
+
+    def _shutdown(self) -> None:
+        """Give back anything still held, leave the registry, remove our folder."""
+        if self.queue is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                held = self.queue.release(self.worker_id)
+                if held:
+                    log.info("gave back %d message(s) on exit", held)
+                self.queue.unregister(self.worker_id)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- fetching --------------------------------------------------------------------------
+
+    def _next_message(self) -> bytes | None:
+        assert self.queue is not None
+        try:
+            got = self.queue.fetch_nowait(self.worker_id)
+            if isinstance(got, Fetched):
+                return got.message
+            return self._block(min(self.config.redis.block_timeout, got))
+        except REDIS_ERRORS as exc:
+            self._redis_down(exc, "fetch")
+            return None
+
+    def _block(self, timeout: float) -> bytes | None:
+        """BLMOVE into our processing list; a TERM/QUIT interrupts it at once."""
+        assert self.queue is not None
+        conn = self._bconn
+        command = self.queue.blocking_command(self.worker_id, timeout)
+        if conn._sock is None:
+            conn.connect()
+        with self.waker.watching(conn._sock):
+            if self.stopping or self.aborting:
+                return None
+            try:
+                conn.send_command(*command)
+                reply = conn.read_response()
+            except (*REDIS_ERRORS, OSError):
+                conn.disconnect()
+                if self.stopping or self.aborting:
+                    return None
+                raise
+        return reply
+
+    # --- one job ------------------------------------------------------------------------------
+
+    def _handle(self, raw: bytes) -> None:
+        assert self.queue is not None
+        self.busy = True
+        self.progress = 0.0
+        started = time.monotonic()
+        try:
+            self._run_job(raw, started)
+        finally:
+            self.current = None
+            self.busy = False
+            self.stage = "idle"
+            if self.stopping and not self.aborting:
+                self.waker.interrupt()
+
+    def _run_job(self, raw: bytes, started: float) -> None:
+        assert self.queue is not None
+        try:
+            job = parse(raw, self.config)
+        except Permanent as exc:
+            job_id = job_id_of(raw)
+            if not ID_RE.fullmatch(job_id):
+                job_id = hashlib.sha1(raw).hexdigest()  # a safe key in place of a bad id
+            self._dead(raw, job_id, exc, attempts=0)
+            return
+        self.current = job
+        for warning in job.warnings:
+            log.warning("job %s: %s", job.id, warning)
+        if self.config.job.pipeline == "noop":
+            self._done(job, Result(output=job.output), started)
+            return
+        attempts = self._persist(lambda: self.queue.start(job.id, {
+            "state": "running", "worker": self.worker_id, "url": job.url,
+            "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
+            "started": now_iso(), "error": ""}), "start")
+        pipeline = Pipeline(self.config, self.dir, self.waker, self._poll, self._on_stage,
+                            self._on_progress)
+        if attempts > 0 and self._already_stored(pipeline, job):
+            log.info("job %s: output %s already stored by an earlier attempt", job.id,
+                     job.output)
+            self._done(job, Result(output=job.output), started, reused=True)
+            return
+        if attempts >= self.config.job.max_attempts:
+            self._dead(raw, job.id, Permanent(
+                "poison", f"the job crashed its worker {attempts} times"), attempts=attempts)
+            return
+        deadline = started + self.config.job.timeout
+        try:
+            result = pipeline.run(job, deadline)
+        except Permanent as exc:
+            self._dead(raw, job.id, exc, attempts=attempts + 1)
+        except Transient as exc:
+            self._retry(raw, job.id, exc)
+        except Aborted:
+            given = self._persist(lambda: self.queue.release(self.worker_id), "release")
+            log.info("job %s aborted, message given back (%d)", job.id, given)
+        except Exception as exc:  # a bug: keep the message, retry it, show the traceback
+            log.exception("job %s: unexpected error", job.id)
+            self._retry(raw, job.id, Transient("internal_error", f"{type(exc).__name__}: {exc}"))
+        else:
+            self._done(job, result, started)
+
+    def _already_stored(self, pipeline: Pipeline, job: Job) -> bool:
+        try:
+            return pipeline.already_stored(job)
+        except JobFailed:
+            return False
+
+    def _done(self, job: Job, result: Result, started: float, reused: bool = False) -> None:
+        assert self.queue is not None
+        elapsed = round(time.monotonic() - started, 3)
+        finished = now_iso()
+        event = {"id": job.id, "output": result.output, "url": job.url,
+                 "start": result.clip_start, "end": result.clip_end,
+                 "duration": round(result.out_time, 3), "elapsed": elapsed,
+                 "timings": result.timings, "worker": self.worker_id, "time": finished,
+                 "reused": reused}
+        fields = {"progress": 100, "stage": "done", "finished": finished, "elapsed": elapsed,
+                  "output": result.output, "error": "", "reason": "",
+                  **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
+        self._persist(lambda: self.queue.done(self.worker_id, job.raw, job.id, event, fields),
+                      "ack")
+        self.jobs_done += 1
+        log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
+                 " (already stored)" if reused else "")
+
+    def _letter(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> dict:
+        letter: dict[str, Any] = {"id": job_id, "reason": exc.reason, "attempts": attempts,
+                                  "error": exc.error, "time": now_iso()}
+        try:
+            letter["message"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            letter["message_b64"] = base64.b64encode(raw).decode("ascii")
+        return letter
+
+    def _dead(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> None:
+        assert self.queue is not None
+        letter = self._letter(raw, job_id, exc, attempts)
+        fields = {"stage": "dead", "reason": exc.reason, "error": exc.error[-500:],
+                  "finished": letter["time"], "attempts": attempts}
+        self._persist(lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields),
+                      "dead-letter")
+        log.warning("job %s dead (%s): %s", job_id, exc.reason, _one_line(exc.error))
+
+    def _retry(self, raw: bytes, job_id: str, exc: Transient) -> None:
+        assert self.queue is not None
+        letter = self._letter(raw, job_id, exc, attempts=0)
+        fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
+        attempts, due = self._persist(
+            lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields), "retry")
+        if due is None:
+            log.warning("job %s dead (%s) after %d attempts: %s", job_id, exc.reason, attempts,
+                        _one_line(exc.error))
+        else:
+            log.info("job %s failed (%s), attempt %d, retry in %.1f s: %s", job_id, exc.reason,
+                     attempts, max(0.0, due - time.time()), _one_line(exc.error))
+
+    # --- progress and liveness ---------------------------------------------------------------
+
+    def _on_stage(self, stage: str) -> None:
+        self.stage = stage
+        self._title(stage)
+        if self.current is not None and self.queue is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.queue.update(self.current.id, {"stage": stage})
+
+    def _on_progress(self, percent: float, speed: str) -> None:
+        self.progress = percent
+        now = time.monotonic()
+        if now - self._last_progress_write < PROGRESS_INTERVAL and percent < 100:
+            return
+        self._last_progress_write = now
+        self._title(self.stage)
+        if self.current is not None and self.queue is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.queue.update(self.current.id, {"progress": round(percent, 1),
+                                                    "speed": speed})
+
+    def _title(self, state: str) -> None:
+        if self.current is None:
+            setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} {state}")
+        else:
+            setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} job "
+                                      f"{self.current.id[:12]} {state} {self.progress:.0f}%")
+
+    def _beat(self) -> None:
+        assert self.queue is not None
+        job = self.current
+        self.queue.heartbeat(self.worker_id, {
+            "host": self.config.host_id, "pid": self.pid, "slot": self.slot,
+            "started": self.started_ms / 1000.0, "job": job.id if job else None,
+            "stage": self.stage, "progress": round(self.progress, 1),
+            "jobs_done": self.jobs_done}, self.config.supervisor.heartbeat_ttl)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.supervisor.heartbeat_interval
+        failing = False
+        while not self._heartbeat_stop.wait(interval):
+            if self.parent_pid is not None and os.getppid() != self.parent_pid \
+                    and not self.parent_gone:
+                os.kill(self.pid, PARENT_DEATH_SIGNAL)
+            try:
+                self._beat()
+                if failing:
+                    log.info("heartbeat: Redis is back")
+                failing = False
+            except REDIS_ERRORS as exc:
+                if not failing:
+                    log.warning("heartbeat: Redis unavailable (%s)", exc)
+                failing = True
+
+    # --- Redis outages ----------------------------------------------------------------------
+
+    def _persist(self, operation: Any, what: str) -> Any:
+        """Run a Redis operation until it succeeds: a finished job's ack is never dropped."""
+        delay = 0.1
+        while True:
+            try:
+                return operation()
+            except REDIS_ERRORS as exc:
+                if self.aborting:
+                    raise Aborted() from exc
+                self._redis_down(exc, what, delay)
+                delay = min(delay * 2, REDIS_BACKOFF_MAX)
+
+    def _redis_down(self, exc: Exception, what: str, delay: float = 1.0) -> None:
+        log.warning("Redis unavailable during %s (%s); retrying in %.1f s", what, exc, delay)
+        # Sleep, but wake at once on a signal (the wake-up pipe gets a byte per signal).
+        with contextlib.suppress(InterruptedError):
+            select.select([self.waker.fileno()], [], [], delay)
+        self.waker.drain()
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
