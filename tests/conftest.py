@@ -1,0 +1,265 @@
+"""Real parts for the tests: redis-server, ffmpeg-made videos, a loopback HTTP server, and
+the supervisor run as a real process. Everything binds to 127.0.0.1; waits have deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from supervisor.sample import make_video
+from tests.httpd import TestServer
+from worker.keys import Keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+for _tool in ("redis-server", "ffmpeg", "ffprobe"):
+    if shutil.which(_tool) is None:
+        raise RuntimeError(f"{_tool} is required for the tests (see README: scripts/test.sh)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, which tests may kill and restart."""
+
+    def __init__(self, workdir: str, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        os.makedirs(self.workdir, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", self.workdir,
+             "--loglevel", "warning"], stdout=subprocess.DEVNULL)
+        wait_for(self._ping, 10, what="redis-server to answer")
+        return self
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self.client(socket_timeout=0.5).ping())
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(str(tmp_path / "redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> str:
+    """Small generated videos (1 s GOP) and a few files that are not videos."""
+    folder = tmp_path_factory.mktemp("media")
+    make_video(str(folder / "ten.mp4"), 10)
+    make_video(str(folder / "twenty.mp4"), 20)
+    (folder / "page.html").write_text("<!doctype html><html><body>not a video</body></html>")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def http(media_dir) -> Iterator[TestServer]:
+    server = TestServer(media_dir)
+    yield server
+    server.close()
+
+
+@dataclass
+class Env:
+    """Everything one supervisor test needs: config file, Redis, folders, helpers."""
+
+    tmp: str
+    redis: RedisServer
+    http: TestServer
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keys = Keys("clips")
+        self.out = os.path.join(self.tmp, "out")
+        self.work = os.path.join(self.tmp, "work")
+        self.log = os.path.join(self.tmp, "supervisor.log")
+        self.settings = _merge({
+            "supervisor": {"workers": 2, "graceful_timeout": 20, "heartbeat_interval": 0.5,
+                           "heartbeat_ttl": 2, "min_uptime": 0.5, "logfile": self.log,
+                           "log_level": "debug"},
+            "redis": {"url": self.redis.url, "block_timeout": 1},
+            "job": {"work_dir": self.work, "allow_private_networks": "true",
+                    "retry_backoff": 0.2, "stall_timeout": 20, "timeout": 60},
+            "storage": {"output_base": f"file://{self.out}"},
+        }, self.settings)
+        self.r = self.redis.client()
+
+    @property
+    def conf(self) -> str:
+        path = os.path.join(self.tmp, "clip-supervisor.conf")
+        with open(path, "w") as fh:
+            for section, values in self.settings.items():
+                fh.write(f"[{section}]\n")
+                for key, value in values.items():
+                    fh.write(f"{key} = {value}\n")
+        return path
+
+    def url(self, name: str, slow: float = 0) -> str:
+        return self.http.url(name, slow)
+
+    def push(self, *messages: bytes | str | dict) -> list[bytes]:
+        raw = [m if isinstance(m, bytes) else
+               (json.dumps(m) if isinstance(m, dict) else m).encode() for m in messages]
+        for message in raw:
+            self.r.lpush(self.keys.queue, message)
+        return raw
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config",
+                                 self.conf, *extra], cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "supervisor", *args, "--config",
+                               self.conf], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{args} exited {done.returncode}: {done.stderr}")
+        return done
+
+    def workers(self, proc: subprocess.Popen) -> list[int]:
+        try:
+            return sorted(c.pid for c in psutil.Process(proc.pid).children()
+                          if c.status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_workers(self, proc: subprocess.Popen, n: int, timeout: float = 10) -> list[int]:
+        """Wait until n workers are registered in Redis (ready to fetch)."""
+        def ready() -> list[int] | None:
+            pids = self.workers(proc)
+            registered = {json.loads(v)["pid"] for v in self.r.hvals(self.keys.workers)}
+            return pids if len(pids) == n and set(pids) <= registered else None
+        return wait_for(ready, timeout, what=f"{n} registered workers")
+
+    def done_events(self) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self.keys.done, 0, -1)]
+
+    def dead_letters(self) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self.keys.dead, 0, -1)]
+
+    def finished(self) -> int:
+        return self.r.llen(self.keys.done) + self.r.llen(self.keys.dead)
+
+    def wait_finished(self, n: int, timeout: float = 60) -> None:
+        wait_for(lambda: self.finished() >= n, timeout, interval=0.05,
+                 what=f"{n} finished jobs (have {self.finished()})")
+
+    def processing_lists(self) -> dict[str, list[bytes]]:
+        return {k.decode(): self.r.lrange(k, 0, -1)
+                for k in self.r.scan_iter(match=self.keys.processing_pattern)}
+
+    def holder_of(self, message: bytes) -> int | None:
+        """pid of the worker whose processing list holds ``message``."""
+        for key, items in self.processing_lists().items():
+            if message in items:
+                return int(key.rsplit(":", 2)[1])
+        return None
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 30) -> int:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with _suppress():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        # No process of ours may outlive a test (workers, ffmpeg).
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if self.tmp in cmd:
+                with _suppress():
+                    p.kill()
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, psutil.Error))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for section, values in extra.items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+@pytest.fixture
+def env(tmp_path, redis_server, http, request) -> Iterator[Env]:
+    marker = request.node.get_closest_marker("settings")
+    e = Env(str(tmp_path), redis_server, http, settings=marker.args[0] if marker else {})
+    yield e
+    e.cleanup()
+
+
+def ffprobe_duration(path: str) -> float:
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
+                          "-of", "json", path], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout)["format"]["duration"])
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "settings(dict): config sections for the env fixture")

@@ -1,0 +1,92 @@
+"""The tests' loopback HTTP server: the Range-capable sample server plus a few behaviours.
+
+    /NAME                 the file, with Range support
+    /slow/SECONDS/NAME    the file, spread over SECONDS (a job that is surely mid-fetch)
+    /stall/BYTES/NAME     BYTES of the file, then silence while the connection stays open
+    /status/CODE          an empty answer with that HTTP status
+    /redirect?to=URL      302 to URL
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
+
+from supervisor.sample import RangeRequestHandler, _Server
+
+
+class Handler(RangeRequestHandler):
+    stop_event: threading.Event
+
+    def do_GET(self) -> None:  # noqa: N802
+        parts = urlsplit(self.path)
+        segments = parts.path.strip("/").split("/")
+        if segments[0] == "status" and len(segments) == 2:
+            self.send_response(int(segments[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if segments[0] == "redirect":
+            self.send_response(302)
+            self.send_header("Location", parse_qs(parts.query)["to"][0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if segments[0] in ("slow", "stall") and len(segments) == 3:
+            self._trickle(segments[0], float(segments[1]), segments[2])
+            return
+        super().do_GET()
+
+    def _trickle(self, kind: str, amount: float, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            if kind == "stall":
+                self.wfile.write(data[: int(amount)])
+                self.wfile.flush()
+                self.stop_event.wait(120)
+                return
+            steps = max(1, int(amount * 20))
+            size = len(data) // steps + 1
+            for i in range(steps):
+                if self.stop_event.is_set():
+                    return
+                self.wfile.write(data[i * size:(i + 1) * size])
+                self.wfile.flush()
+                time.sleep(amount / steps)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+class TestServer:
+    __test__ = False
+
+    def __init__(self, directory: str) -> None:
+        stop = threading.Event()
+
+        def handler(*args, **kwargs):
+            h = type("BoundHandler", (Handler,), {"stop_event": stop})
+            return h(*args, directory=directory, **kwargs)
+
+        self._stop = stop
+        self.server = _Server(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        self.directory = directory
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, name: str, slow: float = 0) -> str:
+        if slow:
+            return f"http://127.0.0.1:{self.port}/slow/{slow:g}/{name}"
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
