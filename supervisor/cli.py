@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -150,6 +151,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     try:
         master = Master(config)
         return master.run(on_ready=lambda: daemonize.report(report_fd, "ok"))
+    except Exception:  # a bug: keep the traceback in the log, not on an operator's screen
+        logging.getLogger("clip-supervisor.master").exception("master crashed")
+        return 1
     finally:
         if pidfile is not None:
             pidfile.release()

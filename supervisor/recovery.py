@@ -90,16 +90,20 @@ def clean_stale_dirs(work_dir: str) -> int:
 
 
 def _alive(pid: object) -> bool:
+    # A zombie is dead: its parent (or a slow init, FIELD-NOTES) has not reaped it yet.
     try:
-        return psutil.pid_exists(int(pid))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE  # type: ignore[arg-type]
+    except (TypeError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
 
 def _started_at(pid: int, started_ms: int) -> bool:
     """Is the process that made this folder still running (and not a reused pid)?"""
     try:
-        created = psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        created = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     # The worker records its start just after fork; a reused pid starts later than that.

@@ -56,6 +56,8 @@ def setup(role: str, logfile: str = "", level: str = "INFO", fmt: str = "text") 
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+    # redis-py logs routine connection chatter at DEBUG; keep our debug log about us.
+    logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 def set_role(role: str) -> None:

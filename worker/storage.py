@@ -93,7 +93,7 @@ def remove_pending(worker_dir: str) -> None:
     try:
         with open(marker) as fh:
             part = fh.read().strip()
-    except FileNotFoundError:
+    except OSError:  # no marker (the usual case), or the folder itself is gone or broken
         return
     if part.endswith(".part") and os.path.basename(part).startswith("."):
         with contextlib.suppress(FileNotFoundError):

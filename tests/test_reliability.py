@@ -1,0 +1,252 @@
+"""Crashes, signals and bad input: nothing lost, nothing done twice, nothing stuck.
+
+Real processes and real signals throughout: a "killed worker" is a worker process that got
+SIGKILL from the test, and a "poison message" is one whose worker the test kills every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import wait_for
+
+
+def _job(env, job_id, slow=0.0, **extra):
+    return {"id": job_id, "url": env.url("ten.mp4", slow), "start": 1, "duration": 2, **extra}
+
+
+def _assert_nothing_in_flight(env):
+    assert all(not items for items in env.processing_lists().values()), env.processing_lists()
+
+
+def test_sigkilled_worker_job_is_requeued_within_a_second_and_finished_once(env):
+    # Given a job that takes ~3 s to fetch, held by a worker
+    (raw,) = env.push(_job(env, "victim", slow=3))
+    proc = env.start()
+    pid = wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
+    before = set(env.workers(proc))
+
+    # When that worker is SIGKILLed in the middle of the job
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for(lambda: env.r.hget(env.keys.attempts, "victim") == b"1", 2, interval=0.005,
+             what="the crash to be counted and the message requeued")
+    requeue_s = time.monotonic() - killed_at
+    print(f"worker-death-to-requeue: {requeue_s * 1000:.0f} ms")
+
+    # Then it is back within 1 s, finished by another worker, output once, slot respawned
+    assert requeue_s < 1.0
+    env.wait_finished(1, timeout=30)
+    events = env.done_events()
+    assert [e["id"] for e in events] == ["victim"]
+    assert events[0]["worker"].split(":")[1] != str(pid)
+    assert os.listdir(env.out) == ["victim.mp4"]
+    _assert_nothing_in_flight(env)
+    after = wait_for(lambda: env.workers(proc) if len(env.workers(proc)) == 2 else None)
+    assert pid not in after and len(set(after) - before) == 1
+    assert "killed by SIGKILL" in env.log_text()
+    # The dead worker's folder is gone
+    wait_for(lambda: all(str(pid) not in name for name in os.listdir(env.work)))
+    assert env.stop(proc) == 0
+
+
+def test_sigterm_to_supervisor_finishes_jobs_in_flight_and_leaves_the_rest(env):
+    # Given two slow jobs in flight and five more waiting
+    in_flight = env.push(_job(env, "a", slow=2), _job(env, "b", slow=2))
+    proc = env.start()
+    wait_for(lambda: env.holder_of(in_flight[0]) and env.holder_of(in_flight[1]),
+             what="both jobs in flight")
+    waiting = env.push(*[_job(env, f"w{i}") for i in range(5)])
+
+    # When the supervisor gets SIGTERM
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+
+    # Then the jobs in flight finished, nothing more was fetched, and it exited 0
+    assert code == 0
+    assert sorted(e["id"] for e in env.done_events()) == ["a", "b"]
+    assert env.r.lrange(env.keys.queue, 0, -1) == list(reversed(waiting))
+    _assert_nothing_in_flight(env)
+    assert env.r.hlen(env.keys.workers) == 0
+    assert sorted(os.listdir(env.out)) == ["a.mp4", "b.mp4"]
+
+
+def test_sigterm_to_one_worker_finishes_its_job_and_is_replaced(env):
+    (raw,) = env.push(_job(env, "finish-me", slow=2))
+    proc = env.start()
+    pid = wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
+    os.kill(pid, signal.SIGTERM)
+    env.wait_finished(1, timeout=30)
+    events = env.done_events()
+    assert events[0]["id"] == "finish-me" and f":{pid}:" in events[0]["worker"]
+    wait_for(lambda: len(env.workers(proc)) == 2 and pid not in env.workers(proc),
+             what="the worker to be replaced")
+    assert env.r.hget(env.keys.attempts, "finish-me") is None
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGINT])
+def test_quit_or_int_to_one_worker_aborts_and_requeues_its_job(env, sig):
+    (raw,) = env.push(_job(env, "abort-me", slow=2))
+    proc = env.start()
+    pid = wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
+    os.kill(pid, sig)
+    # The worker exits at once, without finishing the 2 s fetch...
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 1.5,
+             what="the worker to exit")
+    # ...and the job is finished by another worker, exactly once, with no attempt counted.
+    env.wait_finished(1, timeout=30)
+    events = env.done_events()
+    assert [e["id"] for e in events] == ["abort-me"]
+    assert f":{pid}:" not in events[0]["worker"]
+    assert "aborted, message given back" in env.log_text()
+    assert env.r.hget(env.keys.job("abort-me"), "state") == b"done"
+    _assert_nothing_in_flight(env)
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"job": {"max_attempts": 3}})
+def test_poison_message_is_dead_lettered_after_max_attempts_and_others_flow(env):
+    # Given a message whose worker dies every time it holds it, among 8 good jobs
+    (poison,) = env.push(_job(env, "poison", slow=5))
+    good = env.push(*[_job(env, f"good{i}") for i in range(8)])
+    kills = []
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            pid = env.holder_of(poison)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+                except ProcessLookupError:
+                    pass
+                while env.holder_of(poison) == pid and not stop.is_set():
+                    time.sleep(0.01)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    proc = env.start()
+    thread.start()
+    try:
+        env.wait_finished(len(good) + 1, timeout=60)
+    finally:
+        stop.set()
+        thread.join()
+    # Then it crashed max_attempts workers and was dead-lettered as poison; the rest are done
+    assert len(set(kills)) == 3
+    letters = env.dead_letters()
+    assert [(d["id"], d["reason"], d["attempts"]) for d in letters] == [("poison", "poison", 3)]
+    assert json.loads(letters[0]["message"])["id"] == "poison"
+    assert sorted(e["id"] for e in env.done_events()) == sorted(f"good{i}" for i in range(8))
+    assert env.r.hget(env.keys.attempts, "poison") is None
+    _assert_nothing_in_flight(env)
+    assert env.stop(proc) == 0
+
+
+def test_malformed_input_is_dead_lettered_with_distinct_reasons(env):
+    cases = {
+        "invalid_json": b'{"url": "http://x/", ',
+        "no_url": {"id": "no-url", "start": 1},
+        "bad_range": {"id": "neg", "url": env.url("ten.mp4"), "start": -1},
+        "past_end": {"id": "past", "url": env.url("ten.mp4"), "start": 30, "duration": 2},
+        "not_video": {"id": "html", "url": env.url("page.html")},
+        "not_found": {"id": "missing", "url": env.url("nope.mp4")},
+        "scheme_not_allowed": {"id": "ftp", "url": "ftp://127.0.0.1/x.mp4"},
+        "not_utf8": b"\xff\xfe\x00garbage",
+        "bad_id": {"id": "../../etc", "url": env.url("ten.mp4")},
+        "output_not_allowed": {"id": "escape", "url": env.url("ten.mp4"),
+                               "output": "../escape.mp4"},
+        "message_too_large": json.dumps({"url": env.url("ten.mp4"),
+                                         "pad": "x" * (1024 * 1024)}),
+    }
+    env.push(*cases.values())
+    env.push(*[_job(env, f"ok{i}") for i in range(3)])
+    proc = env.start()
+    pids = env.wait_workers(proc, 2)
+    env.wait_finished(len(cases) + 3, timeout=60)
+    letters = env.dead_letters()
+    assert sorted(d["reason"] for d in letters) == sorted(cases)
+    for letter in letters:
+        assert letter["attempts"] in (0, 1) and letter["error"] and letter["time"]
+        assert ("message" in letter) != ("message_b64" in letter)
+    assert next(d for d in letters if d["reason"] == "not_utf8")["message_b64"]
+    assert sorted(e["id"] for e in env.done_events()) == ["ok0", "ok1", "ok2"]
+    assert env.workers(proc) == pids  # no worker crashed
+    assert env.r.zcard(env.keys.delayed) == 0  # nothing permanent was retried
+    assert "Traceback" not in env.log_text()
+    assert env.stop(proc) == 0
+
+
+def test_sigkilled_supervisor_workers_exit_and_next_supervisor_recovers(env):
+    held = env.push(_job(env, "k1", slow=4), _job(env, "k2", slow=4))
+    proc = env.start()
+    wait_for(lambda: env.holder_of(held[0]) and env.holder_of(held[1]),
+             what="both jobs in flight")
+    workers = env.workers(proc)
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    # The orphaned workers notice, give their jobs back and exit within a few seconds,
+    # killing their ffmpeg/downloads on the way out.
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in workers), 5,
+             what="orphaned workers to exit")
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if env.work in " ".join(p.info["cmdline"] or [])]
+
+    proc2 = env.start()
+    env.wait_finished(2, timeout=40)
+    assert sorted(e["id"] for e in env.done_events()) == ["k1", "k2"]
+    assert sorted(os.listdir(env.out)) == ["k1.mp4", "k2.mp4"]
+    _assert_nothing_in_flight(env)
+    assert env.stop(proc2) == 0
+
+
+def test_supervisor_recovers_processing_list_of_a_worker_killed_with_it(env):
+    # Given a whole pool SIGKILLed at once (master and worker: no one could give anything back)
+    (raw,) = env.push(_job(env, "orphan", slow=4))
+    proc = env.start()
+    wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    assert env.holder_of(raw)  # still in the dead worker's processing list
+
+    # When a new supervisor starts on the same host, it recovers it without waiting for a TTL
+    proc2 = env.start()
+    env.wait_finished(1, timeout=30)
+    assert [e["id"] for e in env.done_events()] == ["orphan"]
+    assert env.r.hget(env.keys.job("orphan"), "state") == b"done"
+    _assert_nothing_in_flight(env)
+    assert env.stop(proc2) == 0
+    # and it removed the dead worker's temporary folder
+    assert os.listdir(env.work) == []
+
+
+@pytest.mark.settings({"supervisor": {"workers": 1, "restart_backoff_max": 2}})
+def test_worker_that_cannot_start_makes_the_supervisor_back_off(env):
+    proc = env.start()
+    (pid,) = env.wait_workers(proc, 1)
+    # Make every new worker fail at boot: its work folder cannot be created
+    os.rename(env.work, env.work + ".moved")
+    with open(env.work, "w") as fh:
+        fh.write("not a folder")
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(4)
+    spawns = env.log_text().count("spawned worker")
+    # 0.5 + 1 + 2 + 2 s of backoff: a handful of tries, never a fork bomb
+    assert 3 <= spawns <= 7, spawns
+    assert "failed to start" in env.log_text()
+    # When the cause is fixed, the slot comes back
+    os.unlink(env.work)
+    os.rename(env.work + ".moved", env.work)
+    env.wait_workers(proc, 1, timeout=5)
+    assert env.stop(proc) == 0
