@@ -4,6 +4,7 @@
     /slow/SECONDS/NAME    the file, spread over SECONDS (a job that is surely mid-fetch)
     /stall/BYTES/NAME     BYTES of the file, then silence while the connection stays open
     /status/CODE          an empty answer with that HTTP status
+    /flaky/N/KEY/NAME     503 for the first N requests (counted per KEY), then the file
     /redirect?to=URL      302 to URL
 """
 
@@ -19,6 +20,8 @@ from supervisor.sample import RangeRequestHandler, _Server
 
 class Handler(RangeRequestHandler):
     stop_event: threading.Event
+    counts: dict[str, int]
+    lock: threading.Lock
 
     def do_GET(self) -> None:  # noqa: N802
         parts = urlsplit(self.path)
@@ -34,7 +37,17 @@ class Handler(RangeRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if segments[0] in ("slow", "stall") and len(segments) == 3:
+        if segments[0] == "flaky" and len(segments) == 4:
+            with self.lock:
+                seen = self.counts.get(segments[2], 0)
+                self.counts[segments[2]] = seen + 1
+            if seen < int(segments[1]):
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.path = "/" + segments[3]
+        elif segments[0] in ("slow", "stall") and len(segments) == 3:
             self._trickle(segments[0], float(segments[1]), segments[2])
             return
         super().do_GET()
@@ -70,10 +83,11 @@ class TestServer:
 
     def __init__(self, directory: str) -> None:
         stop = threading.Event()
+        bound = type("BoundHandler", (Handler,), {"stop_event": stop, "counts": {},
+                                                   "lock": threading.Lock()})
 
         def handler(*args, **kwargs):
-            h = type("BoundHandler", (Handler,), {"stop_event": stop})
-            return h(*args, directory=directory, **kwargs)
+            return bound(*args, directory=directory, **kwargs)
 
         self._stop = stop
         self.server = _Server(("127.0.0.1", 0), handler)

@@ -74,6 +74,7 @@ class Worker:
         self.progress = 0.0
         self.jobs_done = 0
         self._last_progress_write = 0.0
+        self._fetch_failures = 0
         self._heartbeat_stop = threading.Event()
         self.waker = Waker()
         self.client: Any = None
@@ -199,12 +200,18 @@ class Worker:
         assert self.queue is not None
         try:
             got = self.queue.fetch_nowait(self.worker_id)
-            if isinstance(got, Fetched):
-                return got.message
-            return self._block(min(self.config.redis.block_timeout, got))
+            message = got.message if isinstance(got, Fetched) else \
+                self._block(min(self.config.redis.block_timeout, got))
         except REDIS_ERRORS as exc:
-            self._redis_down(exc, "fetch")
+            # A connection that died with a restarted server fails once and reconnects on
+            # the next call: retry at once the first time, back off after that.
+            self._fetch_failures += 1
+            if self._fetch_failures > 1:
+                delay = min(0.1 * 2 ** (self._fetch_failures - 2), REDIS_BACKOFF_MAX)
+                self._redis_down(exc, "fetch", delay)
             return None
+        self._fetch_failures = 0
+        return message
 
     def _block(self, timeout: float) -> bytes | None:
         """BLMOVE into our processing list; a TERM/QUIT interrupts it at once."""
