@@ -21,13 +21,16 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
 def make_video(path: str, seconds: float = 10.0, *, size: str = "320x240", rate: int = 25,
-               gop: int = 25, audio: bool = True, ffmpeg: str = "ffmpeg") -> str:
+               gop: int = 25, audio: bool = True, bitrate: str = "",
+               ffmpeg: str = "ffmpeg") -> str:
     """A test-pattern H.264 (+AAC) MP4 with a keyframe every ``gop`` frames."""
     cmd = [ffmpeg, "-v", "error", "-nostdin", "-y",
            "-f", "lavfi", "-i", f"testsrc=size={size}:rate={rate}:duration={seconds}"]
     if audio:
         cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
     cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-g", str(gop), "-pix_fmt", "yuv420p"]
+    if bitrate:  # a test pattern compresses to almost nothing; force a realistic size
+        cmd += ["-b:v", bitrate, "-minrate", bitrate, "-maxrate", bitrate, "-bufsize", bitrate]
     if audio:
         cmd += ["-c:a", "aac", "-shortest"]
     cmd += ["-movflags", "+faststart", path]

@@ -3,6 +3,7 @@
     /NAME                 the file, with Range support
     /slow/SECONDS/NAME    the file, spread over SECONDS (a job that is surely mid-fetch)
     /stall/BYTES/NAME     BYTES of the file, then silence while the connection stays open
+    /trickle/NAME         a few bytes every 0.2 s, forever (Content-Length says the file's size)
     /status/CODE          an empty answer with that HTTP status
     /flaky/N/KEY/NAME     503 for the first N requests (counted per KEY), then the file
     /redirect?to=URL      302 to URL
@@ -50,6 +51,9 @@ class Handler(RangeRequestHandler):
         elif segments[0] in ("slow", "stall") and len(segments) == 3:
             self._trickle(segments[0], float(segments[1]), segments[2])
             return
+        elif segments[0] == "trickle" and len(segments) == 2:
+            self._trickle("trickle", 0, segments[1])
+            return
         super().do_GET()
 
     def _trickle(self, kind: str, amount: float, name: str) -> None:
@@ -61,6 +65,13 @@ class Handler(RangeRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         try:
+            if kind == "trickle":
+                offset = 0
+                while not self.stop_event.wait(0.2) and offset < len(data):
+                    self.wfile.write(data[offset:offset + 16])
+                    self.wfile.flush()
+                    offset += 16
+                return
             if kind == "stall":
                 self.wfile.write(data[: int(amount)])
                 self.wfile.flush()

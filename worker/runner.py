@@ -164,13 +164,6 @@ class Worker:
                 return EXIT_ABORTED
             if self.stopping:
                 return EXIT_OK
-            if max_jobs and self.jobs_done >= max_jobs:
-                log.info("recycling after %d jobs", self.jobs_done)
-                return EXIT_RECYCLE
-            if max_rss and me.memory_info().rss > max_rss:
-                log.info("recycling: RSS %d MiB above max_worker_memory_mb",
-                         me.memory_info().rss >> 20)
-                return EXIT_RECYCLE
             self._title("idle")
             message = self._next_message()
             if message is None:
@@ -183,6 +176,14 @@ class Worker:
                 self._handle(message)
             except Aborted:  # Redis was down when the abort came: the supervisor recovers
                 return EXIT_ABORTED
+            # Recycling is decided between jobs, never in the middle of one.
+            if max_jobs and self.jobs_done >= max_jobs:
+                log.info("recycling after %d jobs", self.jobs_done)
+                return EXIT_RECYCLE
+            rss = me.memory_info().rss if max_rss else 0
+            if rss > max_rss:
+                log.info("recycling: RSS %d MiB above max_worker_memory_mb", rss >> 20)
+                return EXIT_RECYCLE
 
     def _shutdown(self) -> None:
         """Give back anything still held, leave the registry, remove our folder."""

@@ -1,0 +1,205 @@
+"""Hostile and broken inputs, limits and recycling (SPEC sections 5 and 9).
+
+Every network target here is on loopback: the address guard is proven end to end only with
+127.0.0.1, localhost, [::1] and odd spellings of them, which it refuses before connecting.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import psutil
+import pytest
+
+from supervisor.sample import make_video
+from tests.conftest import RedisServer, free_port, wait_for
+from worker import source
+from worker.errors import Permanent
+
+
+@pytest.fixture(scope="module")
+def big_video(media_dir) -> str:
+    path = os.path.join(media_dir, "big.mp4")
+    if not os.path.exists(path):
+        make_video(path, 10, size="640x360", bitrate="2M")
+    assert os.path.getsize(path) > 1_200_000
+    return "big.mp4"
+
+
+def _no_ffmpeg_left(env) -> bool:
+    return not [p for p in psutil.process_iter(["name", "cmdline"])
+                if p.info["name"] in ("ffmpeg", "ffprobe")
+                and env.work in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.settings({"job": {"timeout": 3, "stall_timeout": 1, "max_attempts": 2,
+                               "retry_backoff": 0.2}})
+def test_stalling_and_trickling_sources_are_cut_off_and_others_flow(env, big_video):
+    port = env.http.port
+    env.push({"id": "stalls", "url": f"http://127.0.0.1:{port}/stall/1000000/{big_video}"},
+             {"id": "trickles", "url": f"http://127.0.0.1:{port}/trickle/ten.mp4"},
+             *[{"id": f"fine{i}", "url": env.url("ten.mp4"), "duration": 1} for i in range(4)])
+    proc = env.start()
+    env.wait_finished(6, timeout=60)
+    letters = {d["id"]: d for d in env.dead_letters()}
+    assert (letters["stalls"]["reason"], letters["stalls"]["attempts"]) == ("stalled", 2)
+    assert (letters["trickles"]["reason"], letters["trickles"]["attempts"]) == ("timeout", 2)
+    assert sorted(e["id"] for e in env.done_events()) == [f"fine{i}" for i in range(4)]
+    assert env.stop(proc) == 0
+    assert _no_ffmpeg_left(env) and os.listdir(env.work) == []
+
+
+@pytest.mark.settings({"job": {"allow_private_networks": "false",
+                               "allowed_schemes": "http,https"}})
+def test_the_address_guard_refuses_loopback_in_every_spelling(env):
+    port = env.http.port
+    private = {f"p{i}": f"http://{host}:{port}/ten.mp4" for i, host in enumerate(
+        ["127.0.0.1", "localhost", "[::1]", "127.1", "0x7f000001", "2130706433",
+         "017700000001", "[::ffff:127.0.0.1]"])}
+    refused_schemes = {"file": "file:///etc/passwd", "concat": "concat:/etc/passwd|/etc/hosts",
+                       "subfile": "subfile,,start,0,end,100,,:/etc/passwd",
+                       "data": "data:text/plain,hello"}
+    env.push(*[{"id": k, "url": v} for k, v in private.items()],
+             *[{"id": k, "url": v} for k, v in refused_schemes.items()])
+    proc = env.start()
+    env.wait_finished(len(private) + len(refused_schemes), timeout=30)
+    reasons = {d["id"]: d["reason"] for d in env.dead_letters()}
+    assert {k: reasons[k] for k in private} == {k: "private_address" for k in private}
+    assert {reasons[k] for k in refused_schemes} <= {"scheme_not_allowed", "bad_url"}
+    assert reasons["file"] == reasons["concat"] == "scheme_not_allowed"
+    assert env.stop(proc) == 0
+
+
+def test_crafted_playlists_cannot_make_ffmpeg_read_local_files(env, media_dir):
+    # An HLS playlist and an ffconcat list that point at local files: the demuxer whitelist
+    # refuses them before anything is opened.
+    secret = os.path.join(media_dir, "ten.mp4")
+    with open(os.path.join(media_dir, "evil.m3u8"), "w") as fh:
+        fh.write(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{secret}\n#EXT-X-ENDLIST\n")
+    with open(os.path.join(media_dir, "evil.ffconcat"), "w") as fh:
+        fh.write(f"ffconcat version 1.0\nfile {secret}\n")
+    env.push({"id": "hls", "url": env.url("evil.m3u8")},
+             {"id": "concat", "url": env.url("evil.ffconcat")})
+    proc = env.start()
+    env.wait_finished(2, timeout=30)
+    letters = {d["id"]: d for d in env.dead_letters()}
+    assert letters["hls"]["reason"] == letters["concat"]["reason"] == "not_video"
+    assert env.done_events() == []
+    assert env.stop(proc) == 0
+
+
+def test_a_redirect_is_checked_at_every_hop(http, monkeypatch):
+    # "public.test" stands for a public host (mapped to loopback here, never resolved by DNS);
+    # it redirects to "private.test", which the guard must refuse before connecting.
+    real_resolve = source.resolve
+
+    def fake_resolve(host: str, port: int, allow_private: bool) -> str:
+        if host == "public.test":
+            return "127.0.0.1"
+        return real_resolve("127.0.0.1", port, allow_private)
+
+    monkeypatch.setattr(source, "resolve", fake_resolve)
+    limits = source.FetchLimits(connect_timeout=2, stall_timeout=2, max_bytes=1 << 30,
+                                allow_private=False)
+    target = f"http://private.test:{http.port}/ten.mp4"
+    with pytest.raises(Permanent) as info:
+        source._open(f"http://public.test:{http.port}/redirect?to={target}", limits)
+    assert info.value.reason == "private_address"
+    # and the same chain with the guard lifted is followed to the file
+    allowed = source.FetchLimits(2, 2, 1 << 30, allow_private=True)
+    conn, resp = source._open(f"http://public.test:{http.port}/redirect?to={target}", allowed)
+    assert resp.status == 200
+    conn.close()
+
+
+@pytest.mark.parametrize("spelling", ["127.1", "0x7f000001", "2130706433", "localhost",
+                                      "::1", "::ffff:169.254.169.254", "169.254.169.254"])
+def test_odd_spellings_resolve_to_refused_addresses_without_connecting(spelling):
+    with pytest.raises(Permanent) as info:
+        source.resolve(spelling, 80, allow_private=False)
+    assert info.value.reason == "private_address"
+
+
+@pytest.mark.settings({"supervisor": {"workers": 1, "max_jobs_per_worker": 2}})
+def test_max_jobs_per_worker_recycles_the_worker(env):
+    env.push(*[{"id": f"r{i}", "url": env.url("ten.mp4"), "duration": 1} for i in range(6)])
+    proc = env.start()
+    env.wait_finished(6, timeout=60)
+    by_worker: dict[str, int] = {}
+    for event in env.done_events():
+        by_worker[event["worker"]] = by_worker.get(event["worker"], 0) + 1
+    assert sorted(by_worker.values()) == [2, 2, 2]
+    assert env.log_text().count("recycling after 2 jobs") == 3
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"supervisor": {"workers": 1, "max_worker_memory_mb": 1}})
+def test_a_worker_above_its_memory_limit_is_replaced_after_its_job(env):
+    env.push(*[{"id": f"m{i}", "url": env.url("ten.mp4"), "duration": 1} for i in range(3)])
+    proc = env.start()
+    env.wait_finished(3, timeout=60)
+    workers = {e["worker"] for e in env.done_events()}
+    assert len(workers) == 3  # every job finished, then its worker was replaced
+    assert "recycling: RSS" in env.log_text()
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"job": {"max_source_bytes": "100000GiB", "max_attempts": 1}})
+def test_no_job_starts_without_room_for_its_source(env):
+    env.push({"id": "roomless", "url": env.url("ten.mp4")})
+    proc = env.start()
+    env.wait_finished(1, timeout=30)
+    (letter,) = env.dead_letters()
+    assert letter["reason"] == "disk_full"
+    assert env.stop(proc) == 0
+
+
+def test_redis_with_a_password(env):
+    env.r.config_set("requirepass", "s3cret pass")
+    env.r = env.redis.client(password="s3cret pass")
+    env.settings["redis"]["url"] = \
+        f"redis://:s3cret%20pass@127.0.0.1:{env.redis.port}/0"
+    env.push({"id": "auth", "url": env.url("ten.mp4"), "duration": 1})
+    proc = env.start()
+    env.wait_finished(1, timeout=30)
+    assert [e["id"] for e in env.done_events()] == ["auth"]
+    assert "s3cret" not in env.log_text()
+    assert env.stop(proc) == 0
+
+
+def test_redis_over_tls(env, tmp_path):
+    # A CA and a server certificate for 127.0.0.1, made here; redis-server speaks TLS only.
+    ca_key, ca, key, csr, crt = (str(tmp_path / n) for n in
+                                 ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt"))
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for cmd in (
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
+         "-out", ca, "-days", "1", "-subj", "/CN=test-ca"],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", crt, "-days", "1", "-extfile", str(ext)],
+    ):
+        subprocess.run(cmd, check=True, capture_output=True)
+    port = free_port()
+    tls = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port),
+                            "--bind", "127.0.0.1", "--tls-cert-file", crt, "--tls-key-file",
+                            key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+                            "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        server = RedisServer(str(tmp_path))
+        server.url, server.port = url, port
+        wait_for(server._ping, 10, what="TLS redis-server")
+        env.r = server.client()
+        env.settings["redis"]["url"] = url
+        env.push({"id": "tls", "url": env.url("ten.mp4"), "duration": 1})
+        proc = env.start()
+        env.wait_finished(1, timeout=30)
+        assert [e["id"] for e in env.done_events()] == ["tls"]
+        assert env.stop(proc) == 0
+    finally:
+        tls.terminate()
+        tls.wait(10)
