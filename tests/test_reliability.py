@@ -122,9 +122,12 @@ def test_poison_message_is_dead_lettered_after_max_attempts_and_others_flow(env)
     stop = threading.Event()
 
     def killer():
+        # Kill a holder once it is surely running the job (the source takes 5 s to fetch),
+        # not in the instant it takes the message only to dead-letter it.
+        seen: dict[int, float] = {}
         while not stop.is_set():
             pid = env.holder_of(poison)
-            if pid:
+            if pid and time.monotonic() - seen.setdefault(pid, time.monotonic()) >= 0.3:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     kills.append(pid)

@@ -12,8 +12,12 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.cluster import RedisCluster
+from redis.sentinel import Sentinel
 
 from . import scripts
 from .config import Config
@@ -22,13 +26,43 @@ from .keys import Keys
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 
-def connect(config: Config, *, socket_timeout: float | None = None) -> redis.Redis:
-    return redis.Redis.from_url(
-        config.redis.url,
-        socket_timeout=socket_timeout or config.redis.socket_timeout,
-        socket_connect_timeout=min(config.redis.socket_timeout, 5.0),
-        health_check_interval=30,
-    )
+def connect(config: Config, *, socket_timeout: float | None = None) -> Any:
+    """A client for ``[redis] url``: plain, TLS, Cluster or Sentinel, chosen by the scheme.
+
+    ``redis://`` and ``rediss://`` (TLS) name one server; ``redis+cluster://host:port`` any
+    node of a Redis Cluster (our keys share one hash slot, see worker.keys);
+    ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`` the Sentinels
+    that know the current master of ``service``.
+    """
+    url = config.redis.url
+    timeouts = {"socket_timeout": socket_timeout or config.redis.socket_timeout,
+                "socket_connect_timeout": min(config.redis.socket_timeout, 5.0)}
+    scheme = urlsplit(url).scheme
+    if scheme.endswith("+cluster"):
+        plain = scheme.removesuffix("+cluster") + url[len(scheme):]
+        return RedisCluster.from_url(plain, **timeouts)
+    if scheme.endswith("+sentinel"):
+        return _sentinel_master(url, scheme.removesuffix("+sentinel") == "rediss", timeouts)
+    return redis.Redis.from_url(url, health_check_interval=30, **timeouts)
+
+
+def _sentinel_master(url: str, tls: bool, timeouts: dict[str, float]) -> redis.Redis:
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    password = None
+    if "@" in netloc:
+        credentials, netloc = netloc.rsplit("@", 1)
+        password = unquote(credentials.partition(":")[2]) or None
+    sentinels = []
+    for hostport in netloc.split(","):
+        host, _, port = hostport.rpartition(":")
+        sentinels.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError("a redis+sentinel URL names the service: .../mymaster")
+    sentinel = Sentinel(sentinels, sentinel_kwargs=dict(timeouts), **timeouts)
+    return sentinel.master_for(service, db=int(db or 0), password=password, ssl=tls,
+                               **timeouts)
 
 
 def now_iso() -> str:
@@ -69,14 +103,33 @@ class JobQueue:
     def blocking_command(self, worker_id: str, timeout: float) -> list:
         """BLMOVE (or BRPOPLPUSH before Redis 6.2) from the queue into our processing list."""
         if self._has_blmove is None:
-            version = str(self.client.info("server").get("redis_version", "0"))
-            major, minor = (int(x) for x in version.split(".")[:2])
+            info = self.client.info("server")
+            if "redis_version" not in info:  # a cluster answers per node
+                info = next(iter(info.values()))
+            major, minor = (int(x) for x in str(info["redis_version"]).split(".")[:2])
             self._has_blmove = (major, minor) >= (6, 2)
         if self._has_blmove:
             return ["BLMOVE", self.keys.queue, self.keys.processing(worker_id), "RIGHT", "LEFT",
                     f"{max(timeout, 0.01):.3f}"]
         return ["BRPOPLPUSH", self.keys.queue, self.keys.processing(worker_id),
                 max(1, math.ceil(timeout))]
+
+    def blocking_connection(self) -> tuple[Any, Any]:
+        """(pool, connection) for a blocking command on the node that holds our keys.
+
+        The worker sends BLMOVE on a connection of its own so that a signal can shut its
+        socket down (worker.wake); it gives the pair back with ``release_blocking``.
+        """
+        client = self.client
+        if isinstance(client, RedisCluster):
+            client = client.get_redis_connection(client.get_node_from_key(self.keys.queue))
+        pool = client.connection_pool
+        return pool, pool.get_connection()
+
+    def topology_changed(self) -> None:
+        """After MOVED or a dead node: let a cluster client learn the new slot owners."""
+        if isinstance(self.client, RedisCluster):
+            self.client.nodes_manager.initialize()
 
     def release(self, worker_id: str) -> int:
         """Give back whatever this worker holds, to the front of the queue, uncounted."""

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import psutil
+import redis
 import setproctitle
 
 from . import logs
@@ -137,7 +138,6 @@ class Worker:
             return EXIT_BOOT_ERROR
         self.client = connect(self.config)
         self.queue = JobQueue(self.client, self.config)
-        self._bconn = self.client.connection_pool.get_connection()
         code = EXIT_OK
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         try:
@@ -207,6 +207,8 @@ class Worker:
             # A connection that died with a restarted server fails once and reconnects on
             # the next call: retry at once the first time, back off after that.
             self._fetch_failures += 1
+            with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
+                self.queue.topology_changed()
             if self._fetch_failures > 1:
                 delay = min(0.1 * 2 ** (self._fetch_failures - 2), REDIS_BACKOFF_MAX)
                 self._redis_down(exc, "fetch", delay)
@@ -217,8 +219,10 @@ class Worker:
     def _block(self, timeout: float) -> bytes | None:
         """BLMOVE into our processing list; a TERM/QUIT interrupts it at once."""
         assert self.queue is not None
-        conn = self._bconn
         command = self.queue.blocking_command(self.worker_id, timeout)
+        if self._bconn is None:
+            self._bconn = self.queue.blocking_connection()
+        pool, conn = self._bconn
         if conn._sock is None:
             conn.connect()
         with self.waker.watching(conn._sock):
@@ -227,12 +231,27 @@ class Worker:
             try:
                 conn.send_command(*command)
                 reply = conn.read_response()
-            except (*REDIS_ERRORS, OSError):
-                conn.disconnect()
+            except (*REDIS_ERRORS, OSError, redis.ResponseError) as exc:
+                # A broken or moved connection is dropped; the next call asks for a fresh one
+                # (on a cluster, after relearning which node holds our slot).
+                self._drop_blocking_connection()
                 if self.stopping or self.aborting:
                     return None
-                raise
+                if not isinstance(exc, redis.ResponseError):
+                    raise
+                if "MOVED" not in str(exc) and "ASK" not in str(exc):
+                    raise
+                self.queue.topology_changed()
+                return None
         return reply
+
+    def _drop_blocking_connection(self) -> None:
+        if self._bconn is not None:
+            pool, conn = self._bconn
+            self._bconn = None
+            conn.disconnect()
+            with contextlib.suppress(Exception):
+                pool.release(conn)
 
     # --- one job ------------------------------------------------------------------------------
 
