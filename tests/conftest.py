@@ -263,3 +263,132 @@ def ffprobe_duration(path: str) -> float:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "settings(dict): config sections for the env fixture")
+
+
+# --- Google Cloud Storage (tests/test_gcs.py) -----------------------------------------------
+
+
+class GcsEmulator:
+    """gcp-storage-emulator as a subprocess on a free loopback port.
+
+    A subprocess rather than in-process (its server thread is not a daemon): a test can stop
+    it, freeze it (SIGSTOP: connections are accepted by the kernel but never answered),
+    and start it again on the same port. With ``in_memory=False`` its data lives under
+    ``data_dir``, so a restart keeps buckets and objects as a real outage would; in memory,
+    a restart loses everything, open resumable sessions included.
+    """
+
+    def __init__(self, data_dir: str, in_memory: bool = False) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.in_memory = in_memory
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> GcsEmulator:
+        os.makedirs(self.data_dir, exist_ok=True)
+        cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+               "--port", str(self.port), "--quiet"]
+        if self.in_memory:
+            cmd.append("--in-memory")
+        self.proc = subprocess.Popen(cmd, cwd=self.data_dir,
+                                     env={**os.environ, "STORAGE_BASE": self.data_dir},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 20, interval=0.05, what="the storage emulator to answer")
+        return self
+
+    def _answers(self) -> bool:
+        import urllib.request
+
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the storage emulator exited with {self.proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        # SIGKILL: works on a frozen emulator too, and is what an outage looks like.
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self) -> Any:
+        """A client of our own, pointed at this emulator without touching os.environ."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
+        return storage.Client(project="test", credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.url})
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(name)
+
+    def worker_connected(self, pid: int) -> bool:
+        """True when process ``pid`` has a TCP connection open to this emulator."""
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.raddr and c.raddr.port == self.port for c in conns)
+
+
+def start_with_env(env: Env, extra_env: dict[str, str], *extra: str) -> subprocess.Popen:
+    """Like ``env.start()``, with more environment variables for the supervisor and so for
+    its workers (e.g. STORAGE_EMULATOR_HOST)."""
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", env.conf,
+                             *extra], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, **extra_env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env.procs.append(proc)
+    return proc
+
+
+# --- daemons: for tests/test_daemon.py and tests/test_init_script.py -----------------------
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (a daemon a failed test left behind)."""
+    try:
+        proc = psutil.Process(pid)
+        family = [*proc.children(recursive=True), proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        with _suppress():
+            p.kill()
+
+
+def gone(pid: int) -> bool:
+    """True once the process has exited (a zombie waiting for init to reap it counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def daemon_env(env) -> Iterator[Env]:
+    """``env`` whose config names a pid file (``env.pidfile``); at the end, whatever process
+    still holds that pid file's lock is killed with its children. A daemon's cmdline is its
+    process title, so ``env.cleanup`` cannot find it by the test's folder."""
+    from supervisor.pidfile import holder
+
+    env.pidfile = os.path.join(env.tmp, "run", "clip-supervisor.pid")
+    env.settings["supervisor"]["pidfile"] = env.pidfile
+    yield env
+    pid = holder(env.pidfile)[1]
+    if pid is not None and pid > 0:
+        kill_tree(pid)

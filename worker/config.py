@@ -60,7 +60,8 @@ def _non_negative_int(raw: str) -> int:
 
 
 _SIZE_UNITS = {"": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+               "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
 
 
 def _size(raw: str) -> int:
@@ -132,8 +133,10 @@ def _prefix(raw: str) -> str:
 
 def _redis_url(raw: str) -> str:
     scheme = urlsplit(raw).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster",
+                      "redis+sentinel", "rediss+sentinel"):
+        raise ValueError("expected a redis://, rediss://, unix://, redis+cluster:// or "
+                         "redis+sentinel:// URL")
     return raw
 
 
@@ -232,10 +235,57 @@ class JobConfig:
     done_max: int = _opt(_positive_int, "10000", "length cap of the {prefix}:done list")
 
 
+# Google Cloud Storage constraints that the client library imposes (see FIELD-NOTES).
+GCS_CHUNK_QUANTUM = 256 * 1024  # a resumable chunk must be a multiple of this
+GCS_MULTIPART_MAX = 8 * 1024 * 1024  # the client makes every larger upload resumable
+
+
+def _chunk_size(raw: str) -> int:
+    value = _size(raw)
+    if value % GCS_CHUNK_QUANTUM:
+        raise ValueError("expected a multiple of 256KiB (262144 bytes), e.g. 8MiB")
+    return value
+
+
+def _resumable_threshold(raw: str) -> int:
+    value = _size(raw)
+    if value > GCS_MULTIPART_MAX:
+        raise ValueError("expected at most 8MiB: the client uploads anything larger "
+                         "in a resumable session whatever this says")
+    return value
+
+
+def _key_file(raw: str) -> str:
+    # Checked here so that a wrong path fails at start, naming the key, instead of
+    # dead-lettering every gs:// job later.
+    path = _optional_path(raw)
+    if path and not os.path.isfile(path):
+        raise ValueError("expected the path of a service-account key file (JSON); "
+                         "no such file")
+    return path
+
+
 @dataclass
 class StorageConfig:
     output_base: str = _opt(_output_base, "file:///var/lib/clip-supervisor/clips")
     allowed_outputs: tuple[str, ...] = _opt(_outputs, "")
+    credentials_file: str = _opt(_key_file, "",
+                                 "service-account key (JSON) for gs://; empty = Application "
+                                 "Default Credentials (STORAGE_EMULATOR_HOST: none needed)")
+    gcs_connect_timeout: float = _opt(_positive_float, "5",
+                                      "seconds to connect to Cloud Storage, per request")
+    gcs_timeout: float = _opt(_positive_float, "60",
+                              "seconds to wait for each Cloud Storage response")
+    gcs_retry_deadline: float = _opt(_positive_float, "30",
+                                     "seconds a Cloud Storage call retries 429/5xx/network "
+                                     "errors before the attempt fails (retried with backoff)")
+    resumable_threshold: int = _opt(_resumable_threshold, "8MiB",
+                                    "clips larger than this upload in a resumable session; "
+                                    "at most 8MiB")
+    upload_chunk_size: int = _opt(_chunk_size, "8MiB",
+                                  "bytes per request of a resumable upload (held in memory); "
+                                  "a multiple of 256KiB")
+    cache_control: str = _opt(_text, "", "Cache-Control of stored objects; empty = none")
 
 
 @dataclass

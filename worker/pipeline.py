@@ -50,7 +50,9 @@ class Pipeline:
         self.on_progress = on_progress
 
     def already_stored(self, job: Job) -> bool:
-        return store_for(job.output, self.worker_dir).exists(job.output)
+        """True when an earlier attempt of this job stored its output (by this job id)."""
+        store = store_for(job.output, self.worker_dir, self.config.storage)
+        return store.exists(job.output, job.id)
 
     def run(self, job: Job, deadline: float) -> Result:
         job_dir = os.path.join(self.worker_dir, "job")
@@ -98,7 +100,8 @@ class Pipeline:
         self.on_stage("store")
         if time.monotonic() > deadline:
             raise Transient("timeout", "the job exceeded its timeout before storing")
-        store_for(job.output, self.worker_dir).put(clip_path, job.output, {
+        store = store_for(job.output, self.worker_dir, self.config.storage)
+        store.put(clip_path, job.output, {
             "job_id": job.id, "source": job.url, "start": f"{job.start:g}", "end": f"{end:g}"})
         self._stage(result, "store", started)
         return result
@@ -120,7 +123,15 @@ class Pipeline:
             result.bytes_in = source.fetch_http(job.url, dest, limits, deadline,
                                                 self.should_abort, self.waker)
             return dest
-        raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported yet")
+        if scheme == "gs":
+            from . import gcs  # not imported by a worker that never sees gs:// (see storage)
+
+            self._check_disk(job_dir)
+            dest = os.path.join(job_dir, "source")
+            result.bytes_in = gcs.download(job.url, dest, self.config.storage,
+                                           cfg.max_source_bytes, deadline, self.should_abort)
+            return dest
+        raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported")
 
     def _check_disk(self, job_dir: str) -> None:
         free = shutil.disk_usage(job_dir).free

@@ -1,9 +1,13 @@
 """Where finished clips go: chosen by the output URL's scheme.
 
 A store's ``put`` is atomic: readers see either no object or the complete one, never a
-partial file under its final name. ``exists`` lets a retried job that had already stored its
-output skip straight to the ack (the output name is deterministic, so a job run twice writes
-the same object: at-least-once execution, one output).
+partial file under its final name. ``exists(url, job_id)`` lets a retried or recovered job
+whose earlier attempt stored its output but died before the ack skip straight to the ack.
+
+The guarantee is at-least-once execution, exactly-once output: a job may run more than once
+(a worker killed between its upload and its ack), but its output name is deterministic, so a
+second run writes the same object in place, and a run that finds its output already stored
+(by this job id) does not clip again. Nothing is left behind twice under two names.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import uuid
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from .config import StorageConfig
 from .errors import Permanent, Transient
 
 PENDING_FILE = "pending-output"
 
 
 class Store(Protocol):
-    def exists(self, url: str) -> bool: ...
+    def exists(self, url: str, job_id: str) -> bool:
+        """True when ``url`` holds a finished output of job ``job_id``."""
+        ...
 
     def put(self, local_path: str, url: str, metadata: dict[str, str]) -> None: ...
 
@@ -40,7 +47,9 @@ class LocalStore:
     def __init__(self, worker_dir: str) -> None:
         self.worker_dir = worker_dir
 
-    def exists(self, url: str) -> bool:
+    def exists(self, url: str, job_id: str) -> bool:
+        # A file has no metadata to name its job; the path is derived from the job (its id
+        # by default), and put() renames atomically, so a file there is a finished output.
         return os.path.isfile(urlsplit(url).path)
 
     def put(self, local_path: str, url: str, metadata: dict[str, str]) -> None:
@@ -100,8 +109,14 @@ def remove_pending(worker_dir: str) -> None:
             os.unlink(part)
 
 
-def store_for(url: str, worker_dir: str) -> Store:
+def store_for(url: str, worker_dir: str, storage: StorageConfig) -> Store:
     scheme = urlsplit(url).scheme
     if scheme == "file":
         return LocalStore(worker_dir)
-    raise Permanent("output_not_allowed", f"no store for {scheme}:// outputs in this version")
+    if scheme == "gs":
+        # Imported here: the Cloud Storage library costs ~0.5 s to import, and neither the
+        # master nor a worker that only writes files needs it.
+        from .gcs import GcsStore
+
+        return GcsStore(storage)
+    raise Permanent("output_not_allowed", f"no store for {scheme}:// outputs")
