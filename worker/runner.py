@@ -319,7 +319,10 @@ class Worker:
     def _already_stored(self, pipeline: Pipeline, job: Job) -> bool:
         try:
             return pipeline.already_stored(job)
-        except JobFailed:
+        except JobFailed as exc:
+            # Unknown is treated as "not stored": clipping again rewrites the same object.
+            log.warning("job %s: cannot tell whether %s is stored (%s); clipping again",
+                        job.id, job.output, exc)
             return False
 
     def _done(self, job: Job, result: Result, started: float, reused: bool = False) -> None:
