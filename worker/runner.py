@@ -24,7 +24,7 @@ import psutil
 import redis
 import setproctitle
 
-from . import logs
+from . import logs, metrics
 from .config import Config
 from .errors import Aborted, JobFailed, Permanent, Transient
 from .job import ID_RE, Job, job_id_of, parse
@@ -309,6 +309,7 @@ class Worker:
             self._retry(raw, job.id, exc)
         except Aborted:
             given = self._persist(lambda: self.queue.release(self.worker_id), "release")
+            metrics.JOBS.labels("aborted").inc()
             log.info("job %s aborted, message given back (%d)", job.id, given)
         except Exception as exc:  # a bug: keep the message, retry it, show the traceback
             log.exception("job %s: unexpected error", job.id)
@@ -340,6 +341,12 @@ class Worker:
         self._persist(lambda: self.queue.done(self.worker_id, job.raw, job.id, event, fields),
                       "ack")
         self.jobs_done += 1
+        metrics.JOBS.labels("done").inc()
+        metrics.JOB_SECONDS.observe(elapsed)
+        for stage, seconds in result.timings.items():
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+        metrics.BYTES_IN.inc(result.bytes_in)
+        metrics.BYTES_OUT.inc(result.size)
         log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
                  " (already stored)" if reused else "")
 
@@ -359,6 +366,8 @@ class Worker:
                   "finished": letter["time"], "attempts": attempts}
         self._persist(lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields),
                       "dead-letter")
+        metrics.JOBS.labels("dead").inc()
+        metrics.DEAD.labels(exc.reason).inc()
         log.warning("job %s dead (%s): %s", job_id, exc.reason, _one_line(exc.error))
 
     def _retry(self, raw: bytes, job_id: str, exc: Transient) -> None:
@@ -367,7 +376,9 @@ class Worker:
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
         attempts, due = self._persist(
             lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields), "retry")
+        metrics.JOBS.labels("retried" if due is not None else "dead").inc()
         if due is None:
+            metrics.DEAD.labels(exc.reason).inc()
             log.warning("job %s dead (%s) after %d attempts: %s", job_id, exc.reason, attempts,
                         _one_line(exc.error))
         else:
@@ -443,6 +454,7 @@ class Worker:
                 delay = min(delay * 2, REDIS_BACKOFF_MAX)
 
     def _redis_down(self, exc: Exception, what: str, delay: float = 1.0) -> None:
+        metrics.REDIS_ERRORS.labels("worker").inc()
         log.warning("Redis unavailable during %s (%s); retrying in %.1f s", what, exc, delay)
         # Sleep, but wake at once on a signal (the wake-up pipe gets a byte per signal).
         with contextlib.suppress(InterruptedError):

@@ -1,0 +1,26 @@
+"""Prometheus metrics recorded by the workers (served by the master, see supervisor.metrics).
+
+Workers are separate processes, so the counters use prometheus-client's multiprocess mode:
+when ``PROMETHEUS_MULTIPROC_DIR`` is set (the master sets it before forking, only when
+``[metrics] listen`` is configured) each process writes its values to memory-mapped files
+there and the master sums them at scrape time. Without it they are plain in-process
+counters that nobody reads, which costs next to nothing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
+
+JOBS = Counter("clip_jobs_total", "Jobs finished by a worker, by outcome "
+               "(done, dead, retried, aborted).", ["outcome"])
+DEAD = Counter("clip_dead_letters_total", "Jobs dead-lettered, by reason.", ["reason"])
+JOB_SECONDS = Histogram("clip_job_duration_seconds", "Wall time of jobs that finished done.",
+                        buckets=DURATION_BUCKETS)
+STAGE_SECONDS = Histogram("clip_stage_duration_seconds", "Wall time of each pipeline stage.",
+                          ["stage"], buckets=DURATION_BUCKETS)
+BYTES_IN = Counter("clip_source_bytes_total", "Bytes of sources fetched.")
+BYTES_OUT = Counter("clip_output_bytes_total", "Bytes of clips stored.")
+REDIS_ERRORS = Counter("clip_redis_errors_total", "Redis operations that failed and were "
+                       "retried, by process role.", ["role"])
