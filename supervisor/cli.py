@@ -26,7 +26,7 @@ from worker.errors import Permanent
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 
 from . import admin
-from .pidfile import DEFAULT_PIDFILE, AlreadyRunning, PidFile, holder
+from .pidfile import DEFAULT_PIDFILE, AlreadyRunning, PidFile, holder, read_pid, remove_stale
 
 PROG = "clip-supervisor"
 
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--daemon", action="store_true", help="detach and run in the background")
     run.add_argument("--logfile", metavar="L", help="override [supervisor] logfile")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--check-config", action="store_true",
+                     help="only load and check the configuration, then exit 0 (or 1)")
 
     stop = sub.add_parser("stop", parents=[common, pid], help="stop a running daemon")
     stop.add_argument("--timeout", type=float, metavar="S",
@@ -130,81 +132,165 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from . import daemonize
     from .master import Master
 
-    report_fd = None
-    if args.daemon:
-        report_fd = daemonize.daemonize(config.supervisor.logfile)
-    logs.setup("master", config.supervisor.logfile, config.supervisor.log_level,
-               args.log_format)
+    if args.check_config:  # a bad configuration never gets here: main() reports it
+        print(f"configuration ok ({config.path or 'built-in defaults'})")
+        return 0
+    daemonize.ensure_standard_fds()
+    if config.path is not None:
+        # A daemon works from /, and HUP reads the file again: keep its absolute path.
+        config.path = args.config = os.path.abspath(config.path)
+    sup = config.supervisor
     path = _pidfile_path(config, daemon=args.daemon)
+    log = logging.getLogger("clip-supervisor.master")
+    report = daemonize.ReadyPipe(None)
+    if args.daemon:
+        try:
+            daemonize.preflight(path, sup.logfile)
+        except daemonize.StartFailed as exc:
+            return _fail(str(exc))
+        if not sup.logfile:
+            print(f"{PROG}: warning: no logfile configured: the daemon's log is discarded",
+                  file=sys.stderr)
+        report = daemonize.ReadyPipe(daemonize.daemonize(sup.logfile))
+
+    def cannot_start(message: str) -> int:
+        if not args.daemon:
+            return _fail(message)
+        log.error("cannot start: %s", message)
+        report.failed(f"{PROG}: {message}")
+        return 1
+
+    try:
+        logs.setup("master", sup.logfile, sup.log_level, args.log_format)
+    except OSError as exc:
+        return cannot_start(f"cannot open log file {sup.logfile}: {exc.strerror}")
     pidfile = PidFile(path) if path else None
     try:
         if pidfile is not None:
             pidfile.acquire()
-        os.makedirs(config.job.work_dir, exist_ok=True)
     except AlreadyRunning as exc:
-        daemonize.report(report_fd, f"{PROG}: {exc}")
-        return _fail(str(exc))
+        return cannot_start(str(exc))
     except OSError as exc:
-        message = f"cannot start: {exc.filename}: {exc.strerror}"
-        daemonize.report(report_fd, f"{PROG}: {message}")
-        return _fail(message)
+        return cannot_start(f"cannot create pid file {path}: {exc.strerror}")
     try:
+        try:
+            os.makedirs(config.job.work_dir, exist_ok=True)
+        except OSError as exc:
+            return cannot_start(f"cannot create work_dir {config.job.work_dir}: {exc.strerror}")
         master = Master(config)
-        return master.run(on_ready=lambda: daemonize.report(report_fd, "ok"))
-    except Exception:  # a bug: keep the traceback in the log, not on an operator's screen
-        logging.getLogger("clip-supervisor.master").exception("master crashed")
+        # HUP reloads with the same precedence as this start: file, environment, flags.
+        master.reload_config = lambda: _load(args)
+        return master.run(on_ready=report.ready)
+    except Exception as exc:  # a bug: keep the traceback in the log, not on an operator's screen
+        log.exception("master crashed")
+        report.failed(f"{PROG}: master crashed: {exc} (traceback in the log)")
         return 1
     finally:
         if pidfile is not None:
             pidfile.release()
 
 
+def _holder_or_fail(path: str) -> tuple[bool, int | None] | None:
+    try:
+        return holder(path)
+    except OSError as exc:
+        _fail(f"cannot read pid file {path}: {exc.strerror}")
+        return None
+
+
 def cmd_stop(args: argparse.Namespace, config: Config) -> int:
     path = _pidfile_path(config)
-    exists, pid = holder(path)
+    found = _holder_or_fail(path)
+    if found is None:
+        return 1
+    exists, pid = found
     if pid is None:
-        print("not running" + (" (stale pid file)" if exists else ""))
+        stale = exists and remove_stale(path)
+        print("not running" + (f" (removed stale pid file {path})" if stale else ""))
         return 0
+    if pid < 0:
+        return _fail(f"{path} is locked by a process that wrote no pid in it; not signalling")
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        print("not running")
-        return 0
+        return _fail(f"{path} is locked, but the pid it names ({pid}) does not exist")
+    except PermissionError:
+        return _fail(f"cannot signal pid {pid}: permission denied")
     timeout = args.timeout if args.timeout is not None else \
         config.supervisor.graceful_timeout + 10
+    # The lock, not kill -0: a stopped master may stay a zombie until init reaps it.
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if holder(path)[1] is None:
-            print(f"stopped (pid {pid})")
-            return 0
-        time.sleep(0.1)
-    print(f"still running (pid {pid}) after {timeout:g} s", file=sys.stderr)
-    return 1
+    while holder(path)[1] == pid:
+        if time.monotonic() >= deadline:
+            print(f"{PROG}: still running (pid {pid}) after {timeout:g} s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"stopped (pid {pid})")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     path = _pidfile_path(config)
-    exists, pid = holder(path)
-    if pid is not None:
-        try:
-            workers = len(psutil.Process(pid).children())
-        except psutil.Error:
-            workers = 0
-        print(f"running (pid {pid}, {workers} workers)")
+    try:
+        exists, pid = holder(path)
+    except OSError as exc:
+        print(f"unknown: cannot read pid file {path}: {exc.strerror}")
+        return 4  # LSB: status unknown
+    if pid is None:
+        if exists:
+            print(f"not running, but pid file {path} exists (stale, pid {read_pid(path)})")
+            return 1
+        print("not running")
+        return 3
+    if pid < 0:
+        print(f"running (pid unknown: {path} is locked but names no pid)")
         return 0
-    if exists:
-        print(f"dead, but pid file {path} exists")
-        return 1
-    print("not running")
-    return 3
+    try:
+        workers = [c.pid for c in psutil.Process(pid).children()
+                   if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        workers = []
+    print(f"running (pid {pid}, {len(workers)} workers, {_in_flight(config, workers)})")
+    return 0
+
+
+def _in_flight(config: Config, pids: list[int]) -> str:
+    """How many of these workers hold a message, from Redis; never fails a status call."""
+    import redis
+
+    try:
+        client = connect(config, socket_timeout=1.0)
+        queue = JobQueue(client, config)
+        ids = [wid for wid, payload in client.hgetall(queue.keys.workers).items()
+               if json.loads(payload).get("pid") in pids]
+        pipe = client.pipeline(transaction=False)
+        for wid in ids:
+            pipe.llen(queue.keys.processing(wid.decode()))
+        count = sum(pipe.execute()) if ids else 0
+    except (*REDIS_ERRORS, redis.RedisError, redis.exceptions.RedisClusterException,
+            ValueError) as exc:
+        return f"jobs in flight unknown: {type(exc).__name__}"
+    return f"{count} job{'s' if count != 1 else ''} in flight"
 
 
 def cmd_reload(args: argparse.Namespace, config: Config) -> int:
-    _, pid = holder(_pidfile_path(config))
+    path = _pidfile_path(config)
+    found = _holder_or_fail(path)
+    if found is None:
+        return 1
+    pid = found[1]
     if pid is None:
         print("not running")
         return 3
-    os.kill(pid, signal.SIGHUP)
+    if pid < 0:
+        return _fail(f"{path} is locked by a process that wrote no pid in it; not signalling")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print("not running")
+        return 3
+    except PermissionError:
+        return _fail(f"cannot signal pid {pid}: permission denied")
     print(f"reloading (pid {pid})")
     return 0
 

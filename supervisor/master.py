@@ -29,7 +29,7 @@ from worker.config import Config, ConfigError
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 from worker.runner import Worker
 
-from . import recovery
+from . import daemonize, recovery
 from .children import Exit, Slot, SlotState
 
 log = logging.getLogger("clip-supervisor.master")
@@ -171,34 +171,70 @@ class Master:
         self.stop(graceful=False)
 
     def handle_ttin(self) -> None:
-        if self.state == State.RUNNING:
-            self.target += 1
-            log.info("TTIN: workers %d", self.target)
+        if self.state != State.RUNNING:
+            return
+        self.target += 1
+        log.info("TTIN: workers %d", self.target)
 
     def handle_ttou(self) -> None:
-        if self.state == State.RUNNING and self.target > 1:
-            self.target -= 1
-            log.info("TTOU: workers %d", self.target)
-            self.retire_extra()
+        if self.state != State.RUNNING:
+            return
+        if self.target <= 1:
+            log.info("TTOU ignored: already at 1 worker")
+            return
+        self.target -= 1
+        log.info("TTOU: workers %d", self.target)
+        self.retire_extra()
 
     def handle_usr1(self) -> None:
+        """Reopen log files after logrotate moved them: the daemon's stdout and stderr (first:
+        it creates the new file with the log's mode), ours, then the workers' (each reopens
+        between two steps of its loop)."""
+        daemonize.reopen_streams()
         logs.reopen()
         log.info("USR1: log files reopened")
         self.signal_workers(signal.SIGUSR1)
 
     def handle_hup(self) -> None:
+        """Reload the configuration, then replace every worker gracefully: each finishes its
+        job, exits, and its slot starts a new worker with the new configuration at once. A
+        configuration that does not load changes nothing."""
         if self.state != State.RUNNING:
             return
+        load = getattr(self, "reload_config", None) or (
+            lambda: config_mod.load(self.config.path))
         try:
-            new = config_mod.load(self.config.path)
+            new = load()
         except ConfigError as exc:
             log.error("HUP: keeping the running configuration: %s", exc)
             return
+        old = self.config
+        # The pid file lock and the ids of running workers cannot move under a live master.
+        for key in ("pidfile", "host_id"):
+            if getattr(new.supervisor, key) != getattr(old.supervisor, key):
+                log.warning("HUP: [supervisor] %s changes only at restart; keeping %r", key,
+                            getattr(old.supervisor, key))
+                setattr(new.supervisor, key, getattr(old.supervisor, key))
+        if new.redis != old.redis:
+            self.queue = JobQueue(connect(new), new)
+        if new.supervisor.logfile != old.supervisor.logfile or \
+                new.supervisor.log_level != old.supervisor.log_level:
+            try:
+                if new.supervisor.logfile:  # fail here, before the old handler is closed
+                    os.close(os.open(new.supervisor.logfile,
+                                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+            except OSError as exc:
+                log.error("HUP: cannot open log file %s (%s); keeping %s",
+                          new.supervisor.logfile, exc.strerror, old.supervisor.logfile)
+                new.supervisor.logfile = old.supervisor.logfile
+                new.supervisor.log_level = old.supervisor.log_level
+            else:
+                logs.setup(logs._state["role"], new.supervisor.logfile,
+                           new.supervisor.log_level, logs._state["format"])
+                daemonize.reopen_streams(new.supervisor.logfile)
         self.config = new
         self.target = new.supervisor.workers
         self.generation += 1
-        logs.setup(logs._state["role"], new.supervisor.logfile, new.supervisor.log_level,
-                   logs._state["format"])
         log.info("HUP: configuration reloaded; replacing workers (now %d)", self.target)
         self.retire_extra()
         for slot in self.slots:

@@ -4,6 +4,15 @@ The pid written in the file is only a hint; the lock is the truth. A file nobody
 lock on is stale whatever pid it names (that process may be long gone, or the pid reused),
 so it is taken over; a file whose lock is held means "already running", and is never
 clobbered, whichever process holds it.
+
+The file appears atomically: the pid is written into a private temporary file that is
+already locked, which is then linked (no file yet) or renamed (stale file, whose lock we
+hold meanwhile) into place. So a reader never sees an empty or half-written file, and two
+masters starting at once cannot both believe they won.
+
+fcntl locks belong to a process, and closing *any* fd of the file drops them (fcntl(2)):
+the master must never call ``holder``, ``read_pid`` or ``remove_stale`` on its own pid file.
+Forked workers inherit the fd but not the lock, so they cannot drop or keep it.
 """
 
 from __future__ import annotations
@@ -11,8 +20,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
+import time
 
 DEFAULT_PIDFILE = "/run/clip-supervisor.pid"
+
+# A reader (``holder``) probes a stale file with a shared lock for a few microseconds; a
+# starting master that meets such a probe tries again instead of reporting "already running".
+LOCK_TRIES = 5
+LOCK_RETRY_DELAY = 0.02
 
 
 class AlreadyRunning(Exception):
@@ -27,74 +43,134 @@ class PidFile:
         self._fd: int | None = None
 
     def acquire(self, pid: int | None = None) -> None:
-        """Create or take over the file, lock it, and write our pid; or AlreadyRunning."""
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _read(fd)
-                os.close(fd)
-                raise AlreadyRunning(holder) from None
-            # A stopping master unlinks the file before unlocking it: if the inode we locked
-            # is no longer the one at the path, lock the new one instead.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+        """Create or take over the file, locked, holding our pid; or AlreadyRunning.
+
+        OSError (a folder that cannot be created, no permission) is left to the caller."""
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.")
+        try:
+            os.fchmod(fd, 0o644)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this file yet
+            os.write(fd, f"{pid or os.getpid()}\n".encode())
+            os.fsync(fd)
+            while not self._install(tmp):
+                pass
+        except BaseException:
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{pid or os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         self._fd = fd
 
-    def update(self, pid: int) -> None:
-        """Rewrite the pid (after a daemon's forks the lock holder's pid changes)."""
-        assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{pid}\n".encode(), 0)
+    def _install(self, tmp: str) -> bool:
+        """Put our locked file at the path; False when the path changed under us (retry)."""
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            pass
+        try:
+            old = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # its master just removed it
+        try:
+            if not _lock(old):
+                raise AlreadyRunning(_read(old))
+            # A stopping master unlinks the file before unlocking it: the inode we locked
+            # must still be the one at the path, or we would rename over a live master's file.
+            if not _same_file(old, self.path):
+                return False
+            os.rename(tmp, self.path)  # stale: replaced while we hold its lock
+            return True
+        finally:
+            os.close(old)  # releases the lock on the old inode only
 
     def release(self) -> None:
+        """Remove the file (if it is still ours) and drop the lock."""
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if _same_file(self._fd, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
 
 
+def _lock(fd: int) -> bool:
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(LOCK_RETRY_DELAY)
+    return False
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _parse(data: bytes) -> int | None:
+    text = data.decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def _read(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return _parse(os.pread(fd, 64, 0))
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
 
 
 def read_pid(path: str) -> int | None:
     try:
         with open(path, "rb") as fh:
-            text = fh.read(64).decode("ascii", "replace").strip()
+            return _parse(fh.read(64))
     except FileNotFoundError:
         return None
-    return int(text) if text.isdigit() else None
 
 
 def holder(path: str) -> tuple[bool, int | None]:
-    """(exists, pid of the live lock holder or None)."""
+    """(exists, pid of the live lock holder or None).
+
+    A held lock whose file names no valid pid gives -1: running, pid unknown. Callers must
+    never signal that number. Only read access is needed (a shared lock probes), so any user
+    may ask; PermissionError when even that is refused."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False, None
     try:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             return True, _read(fd) or -1
         fcntl.lockf(fd, fcntl.LOCK_UN)
         return True, None
+    finally:
+        os.close(fd)
+
+
+def remove_stale(path: str) -> bool:
+    """Remove the file if no live process holds its lock; True when removed.
+
+    The lock is taken first, so a master that is starting right now (and renames its own
+    file over this one) is never robbed of its file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _lock(fd) or not _same_file(fd, path):
+            return False
+        os.unlink(path)
+        return True
     finally:
         os.close(fd)

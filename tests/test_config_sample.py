@@ -1,0 +1,57 @@
+"""The documented sample configuration, etc/clip-supervisor.conf, stays complete and true:
+it loads, names every option of worker.config with a comment, and shows the defaults."""
+
+from __future__ import annotations
+
+import configparser
+import os
+
+from tests.conftest import ROOT
+from worker import config as config_mod
+
+SAMPLE = os.path.join(ROOT, "etc", "clip-supervisor.conf")
+
+
+def _commented_keys() -> set[tuple[str, str]]:
+    """(section, key) of every assignment directly preceded by a comment line."""
+    found = set()
+    section = ""
+    previous = ""
+    with open(SAMPLE, encoding="utf-8") as fh:
+        for line in fh:
+            text = line.strip()
+            if text.startswith("[") and text.endswith("]"):
+                section = text[1:-1]
+            elif "=" in text and not text.startswith(("#", ";")) and \
+                    previous.startswith(("#", ";")):
+                found.add((section, text.split("=", 1)[0].strip()))
+            previous = text
+    return found
+
+
+def test_sample_config_loads_and_sets_every_option():
+    # Given the sample and the list of every option the loader knows
+    options = config_mod.options()
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(SAMPLE, encoding="utf-8")
+
+    # When it is loaded (with no environment overrides)
+    loaded = config_mod.load(SAMPLE, env={})
+
+    # Then every option appears in its section, with a comment
+    missing = [f"[{s}] {k}" for s, k, _, _ in options if not parser.has_option(s, k)]
+    assert not missing, f"options missing from {SAMPLE}: {missing}"
+    uncommented = [f"[{s}] {k}" for s, k, _, _ in options if (s, k) not in _commented_keys()]
+    assert not uncommented, f"options without a comment line: {uncommented}"
+    assert loaded.path == SAMPLE
+
+
+def test_sample_config_shows_the_built_in_defaults():
+    # Given the sample and no file at all
+    sample = config_mod.load(SAMPLE, env={})
+    builtin = config_mod.load(None, env={})
+
+    # Then both give the same configuration, section by section
+    for section, key, default, _ in config_mod.options():
+        assert getattr(getattr(sample, section), key) == getattr(getattr(builtin, section), key), \
+            f"[{section}] {key}: the sample does not show the default {default!r}"
