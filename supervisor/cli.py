@@ -111,7 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _load(args)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}")
+        if args.command not in ("stop", "status", "reload"):
+            return _fail(f"config error: {exc}")
+        # Managing a running daemon must not depend on the file it will read next: fall
+        # back to the built-in defaults (and --pidfile), so status keeps its LSB meaning.
+        print(f"{PROG}: config error: {exc}; using the default pid file", file=sys.stderr)
+        overrides = {"supervisor.pidfile": args.pidfile} if args.pidfile else {}
+        config = config_mod.load(None, env={}, overrides=overrides)
     handler = globals()[f"cmd_{args.command}"]
     try:
         return int(handler(args, config))

@@ -21,13 +21,12 @@ import select
 import sys
 import time
 
+from worker import logs
+
 from .pidfile import holder
 
 READY_TIMEOUT = 30.0
 LOG_MODE = 0o640
-
-# The log file the daemon's stdout and stderr point to, for USR1 and HUP (see reopen_streams).
-_streams_target: dict[str, str] = {}
 
 
 class StartFailed(Exception):
@@ -153,30 +152,12 @@ def redirect_streams(logfile: str) -> None:
     out = null
     if logfile:
         out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
-    _streams_target["path"] = logfile
+    logs.streams_follow(logfile)
     os.dup2(out, 1)
     os.dup2(out, 2)
     for fd in {null, out}:
         if fd > 2:
             os.close(fd)
-
-
-def reopen_streams(logfile: str | None = None) -> None:
-    """Point stdout and stderr at the log file's current inode again (after logrotate, or a
-    HUP that changed ``logfile``). Does nothing unless ``redirect_streams`` ran."""
-    if "path" not in _streams_target:
-        return
-    path = logfile if logfile is not None else _streams_target["path"]
-    if not path:
-        return
-    with contextlib.suppress(OSError):  # keep the old target rather than fail a signal
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(out)
-        _streams_target["path"] = path
 
 
 def daemonize(logfile: str) -> int:

@@ -29,7 +29,7 @@ from worker.config import Config, ConfigError
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 from worker.runner import Worker
 
-from . import daemonize, recovery
+from . import recovery
 from .children import Exit, Slot, SlotState
 
 log = logging.getLogger("clip-supervisor.master")
@@ -74,6 +74,9 @@ class Master:
     stop_deadline: float = 0.0
     generation: int = 0
     exit_code: int = 0
+    # How HUP reads the configuration again: the CLI passes one that applies the same
+    # environment and command-line overrides as the start did.
+    reload_config: Callable[[], Config] | None = None
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -190,7 +193,6 @@ class Master:
         """Reopen log files after logrotate moved them: the daemon's stdout and stderr (first:
         it creates the new file with the log's mode), ours, then the workers' (each reopens
         between two steps of its loop)."""
-        daemonize.reopen_streams()
         logs.reopen()
         log.info("USR1: log files reopened")
         self.signal_workers(signal.SIGUSR1)
@@ -201,8 +203,7 @@ class Master:
         configuration that does not load changes nothing."""
         if self.state != State.RUNNING:
             return
-        load = getattr(self, "reload_config", None) or (
-            lambda: config_mod.load(self.config.path))
+        load = self.reload_config or (lambda: config_mod.load(self.config.path))
         try:
             new = load()
         except ConfigError as exc:
@@ -229,9 +230,9 @@ class Master:
                 new.supervisor.logfile = old.supervisor.logfile
                 new.supervisor.log_level = old.supervisor.log_level
             else:
-                logs.setup(logs._state["role"], new.supervisor.logfile,
-                           new.supervisor.log_level, logs._state["format"])
-                daemonize.reopen_streams(new.supervisor.logfile)
+                logs.setup(logs.role(), new.supervisor.logfile, new.supervisor.log_level,
+                           logs.log_format())
+                logs.reopen_streams(new.supervisor.logfile)
         self.config = new
         self.target = new.supervisor.workers
         self.generation += 1
@@ -422,15 +423,18 @@ class Master:
             log.warning("Redis unavailable (%s); will retry", exc)
         self._redis_failing = True
 
-    def finish_pending_recoveries(self, timeout: float = 5.0) -> None:
+    def finish_pending_recoveries(self, timeout: float = 1.0) -> None:
+        # Brief on purpose: what cannot be requeued now stays in its processing list, under a
+        # registry entry of this host, and the next start recovers it (recover_at_start).
         deadline = self.system.monotonic() + timeout
         while self.pending and self.system.monotonic() < deadline:
             self.run_pending_recoveries()
             if self.pending:
                 time.sleep(0.2)
         if self.pending:
-            log.error("could not requeue messages of %d worker(s) (Redis unavailable); the "
-                      "next supervisor start recovers them", len(self.pending))
+            log.warning("could not check the processing lists of %d exited worker(s) (Redis "
+                        "unavailable); the next supervisor start recovers anything left",
+                        len(self.pending))
 
     def _title(self) -> None:
         alive = sum(1 for slot in self.slots if slot.pid is not None)

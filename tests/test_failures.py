@@ -73,3 +73,15 @@ def test_supervisor_starts_while_redis_is_down_and_serves_when_it_comes_up(env):
     env.wait_finished(1, timeout=30)
     assert [e["id"] for e in env.done_events()] == ["late"]
     assert env.stop(proc) == 0
+
+
+def test_an_idle_supervisor_stops_at_once_even_while_redis_is_down(env):
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    env.redis.stop()
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0, f"stop took {elapsed:.2f} s with Redis down"

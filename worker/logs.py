@@ -7,13 +7,17 @@ logrotate rename (the master calls it on USR1 and passes USR1 on to its workers)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 
 LOG = "clip-supervisor"
+LOG_MODE = 0o640
 _state = {"role": "main", "format": "text"}
+_streams: dict[str, str] = {}  # where a daemon's stdout/stderr point (see streams_follow)
 
 
 class _RoleFilter(logging.Filter):
@@ -64,8 +68,41 @@ def set_role(role: str) -> None:
     _state["role"] = role
 
 
+def role() -> str:
+    return _state["role"]
+
+
+def log_format() -> str:
+    return _state["format"]
+
+
+def streams_follow(path: str) -> None:
+    """Record that stdout/stderr were redirected onto ``path`` (a daemon's log file), so
+    that ``reopen`` points them at the new file after a rotation."""
+    _streams["path"] = path
+
+
+def reopen_streams(path: str | None = None) -> None:
+    """Point stdout and stderr at the log file's current inode again (after logrotate, or a
+    HUP that changed the log file). Does nothing unless the streams follow a file."""
+    target = path if path is not None else _streams.get("path", "")
+    if "path" not in _streams or not target:
+        return
+    with contextlib.suppress(OSError):  # keep the old target rather than fail on a signal
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        _streams["path"] = target
+
+
 def reopen() -> None:
-    """Reopen file handlers onto their path (after logrotate moved the file)."""
+    """Reopen file handlers onto their path (after logrotate moved the file), and the
+    standard streams when they follow the log file (every process does it for itself:
+    a worker's stderr is its own file descriptor)."""
+    reopen_streams()
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.acquire()

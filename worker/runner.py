@@ -145,6 +145,8 @@ class Worker:
             heartbeat.start()
             log.info("worker %s ready (%s)", self.slot, self.worker_id)
             code = self._loop()
+        except Aborted:  # told to stop while Redis was unreachable
+            code = EXIT_ABORTED if self.aborting else EXIT_OK
         finally:
             self._heartbeat_stop.set()
             if heartbeat.is_alive():
@@ -448,7 +450,9 @@ class Worker:
             try:
                 return operation()
             except REDIS_ERRORS as exc:
-                if self.aborting:
+                # Give up when told to abort, or to stop while holding nothing: what a job
+                # holds stays in its processing list, and the supervisor recovers it.
+                if self.aborting or (self.stopping and not self.busy):
                     raise Aborted() from exc
                 self._redis_down(exc, what, delay)
                 delay = min(delay * 2, REDIS_BACKOFF_MAX)
