@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from worker.job import job_id_of, parse
-from worker.queue import JobQueue
+from worker.queue import JobQueue, now_iso
 
 
 def build_message(url: str, *, start: float | None = None, end: float | None = None,
@@ -27,8 +27,55 @@ def enqueue(queue: JobQueue, message: bytes, *, validate: bool = True) -> str:
     """LPUSH one message and return its job id; refuse what a worker would dead-letter."""
     if validate:
         parse(message, queue.config)  # raises Permanent with the reason
-    queue.client.lpush(queue.keys.queue, message)
-    return job_id_of(message)
+    job_id = job_id_of(message)
+    # The job hash says "queued" from the moment the message exists: a watcher (enqueue
+    # --wait) never mistakes an earlier run's "done" for this one.
+    pipe = queue.client.pipeline(transaction=True)
+    pipe.hset(queue.keys.job(job_id), mapping={"state": "queued", "progress": 0, "stage": "",
+                                               "queued": now_iso(), "error": "", "reason": ""})
+    pipe.expire(queue.keys.job(job_id), int(queue.config.job.job_ttl))
+    pipe.lpush(queue.keys.queue, message)
+    pipe.execute()
+    return job_id
+
+
+def wait_for_job(queue: JobQueue, job_id: str, out: TextIO, timeout: float | None = None,
+                 interval: float = 0.2) -> int:
+    """Follow a job until it is done (0) or dead (2); 3 when ``timeout`` runs out first.
+
+    On a terminal it draws one progress bar line; otherwise it prints a plain line whenever
+    the stage changes or the progress passes another 10 %.
+    """
+    tty = out.isatty()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last: tuple = ()
+    while True:
+        state, stage, progress, output, reason, error = (
+            (v.decode() if v is not None else "") for v in queue.client.hmget(
+                queue.keys.job(job_id), "state", "stage", "progress", "output", "reason",
+                "error"))
+        percent = float(progress or 0)
+        label = stage or state or "queued"
+        if tty:
+            filled = int(percent / 5)
+            out.write(f"\r{job_id[:16]} [{'#' * filled}{'.' * (20 - filled)}] "
+                      f"{percent:5.1f}% {label:<8}")
+            out.flush()
+        elif (label, int(percent // 10)) != last:
+            last = (label, int(percent // 10))
+            print(f"{job_id} {label} {percent:.0f}%", file=out, flush=True)
+        if state == "done":
+            print(("\n" if tty else "") + f"done: {output}", file=out, flush=True)
+            return 0
+        if state == "dead":
+            print(("\n" if tty else "") + f"dead ({reason}): {error.strip()[-300:]}",
+                  file=out, flush=True)
+            return 2
+        if deadline is not None and time.monotonic() > deadline:
+            print(("\n" if tty else "") + f"still {state or 'queued'} after {timeout:g} s",
+                  file=out, flush=True)
+            return 3
+        time.sleep(interval)
 
 
 def stats(queue: JobQueue) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from worker.runner import (
 
 CLEAN_EXITS = frozenset({EXIT_OK, EXIT_RECYCLE, EXIT_ABORTED, EXIT_PARENT_GONE})
 BACKOFF_BASE = 0.5
+_CAUSES = {EXIT_OK: "stopped", EXIT_RECYCLE: "recycled", EXIT_ABORTED: "aborted",
+           EXIT_PARENT_GONE: "parent_gone", EXIT_BOOT_ERROR: "boot_error"}
 
 
 class SlotState(enum.Enum):
@@ -57,6 +59,13 @@ class Exit:
     @property
     def clean(self) -> bool:
         return self.signal is None and self.code in CLEAN_EXITS
+
+    @property
+    def cause(self) -> str:
+        """A short label for metrics: the signal's name, or what the exit code means."""
+        if self.signal is not None:
+            return signal.Signals(self.signal).name.lower()
+        return _CAUSES.get(self.code, f"exit_{self.code}")
 
     def describe(self) -> str:
         if self.signal is not None:

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     enq.add_argument("--mode", choices=("copy", "encode"))
     enq.add_argument("--format", dest="fmt", metavar="F")
     enq.add_argument("--id", dest="job_id", metavar="ID")
+    enq.add_argument("--wait", action="store_true",
+                     help="follow the job; exit 0 done, 2 dead-lettered, 3 timed out")
+    enq.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S")
 
     st = sub.add_parser("stats", parents=[common], help="queue depths and workers")
     st.add_argument("--json", action="store_true")
@@ -135,8 +138,7 @@ def _pidfile_path(config: Config, daemon: bool = True) -> str:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from . import daemonize
-    from .master import Master
+    from . import daemonize, metrics
 
     if args.check_config:  # a bad configuration never gets here: main() reports it
         print(f"configuration ok ({config.path or 'built-in defaults'})")
@@ -183,9 +185,16 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             os.makedirs(config.job.work_dir, exist_ok=True)
         except OSError as exc:
             return cannot_start(f"cannot create work_dir {config.job.work_dir}: {exc.strerror}")
+        metrics.prepare(config)  # before prometheus-client is imported (with the worker code)
+        from .master import Master
+
         master = Master(config)
         # HUP reloads with the same precedence as this start: file, environment, flags.
         master.reload_config = lambda: _load(args)
+        try:
+            master.start_metrics()
+        except OSError as exc:
+            return cannot_start(f"cannot listen on {config.metrics.listen}: {exc.strerror}")
         return master.run(on_ready=report.ready)
     except Exception as exc:  # a bug: keep the traceback in the log, not on an operator's screen
         log.exception("master crashed")
@@ -312,12 +321,15 @@ def cmd_enqueue(args: argparse.Namespace, config: Config) -> int:
     message = admin.build_message(args.url, start=args.start, end=args.end,
                                   duration=args.duration, output=args.output, mode=args.mode,
                                   fmt=args.fmt, job_id=args.job_id)
+    queue = _queue(config)
     try:
-        job_id = admin.enqueue(_queue(config), message)
+        job_id = admin.enqueue(queue, message)
     except Permanent as exc:
         return _fail(f"refused ({exc.reason}): {exc.error}")
-    print(job_id)
-    return 0
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    return admin.wait_for_job(queue, job_id, sys.stdout, timeout=args.timeout)
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:

@@ -20,22 +20,29 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import setproctitle
+from prometheus_client import Counter
 
 from worker import config as config_mod
 from worker import logs
 from worker.config import Config, ConfigError
+from worker.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 from worker.runner import Worker
 
 from . import recovery
 from .children import Exit, Slot, SlotState
+from .metrics import worker_exited as worker_metrics_done
 
 log = logging.getLogger("clip-supervisor.master")
 
 HANDLED = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD]
+WORKER_EXITS = Counter("clip_worker_exits_total", "Worker processes that exited, by cause "
+                       "(stopped, recycled, aborted, parent_gone, boot_error, exit_N, "
+                       "sigkill, ..., killed_by_us).", ["cause"])
 FAST_STOP_TIMEOUT = 5.0  # seconds workers get to give back their jobs on a fast stop
 
 
@@ -86,6 +93,8 @@ class Master:
         self._next_scan = 0.0
         self._started_recovery = False
         self._redis_failing = False
+        self.last_tick = self.system.monotonic()
+        self.metrics: Any = None  # a supervisor.metrics.MetricsServer when listening
 
     # --- signals -------------------------------------------------------------------------------
 
@@ -101,6 +110,17 @@ class Master:
 
     # --- main loop -----------------------------------------------------------------------------
 
+    def start_metrics(self) -> None:
+        """Serve /metrics and /healthz when ``[metrics] listen`` is set (binds now)."""
+        if not self.config.metrics.listen:
+            return
+        from .metrics import MetricsServer
+
+        self.metrics = MetricsServer(
+            self.config, loop_tick=lambda: self.last_tick,
+            live_workers=lambda: sum(1 for slot in self.slots if slot.pid is not None))
+        self.metrics.start()
+
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         self.install_signals()
         os.makedirs(self.config.job.work_dir, exist_ok=True)
@@ -112,6 +132,7 @@ class Master:
         log.info("master started (pid %d, %d workers, redis %s, prefix %s)", self.pid,
                  self.target, _safe_url(self.config.redis.url), self.config.redis.prefix)
         while True:
+            self.last_tick = self.system.monotonic()
             self.dispatch_signals()
             self.reap()
             if self.state == State.RUNNING:
@@ -122,6 +143,8 @@ class Master:
             self._title()
             self.sleep(self.next_timeout())
         self.finish_pending_recoveries()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("master stopped")
         return self.exit_code
 
@@ -337,6 +360,8 @@ class Master:
             if self._pipe is not None:
                 for fd in self._pipe:
                     os.close(fd)
+            if self.metrics is not None:
+                self.metrics.close_in_child()
             logs.set_role(f"worker {slot.index}")
             worker = Worker(self.config, slot.index, started_ms, parent_pid=self.pid)
             worker.install_signals()
@@ -373,6 +398,8 @@ class Master:
         count = not how.clean and not slot.killed_on_purpose
         level = logging.INFO if how.clean or slot.killed_on_purpose else logging.WARNING
         log.log(level, "worker %d (pid %d) %s", slot.index, slot.pid, how.describe())
+        WORKER_EXITS.labels("killed_by_us" if slot.killed_on_purpose else how.cause).inc()
+        worker_metrics_done(slot.pid)
         # Recover first, respawn after: the message is back on the queue before anyone new
         # could be looking for work.
         self.pending.append(PendingRecovery(worker_id, count, worker_dir))
@@ -419,6 +446,7 @@ class Master:
             self._redis_error(exc)
 
     def _redis_error(self, exc: Exception) -> None:
+        REDIS_ERRORS_TOTAL.labels("master").inc()
         if not self._redis_failing:
             log.warning("Redis unavailable (%s); will retry", exc)
         self._redis_failing = True

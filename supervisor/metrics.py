@@ -1,0 +1,150 @@
+"""The master's HTTP listener (``[metrics] listen``): ``/metrics`` and ``/healthz``.
+
+Counters live in the processes that count (workers count jobs, the master counts restarts)
+and are summed here at scrape time by prometheus-client's multiprocess collector, from
+memory-mapped files under ``<work_dir>/metrics``. That folder must be named in
+``PROMETHEUS_MULTIPROC_DIR`` before prometheus-client is first imported, so ``prepare()``
+runs before the master (and through it the worker code) is imported, and this module
+imports prometheus-client only inside functions.
+
+Queue depths are not counters of ours: they are read from Redis at scrape time. The
+server runs in a thread of the master; the master loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from worker.config import Config
+from worker.queue import REDIS_ERRORS, JobQueue, connect
+
+log = logging.getLogger("clip-supervisor.metrics")
+LOOP_STALE_AFTER = 5.0  # seconds without a master loop turn before /healthz says 503
+
+
+def prepare(config: Config) -> str | None:
+    """Start with an empty multiprocess folder; returns it, or None when metrics are off."""
+    if not config.metrics.listen:
+        return None
+    folder = os.path.join(config.job.work_dir, "metrics")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return folder
+
+
+def worker_exited(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class _QueueCollector:
+    """Queue depths and worker counts, read from Redis when Prometheus scrapes."""
+
+    def __init__(self, queue: JobQueue, live_workers: Callable[[], int]) -> None:
+        self.queue = queue
+        self.live_workers = live_workers
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("clip_redis_up", "1 when Redis answered this scrape.")
+        depth = GaugeMetricFamily("clip_queue_length", "Messages in each list of the queue.",
+                                  labels=["queue"])
+        fleet = GaugeMetricFamily("clip_workers_registered",
+                                  "Workers registered in Redis, all hosts.")
+        k = self.queue.keys
+        try:
+            pipe = self.queue.client.pipeline(transaction=False)
+            for name in (k.queue, k.retry, k.dead, k.done):
+                pipe.llen(name)
+            pipe.zcard(k.delayed)
+            pipe.hlen(k.workers)
+            queue, retry, dead, done, delayed, registered = pipe.execute()
+        except REDIS_ERRORS:
+            up.add_metric([], 0)
+            yield up
+        else:
+            up.add_metric([], 1)
+            yield up
+            for label, value in (("queue", queue), ("retry", retry), ("delayed", delayed),
+                                 ("dead", dead), ("done", done)):
+                depth.add_metric([label], value)
+            yield depth
+            fleet.add_metric([], registered)
+            yield fleet
+        alive = GaugeMetricFamily("clip_workers_alive", "Worker processes of this supervisor.")
+        alive.add_metric([], self.live_workers())
+        yield alive
+
+
+class MetricsServer:
+    def __init__(self, config: Config, loop_tick: Callable[[], float],
+                 live_workers: Callable[[], int]) -> None:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        host, _, port = config.metrics.listen.rpartition(":")
+        self.queue = JobQueue(connect(config, socket_timeout=2.0), config)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(_QueueCollector(self.queue, live_workers))  # type: ignore[arg-type]
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry),
+                               "text/plain; version=0.0.4; charset=utf-8")
+                elif path == "/healthz":
+                    ok, text = server.health(loop_tick())
+                    self._send(200 if ok else 503, text.encode() + b"\n", "text/plain")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self.httpd.daemon_threads = True
+        self.address = self.httpd.server_address
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics and health on http://%s:%d/", *self.address[:2])
+
+    def health(self, last_tick: float) -> tuple[bool, str]:
+        age = time.monotonic() - last_tick
+        if age > LOOP_STALE_AFTER:
+            return False, f"master loop stalled for {age:.1f} s"
+        try:
+            self.queue.client.ping()
+        except REDIS_ERRORS as exc:
+            return False, f"redis unreachable: {exc}"
+        return True, "ok"
+
+    def close_in_child(self) -> None:
+        """A forked worker must not keep the listening socket open."""
+        os.close(self.httpd.fileno())
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
