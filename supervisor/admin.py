@@ -111,6 +111,10 @@ def stats(queue: JobQueue) -> dict[str, Any]:
         w["uptime"] = round(now - float(w.get("started", now)), 1)
         if w.get("job"):
             stage, progress = next(replies)
+            if stage is not None and stage.decode() in ("done", "dead", "waiting"):
+                # The heartbeat named a job that has ended since: the worker is idle now.
+                w.update(job=None, stage="idle", progress=0.0)
+                continue
             if stage is not None:
                 w["stage"] = stage.decode()
             if progress is not None:
