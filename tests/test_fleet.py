@@ -261,7 +261,7 @@ def test_jobs_keep_flowing_through_a_sentinel_failover(env, sentinel):
     wait_for(lambda: master.llen(keys.done) >= 5, 30, what="5 jobs done before failover")
     sentinel["procs"]["master"].kill()
     replica = redis.Redis(port=sentinel["replica"])
-    wait_for(lambda: replica.info("replication")["role"] == "master", 20,
+    wait_for(lambda: replica.info("replication")["role"] == "master", 45,
              what="the replica to be promoted")
     wait_for(lambda: len({json.loads(e)["id"] for e in replica.lrange(keys.done, 0, -1)})
              + replica.llen(keys.dead) >= len(ids), 60, interval=0.1,
