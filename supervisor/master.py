@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import setproctitle
 from prometheus_client import Counter
 
@@ -44,6 +45,7 @@ WORKER_EXITS = Counter("clip_worker_exits_total", "Worker processes that exited,
                        "(stopped, recycled, aborted, parent_gone, boot_error, exit_N, "
                        "sigkill, ..., killed_by_us).", ["cause"])
 FAST_STOP_TIMEOUT = 5.0  # seconds workers get to give back their jobs on a fast stop
+HARD_MEMORY_FACTOR = 2  # × max_worker_memory_mb: the worker is killed mid-job
 
 
 class State:
@@ -94,6 +96,7 @@ class Master:
         self._started_recovery = False
         self._redis_failing = False
         self.last_tick = self.system.monotonic()
+        self._next_memory_check = 0.0
         self.metrics: Any = None  # a supervisor.metrics.MetricsServer when listening
 
     # --- signals -------------------------------------------------------------------------------
@@ -138,6 +141,7 @@ class Master:
             if self.state == State.RUNNING:
                 self.spawn_due()
             self.redis_housekeeping()
+            self.check_memory()
             if self.state != State.RUNNING and self.stop_progress():
                 break
             self._title()
@@ -409,6 +413,32 @@ class Master:
         if delay > 0 and self.state == State.RUNNING:
             log.warning("worker %d failed to start %d time(s); next try in %.1f s",
                         slot.index, slot.failures, delay)
+
+    def check_memory(self) -> None:
+        """The hard memory limit: a worker whose process tree (ffmpeg included) uses more than
+        HARD_MEMORY_FACTOR times ``max_worker_memory_mb`` is killed at once, job and all; its
+        message is requeued as a crash, so a job that always blows up ends as poison. (The
+        soft limit is the worker's own: it recycles itself between jobs.)"""
+        limit = self.config.supervisor.max_worker_memory_mb
+        now = self.system.monotonic()
+        if not limit or now < self._next_memory_check:
+            return
+        self._next_memory_check = now + self.config.supervisor.heartbeat_interval
+        hard = limit * HARD_MEMORY_FACTOR * 1024 * 1024
+        for slot in self.slots:
+            if slot.pid is None or slot.killed_on_purpose:
+                continue
+            try:
+                process = psutil.Process(slot.pid)
+                rss = process.memory_info().rss + sum(
+                    child.memory_info().rss for child in process.children(recursive=True))
+            except psutil.Error:
+                continue
+            if rss > hard:
+                log.warning("worker %d (pid %d) uses %d MiB with its children, far above "
+                            "max_worker_memory_mb %d: killing it", slot.index, slot.pid,
+                            rss >> 20, limit)
+                self._kill(slot.pid, signal.SIGKILL)
 
     # --- Redis-side recovery -------------------------------------------------------------------
 

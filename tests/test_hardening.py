@@ -203,3 +203,22 @@ def test_redis_over_tls(env, tmp_path):
     finally:
         tls.terminate()
         tls.wait(10)
+
+
+@pytest.mark.settings({"supervisor": {"max_worker_memory_mb": 100},
+                       "job": {"max_attempts": 2, "retry_backoff": 0.1}})
+def test_a_job_far_above_the_memory_limit_is_killed_and_ends_as_poison(env, media_dir):
+    # A 1080p re-encode takes ffmpeg ~300 MB, far above 2 x 100 MB with its worker.
+    path = os.path.join(media_dir, "hd.mp4")
+    if not os.path.exists(path):
+        make_video(path, 6, size="1920x1080", bitrate="6M")
+    env.push({"id": "hog", "url": env.url("hd.mp4"), "mode": "encode"},
+             {"id": "small", "url": env.url("ten.mp4"), "duration": 1})
+    proc = env.start()
+    env.wait_finished(2, timeout=90)
+    (letter,) = env.dead_letters()
+    assert (letter["id"], letter["reason"], letter["attempts"]) == ("hog", "poison", 2)
+    assert [e["id"] for e in env.done_events()] == ["small"]
+    assert env.log_text().count("far above max_worker_memory_mb 100: killing it") == 2
+    assert env.stop(proc) == 0
+    assert _no_ffmpeg_left(env)
