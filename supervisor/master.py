@@ -415,10 +415,12 @@ class Master:
                         slot.index, slot.failures, delay)
 
     def check_memory(self) -> None:
-        """The hard memory limit: a worker whose process tree (ffmpeg included) uses more than
-        HARD_MEMORY_FACTOR times ``max_worker_memory_mb`` is killed at once, job and all; its
-        message is requeued as a crash, so a job that always blows up ends as poison. (The
-        soft limit is the worker's own: it recycles itself between jobs.)"""
+        """The hard memory limit: a worker whose process tree (ffmpeg included) holds more than
+        HARD_MEMORY_FACTOR times ``max_worker_memory_mb`` of private memory is killed at once,
+        job and all; its message is requeued as a crash, so a job that always blows up ends
+        as poison. (The soft limit is the worker's own RSS: it recycles itself between
+        jobs.) Private memory (RSS less shared pages) because ffmpeg's shared libraries alone
+        count ~45 MiB of RSS in every process."""
         limit = self.config.supervisor.max_worker_memory_mb
         now = self.system.monotonic()
         if not limit or now < self._next_memory_check:
@@ -430,8 +432,7 @@ class Master:
                 continue
             try:
                 process = psutil.Process(slot.pid)
-                rss = process.memory_info().rss + sum(
-                    child.memory_info().rss for child in process.children(recursive=True))
+                rss = sum(_private(p) for p in (process, *process.children(recursive=True)))
             except psutil.Error:
                 continue
             if rss > hard:
@@ -499,6 +500,11 @@ class Master:
         suffix = "" if self.state == State.RUNNING else f" {self.state}"
         setproctitle.setproctitle(
             f"clip-supervisor: master [workers {alive}/{self.target}]{suffix}")
+
+
+def _private(process: psutil.Process) -> int:
+    info = process.memory_info()
+    return info.rss - getattr(info, "shared", 0)
 
 
 def _safe_url(url: str) -> str:

@@ -238,6 +238,10 @@ def sentinel(tmp_path):
         wait_for(lambda: _ping(master) and _ping(replica) and _ping(sport), 10)
         wait_for(lambda: redis.Redis(port=replica).info("replication")
                  .get("master_link_status") == "up", 10, what="replication")
+        # Sentinel learns of replicas from the master's INFO (every 10 s): until it has, a
+        # dead master has no one to fail over to.
+        wait_for(lambda: redis.Redis(port=sport).execute_command("SENTINEL", "REPLICAS", "svc"),
+                 30, interval=0.2, what="the sentinel to know the replica")
         yield {"master": master, "replica": replica, "sentinel": sport, "procs": procs}
     finally:
         for proc in procs.values():
