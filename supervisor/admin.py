@@ -198,3 +198,93 @@ def purge_dead(queue: JobQueue) -> int:
     pipe.llen(queue.keys.dead)
     pipe.delete(queue.keys.dead)
     return int(pipe.execute()[0])
+
+
+# --- read models for the dashboard (supervisor/dashboard.py) ---------------------------------
+
+SCAN_CHUNK = 250  # entries per LRANGE while walking {clips}:done or {clips}:dead
+CLOCK_SKEW = 300.0  # seconds: hosts' clocks may disagree, so a walk stops this far past "since"
+
+
+def epoch_of(iso: object) -> float | None:
+    """Epoch seconds of an ISO-8601 time such as now_iso()'s "2025-01-31T12:00:00Z"."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def newest_entries(queue: JobQueue, key: str, *, limit: int = 0, since: float | None = None,
+                   id_contains: str = "", scan_max: int = 2000) -> list[dict[str, Any]]:
+    """Events of a list that producers LPUSH (``done``, ``dead``), newest first.
+
+    Reads in chunks and stops at ``limit`` matches, after ``scan_max`` entries, or once an
+    entry is older than ``since`` by more than the clock skew we tolerate between hosts.
+    Entries older than ``since`` are left out; ``id_contains`` keeps ids with that substring.
+    """
+    found: list[dict[str, Any]] = []
+    needle = id_contains.lower()
+    for start in range(0, scan_max, SCAN_CHUNK):
+        chunk = queue.client.lrange(key, start, min(start + SCAN_CHUNK, scan_max) - 1)
+        for raw in chunk:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                entry = {"id": "?", "reason": "unreadable",
+                         "error": raw[:200].decode("utf-8", "replace")}
+            if not isinstance(entry, dict):
+                continue
+            if since is not None:
+                moment = epoch_of(entry.get("time"))
+                if moment is not None and moment < since - CLOCK_SKEW:
+                    return found
+                if moment is None or moment < since:
+                    continue
+            if needle and needle not in str(entry.get("id", "")).lower():
+                continue
+            found.append(entry)
+            if limit and len(found) >= limit:
+                return found
+        if len(chunk) < SCAN_CHUNK:
+            break
+    return found
+
+
+def throughput(queue: JobQueue, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+    """Jobs done and dead-lettered per minute over the last ``minutes`` (oldest first), from
+    the "time" of ``{clips}:done`` events and ``{clips}:dead`` letters."""
+    now = time.time() if now is None else now
+    last = int(now // 60)
+    first = last - minutes + 1
+    counts = {"done": [0] * minutes, "failed": [0] * minutes}
+    scan_max = max(queue.config.job.done_max, 10000)
+    for name, key in (("done", queue.keys.done), ("failed", queue.keys.dead)):
+        for entry in newest_entries(queue, key, since=first * 60.0, scan_max=scan_max):
+            moment = epoch_of(entry.get("time"))
+            if moment is not None and first <= int(moment // 60) <= last:
+                counts[name][int(moment // 60) - first] += 1
+    return {"minutes": minutes, "start": first * 60, "done": counts["done"],
+            "failed": counts["failed"]}
+
+
+def job_record(queue: JobQueue, job_id: str) -> dict[str, Any] | None:
+    """Everything Redis holds about one job: its hash, attempts and dead letters."""
+    k = queue.keys
+    pipe = queue.client.pipeline(transaction=False)
+    pipe.hgetall(k.job(job_id))
+    pipe.ttl(k.job(job_id))
+    pipe.hget(k.attempts, job_id)
+    fields_raw, ttl, attempts = pipe.execute()
+    letters = [letter for letter in newest_entries(queue, k.dead, id_contains=job_id)
+               if letter.get("id") == job_id]
+    if not fields_raw and not letters:
+        return None
+    fields = {key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
+              for key, value in sorted(fields_raw.items())}
+    return {"id": job_id, "fields": fields, "ttl": ttl if ttl and ttl > 0 else None,
+            "attempts": int(attempts) if attempts is not None else None, "dead": letters}

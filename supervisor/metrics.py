@@ -1,4 +1,5 @@
-"""The master's HTTP listener (``[metrics] listen``): ``/metrics`` and ``/healthz``.
+"""The master's HTTP listener (``[metrics] listen``): ``/metrics``, ``/healthz``, and the
+dashboard (``supervisor.dashboard``) on every other path.
 
 Counters live in the processes that count (workers count jobs, the master counts restarts)
 and are summed here at scrape time by prometheus-client's multiprocess collector, from
@@ -25,8 +26,11 @@ from typing import Any
 from worker.config import Config
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 
+from .dashboard import MAX_BODY, Dashboard, Request
+
 log = logging.getLogger("clip-supervisor.metrics")
 LOOP_STALE_AFTER = 5.0  # seconds without a master loop turn before /healthz says 503
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
 
 
 def prepare(config: Config) -> str | None:
@@ -98,8 +102,14 @@ class MetricsServer:
         multiprocess.MultiProcessCollector(registry)
         registry.register(_QueueCollector(self.queue, live_workers))  # type: ignore[arg-type]
         server = self
+        # The dashboard (supervisor/dashboard.py) answers every other path on this listener.
+        self.dashboard = Dashboard(self.queue, config.metrics.auth_token, host.strip("[]"))
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT  # a client that stops sending does not hold a thread
+            server_version = "clip-supervisor"
+            sys_version = ""
+
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -109,12 +119,41 @@ class MetricsServer:
                     ok, text = server.health(loop_tick())
                     self._send(200 if ok else 503, text.encode() + b"\n", "text/plain")
                 else:
-                    self._send(404, b"not found\n", "text/plain")
+                    self._dashboard(b"")
 
-            def _send(self, status: int, body: bytes, ctype: str) -> None:
+            def do_POST(self) -> None:  # noqa: N802
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY:
+                    self.close_connection = True
+                    self._send(413, b'{"error": "body too large"}\n', "application/json")
+                    return
+                try:
+                    body = self.rfile.read(length)
+                except TimeoutError:  # announced more than it sent
+                    self.close_connection = True
+                    return
+                self._dashboard(body)
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._dashboard(b"")
+
+            do_DELETE = do_PATCH = do_PUT
+
+            def _dashboard(self, body: bytes) -> None:
+                answer = server.dashboard.handle(Request(
+                    self.command, self.path, self.headers, self.client_address[0], body))
+                self._send(answer.status, answer.body, answer.ctype, answer.headers)
+
+            def _send(self, status: int, body: bytes, ctype: str,
+                      headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -129,7 +168,8 @@ class MetricsServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("metrics and health on http://%s:%d/", *self.address[:2])
+        log.info("metrics, health and dashboard on http://%s:%d/ (dashboard actions %s)",
+                 *self.address[:2], "enabled" if self.dashboard.token else "off: read-only")
 
     def health(self, last_tick: float) -> tuple[bool, str]:
         age = time.monotonic() - last_tick

@@ -291,6 +291,8 @@ class StorageConfig:
 @dataclass
 class MetricsConfig:
     listen: str = _opt(_listen, "")
+    auth_token: str = _opt(_text, "",
+                           "token for the dashboard's actions (retry, purge); empty = read-only")
 
 
 @dataclass
