@@ -1,0 +1,169 @@
+"""The latest results (bench/results/*.json) as a Markdown table, for docs/PERFORMANCE.md.
+
+Usage: python -m bench.report [--out FILE]   (standard output by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from bench.harness import RESULTS
+
+Row = tuple[str, str, str, str, str, str]  # what, measured, floor, ratio, target, status
+
+
+def _ok(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def clips(d: dict[str, Any]) -> list[Row]:
+    med = sorted(d["ours_seconds"])[len(d["ours_seconds"]) // 2]
+    flo = sorted(d["floor_seconds"])[len(d["floor_seconds"]) // 2]
+    cpu = f" (CPU-time ratio {d['cpu_ratio']:.2f})" if "cpu_ratio" in d else ""
+    rows: list[Row] = [
+        (f"clip throughput, {d['mode']} ({d['clips']} clips, {d['workers']} workers)",
+         f"{med:.2f} s", f"{flo:.2f} s (ffmpeg, xargs -P2, local file)",
+         f"{d['ratio']:.2f}{cpu}", ">= 0.95 x floor", _ok(d["met"]))]
+    for label, ratios in d.get("what_if_cpu_ratios", {}).items():
+        rows.append((f"what-if, shell pipeline on the HTTP URL: {label}", "-", "same floor",
+                     f"CPU-time {sorted(ratios)[len(ratios) // 2]:.2f}", "-", "-"))
+    return rows
+
+
+def queue(d: dict[str, Any]) -> list[Row]:
+    cpu = f" (CPU-time ratio {d['cpu_ratio']:.2f})" if "cpu_ratio" in d else ""
+    rows: list[Row] = [(f"no-op queue throughput ({d['jobs']} jobs, 2 processes)",
+                        f"{d['ours_rate']:,.0f} jobs/s",
+                        f"{d['bare_rate']:,.0f} jobs/s (bare BLMOVE+LREM)",
+                        f"{d['ratio']:.2f}{cpu}", ">= 0.7 x bare loop", _ok(d["met"]))]
+    if d["results"].get("onetrip"):
+        rows.append(("what-if: ack + fetch next in one script (floors.py script-loop)",
+                     f"{d['onetrip_ratio'] * d['bare_rate']:,.0f} jobs/s",
+                     "the bare loop, same rounds", f"{d['onetrip_ratio']:.2f}", "-", "-"))
+    peers = []
+    for name, res in d["results"].items():
+        if name in ("ours", "bare", "onetrip"):
+            continue
+        label = d["labels"].get(name, name)
+        if "error" in res:
+            peers.append(f"{label}: not measured")
+        else:
+            peers.append(f"{label} {res['steady_rate']:,.0f}/s")
+    if peers:
+        slowest_gap = min((d["ours_rate"] / r["steady_rate"] for n, r in d["results"].items()
+                           if n not in ("ours", "bare", "onetrip") and "error" not in r), default=0)
+        rows.append(("no-op queue throughput vs peers", f"{d['ours_rate']:,.0f} jobs/s",
+                     "; ".join(peers), f"{slowest_gap:.1f}x the fastest peer",
+                     "ahead of every peer", _ok(d["ahead_of_peers"])))
+    return rows
+
+
+def latency(d: dict[str, Any]) -> list[Row]:
+    return [("enqueue-to-start, idle worker (noop, 1 worker)",
+             f"p50 {_ms(d['start_p50'])}, p99 {_ms(d['start_p99'])}",
+             f"p50 {_ms(d['floor_p50'])}, p99 {_ms(d['floor_p99'])} (BLMOVE + MULTI ack)",
+             f"{d['ratio']:.2f}", "p50 < 5 ms", _ok(d["met"]))]
+
+
+def shutdown(d: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for n, v in d["results"].items():
+        ours = sorted(v["ours"])[len(v["ours"]) // 2]
+        floor = sorted(v["floor"])[len(v["floor"]) // 2]
+        rows.append((f"idle SIGTERM-to-exit, {n} workers", f"{ours:.3f} s (max "
+                     f"{max(v['ours']):.3f} s)", f"{floor:.3f} s (prefork of BLMOVE loops)",
+                     f"{floor / ours:.2f}", "< 1 s at 16 workers" if n == "16" else "-",
+                     _ok(max(v["ours"]) < 1.0) if n == "16" else "-"))
+    return rows
+
+
+def requeue(d: dict[str, Any]) -> list[Row]:
+    ours = sorted(d["ours"])[len(d["ours"]) // 2]
+    floor = sorted(d["floor"])[len(d["floor"]) // 2]
+    return [("worker SIGKILL-to-requeue", f"{_ms(ours)} (max {_ms(max(d['ours']))})",
+             f"{_ms(floor)} (SIGCHLD, waitpid, one script)", f"{d['ratio']:.2f}", "< 1 s",
+             _ok(d["met"]))]
+
+
+def footprint(d: dict[str, Any]) -> list[Row]:
+    mem = d["memory"]
+    idle, used, floor = mem["idle_after_start"], mem["idle_after_5_clips"], mem["floor"]
+    worker = max(w["rss_mb"] for w in idle["workers"])
+    worker_uss = max(w["uss_mb"] for w in idle["workers"])
+    master = max(idle["master"]["rss_mb"], used["master"]["rss_mb"])
+    rt = d["round_trips"]["per_job"]
+    return [
+        ("master RSS", f"{master:.1f} MB (USS {idle['master']['uss_mb']:.1f} MB)", "-", "-",
+         "< 40 MB", _ok(d["met_master"])),
+        ("idle worker RSS", f"{worker:.1f} MB (USS {worker_uss:.1f} MB; "
+         f"{max(w['rss_mb'] for w in used['workers']):.1f} MB after 5 clips)",
+         f"{floor['rss_mb']:.1f} MB (python + redis-py in BLMOVE)",
+         f"{d['ratio_memory']:.2f}", "< 60 MB", _ok(d["met_worker"])),
+        ("Redis round trips per job", f"noop {rt['batch']:.2f} loaded, {rt['single']:.2f} one "
+         f"at a time; {rt['ffmpeg']:.1f} per real clip; idle {rt['idle_per_second']:.1f}/s",
+         "2 (BLMOVE + LREM)", f"{d['ratio_round_trips']:.2f}", "-", "-"),
+    ]
+
+
+def long_source(d: dict[str, Any]) -> list[Row]:
+    share = d["share_bytes"]
+    rows: list[Row] = []
+    for label, res in d["results"].items():
+        rows.append((f"10 s from a 10 min source, {label} "
+                     f"({'%g Mbit/s' % (res['rate'] * 8 / 1e6) if res['rate'] else 'unpaced'})",
+                     f"{res['ours_bytes'] / 1e6:.1f} MB ({res['ours_bytes'] / share:.0f}x "
+                     f"share) in {res['ours_seconds']:.2f} s",
+                     f"{res['direct_bytes'] / 1e6:.2f} MB ({res['direct_bytes'] / share:.1f}x) "
+                     f"in {res['direct_seconds']:.2f} s (ffmpeg -ss on the URL)",
+                     f"{res['ratio']:.2f}", "bytes <= 2 x share" if label == "remote" else "-",
+                     _ok(d["met"]) if label == "remote" else "-"))
+    return rows
+
+
+KINDS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "clips-copy": clips, "clips-encode": clips, "queue-noop": queue, "latency": latency,
+    "shutdown": shutdown, "requeue": requeue, "footprint": footprint,
+    "long-source": long_source}
+
+
+def table() -> str:
+    lines = ["| benchmark | clip-supervisor | floor / peers | ratio | target | status | "
+             "load | command |", "|---|---|---|---|---|---|---|---|"]
+    for name, render in KINDS.items():
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            lines.append(f"| {name} | not run | | | | | | |")
+            continue
+        with open(path) as fh:
+            record = json.load(fh)
+        machine = record["machine"]
+        load = (f"{machine['loadavg_start']:.1f}-{machine['loadavg_end']:.1f}"
+                if "loadavg_start" in machine else "")
+        for i, row in enumerate(render(record["data"])):
+            command = f"`{record['command']}`" if i == 0 and "command" in record else ""
+            lines.append("| " + " | ".join([*row, load if i == 0 else "", command]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    text = table()
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
