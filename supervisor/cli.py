@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -140,6 +141,9 @@ def _pidfile_path(config: Config, daemon: bool = True) -> str:
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from . import daemonize, metrics
 
+    if config.job.pipeline == "ffmpeg" and shutil.which(config.job.ffmpeg) is None:
+        return _fail(f"config error: [job] ffmpeg = {config.job.ffmpeg!r}: no such program "
+                     "(apt-get install ffmpeg, or set the path)")
     if args.check_config:  # a bad configuration never gets here: main() reports it
         print(f"configuration ok ({config.path or 'built-in defaults'})")
         return 0

@@ -15,7 +15,7 @@ from supervisor.children import Exit, Slot, SlotState, backoff_delay
 from worker import config as config_mod
 from worker.config import ConfigError
 from worker.errors import Aborted, Permanent, Transient
-from worker.media import FFmpegRun
+from worker.media import FFmpegRun, InputReport
 from worker.runner import EXIT_BOOT_ERROR, EXIT_OK
 from worker.source import address_allowed
 from worker.wake import Waker
@@ -140,15 +140,19 @@ def test_public_addresses_are_allowed(address):
 
 def _run(script: str, stall: float = 5.0, timeout: float = 20.0, abort=lambda: False):
     progress: list[float] = []
-    runner = FFmpegRun(["sh", "-c", script], length=10.0, deadline=time.monotonic() + timeout,
-                       stall_timeout=stall, waker=Waker(), should_abort=abort,
-                       on_progress=lambda p, s: progress.append(p))
+    runner = FFmpegRun(["sh", "-c", script], start=0.0, end=10.0,
+                       deadline=time.monotonic() + timeout, stall_timeout=stall, waker=Waker(),
+                       should_abort=abort, on_progress=lambda p, s: progress.append(p))
     return runner, progress
 
 
 def test_a_flood_on_both_pipes_cannot_deadlock_and_progress_is_parsed():
     # 8 MB on stderr, far beyond a pipe's buffer, then a progress report on stdout.
-    script = ("head -c 8000000 /dev/zero | tr '\\0' x >&2; "
+    script = ("echo \"Input #0, mov,mp4, from 'x':\" >&2; "
+              "echo '  Duration: 00:00:20.00, start: 0.000000, bitrate: 1 kb/s' >&2; "
+              "echo '  Stream #0:0(und): Video: h264 (High), yuv420p' >&2; "
+              "echo 'Output #0, mp4, to y:' >&2; "
+              "head -c 8000000 /dev/zero | tr '\\0' x >&2; "
               "printf 'out_time_us=5000000\\ntotal_size=10\\nprogress=continue\\n'; "
               "printf 'out_time_us=10000000\\ntotal_size=20\\nprogress=end\\n'")
     runner, progress = _run(script)
@@ -158,10 +162,31 @@ def test_a_flood_on_both_pipes_cannot_deadlock_and_progress_is_parsed():
 
 
 def test_nonzero_exit_is_a_media_error_with_the_stderr_tail():
-    runner, _ = _run("echo 'moov atom not found' >&2; exit 1")
+    header = ("echo \"Input #0, mov,mp4, from 'x':\" >&2; "
+              "echo '  Duration: 00:00:20.00, start: 0.0' >&2; "
+              "echo '  Stream #0:0: Video: h264' >&2; ")
+    runner, _ = _run(header + "echo 'Invalid NAL unit size' >&2; exit 1")
     with pytest.raises(Permanent) as info:
         runner.run()
-    assert info.value.reason == "media_error" and "moov atom" in info.value.error
+    assert info.value.reason == "media_error" and "Invalid NAL" in info.value.error
+
+
+def test_an_input_ffmpeg_cannot_open_is_not_a_video():
+    runner, _ = _run("echo 'x.html: Invalid data found when processing input' >&2; exit 1")
+    with pytest.raises(Permanent) as info:
+        runner.run()
+    assert info.value.reason == "not_video" and "Invalid data" in info.value.error
+
+
+def test_input_report_parsing():
+    head = (b"Input #0, mov,mp4,m4a,3gp,3g2,mj2, from '/x/source':\n"
+            b"  Duration: 01:02:03.50, start: 0.000000, bitrate: 137 kb/s\n"
+            b"  Stream #0:0[0x1](und): Video: mjpeg (Baseline), (attached pic)\n"
+            b"  Stream #0:1[0x2](und): Audio: aac (LC)\n")
+    report = InputReport.parse(head)
+    assert report.opened and report.duration == 3723.5 and not report.has_video
+    assert InputReport.parse(head + b"  Stream #0:2: Video: h264 (High)\n").has_video
+    assert InputReport.parse(b"  Duration: N/A, bitrate: N/A\n").duration is None
 
 
 def test_a_stalled_process_group_is_killed():
@@ -193,3 +218,13 @@ def test_wall_clock_timeout_and_abort():
     flag["abort"] = True
     with pytest.raises(Aborted):
         runner.run()
+
+
+def test_run_refuses_to_start_without_ffmpeg(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text(f"[job]\nffmpeg = /nonexistent/ffmpeg\nwork_dir = {tmp_path}/w\n")
+    done = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "[job] ffmpeg = '/nonexistent/ffmpeg'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,8 +1,8 @@
-"""ffprobe and ffmpeg: probing a source and cutting a clip out of it.
+"""ffmpeg: cutting a clip out of a source, and checking the source on the way.
 
-Both run as argument lists (never a shell), only on a local file, with a protocol whitelist
+ffmpeg runs as an argument list (never a shell), only on a local file, with a protocol whitelist
 of ``file`` and a demuxer whitelist, so a crafted input (an HLS playlist, a concat list, a
-``subfile:`` reference) cannot make them read other local files or reach the network.
+``subfile:`` reference) cannot make it read other local files or reach the network.
 ffmpeg runs in its own session so that a timeout or an abort kills its whole process group,
 and with a parent-death signal so that it dies with its worker even after a SIGKILL. Its two
 pipes are drained with a selector while it runs, whatever it prints (the seed's Popen pipe
@@ -14,8 +14,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -48,70 +48,23 @@ def set_parent_death_signal(sig: int) -> None:
         _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
-@dataclass(frozen=True)
-class MediaInfo:
-    duration: float
-    video_codec: str
-    format_name: str
-    size: int
-
-
 def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    text = text.strip()
-    return text[-limit:]
+    return text.strip()[-limit:]
 
 
-def probe(ffprobe: str, path: str, timeout: float) -> MediaInfo:
-    """Validate that ``path`` is a video and return its duration."""
-    cmd = [ffprobe, "-v", "error", "-protocol_whitelist", PROTOCOLS,
-           "-format_whitelist", DEMUXERS, "-print_format", "json",
-           "-show_format", "-show_streams", path]
-    try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, start_new_session=True,
-                              preexec_fn=_die_with_parent, check=False)
-    except subprocess.TimeoutExpired:
-        raise Transient("timeout", f"ffprobe took more than {timeout:g} s") from None
-    except FileNotFoundError:
-        raise Transient("ffprobe_missing", f"cannot run {ffprobe!r}") from None
-    if done.returncode != 0:
-        raise Permanent("not_video", _tail(done.stderr) or f"ffprobe exit {done.returncode}")
-    try:
-        info = json.loads(done.stdout)
-    except ValueError:
-        raise Permanent("not_video", "ffprobe printed no JSON") from None
-    streams = info.get("streams") or []
-    fmt = info.get("format") or {}
-    video = [s for s in streams if s.get("codec_type") == "video"
-             and not (s.get("disposition") or {}).get("attached_pic")]
-    if not video:
-        raise Permanent("not_video", f"no video stream ({fmt.get('format_name', 'unknown')})")
-    durations = [_float(fmt.get("duration"))] + [_float(s.get("duration")) for s in video]
-    duration = max((d for d in durations if d is not None), default=None)
-    if duration is None or duration <= 0:
-        raise Permanent("not_video", "the source has no known duration")
-    return MediaInfo(duration=duration, video_codec=str(video[0].get("codec_name", "")),
-                     format_name=str(fmt.get("format_name", "")),
-                     size=int(_float(fmt.get("size")) or 0))
-
-
-def _float(value: object) -> float | None:
-    try:
-        result = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return result if result == result else None
-
-
-def clip_command(ffmpeg: str, src: str, dst: str, start: float, length: float, mode: str,
-                 muxer: str, preset: str) -> list[str]:
+def clip_command(ffmpeg: str, src: str, dst: str, start: float, length: float | None,
+                 mode: str, muxer: str, preset: str) -> list[str]:
     # -ss before -i: a fast input seek. With stream copy the clip starts at the keyframe at or
     # before `start`; re-encoding decodes from there and drops frames up to `start` exactly.
-    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "warning", "-xerror",
+    # "-v info" makes ffmpeg describe its input (duration, streams) on stderr: that report
+    # validates the job in place of a separate ffprobe process (see InputReport).
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "info", "-xerror",
            "-protocol_whitelist", PROTOCOLS, "-format_whitelist", DEMUXERS,
-           "-ss", f"{start:.6f}", "-i", src, "-t", f"{length:.6f}",
-           "-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1"]
+           "-ss", f"{start:.6f}", "-i", src]
+    if length is not None:
+        cmd += ["-t", f"{length:.6f}"]
+    cmd += ["-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1"]
     if mode == "copy":
         cmd += ["-c", "copy", "-avoid_negative_ts", "make_zero"]
     else:
@@ -128,16 +81,45 @@ class ClipResult:
     out_time: float
     size: int
     elapsed: float
+    source_duration: float | None
+
+
+_DURATION = re.compile(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
+_VIDEO = re.compile(rb"^\s*Stream #0:\d+.*?: Video: (?!.*attached pic)", re.M)
+
+
+@dataclass
+class InputReport:
+    """What ffmpeg's stderr says about its input, before any frame is written."""
+
+    opened: bool  # "Input #0, <demuxer>, from ..." was printed: the input is a known format
+    duration: float | None
+    has_video: bool
+
+    @classmethod
+    def parse(cls, head: bytes) -> InputReport:
+        match = _DURATION.search(head)
+        duration = None
+        if match:
+            h, m, sec = match.groups()
+            duration = int(h) * 3600 + int(m) * 60 + float(sec)
+        return cls(opened=b"Input #0," in head, duration=duration,
+                   has_video=_VIDEO.search(head) is not None)
 
 
 class FFmpegRun:
     """One ffmpeg process, watched until it ends, times out, stalls, or is aborted."""
 
-    def __init__(self, cmd: list[str], length: float, deadline: float, stall_timeout: float,
-                 waker: Waker, should_abort: Callable[[], bool],
+    HEAD_LIMIT = 256 * 1024  # stderr kept from the start: where the input report is
+
+    def __init__(self, cmd: list[str], start: float, end: float | None, deadline: float,
+                 stall_timeout: float, waker: Waker, should_abort: Callable[[], bool],
                  on_progress: Callable[[float, str], None]) -> None:
         self.cmd = cmd
-        self.length = length
+        self.start = start
+        self.end = end
+        self.head = b""
+        self.input: InputReport | None = None
         self.deadline = deadline
         self.stall_timeout = stall_timeout
         self.waker = waker
@@ -165,12 +147,30 @@ class FFmpegRun:
             for pipe in (proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
+        report = InputReport.parse(self.head)
+        tail = _tail(b"".join(self.stderr)) or f"ffmpeg exit {proc.returncode}"
+        if not report.opened:
+            raise Permanent("not_video", tail)  # not a format we read (HTML, playlists, ...)
+        if not report.has_video:
+            raise Permanent("not_video", "the source has no video stream")
+        if report.duration is not None and self.start >= report.duration:
+            # ffmpeg exits 0 here with a bogus clip (FIELD-NOTES): refuse it.
+            raise Permanent("past_end", f"start {self.start:g} s is at or past the source's "
+                            f"end ({report.duration:.3f} s)")
         if proc.returncode != 0 or not self.ended:
-            tail = _tail(b"".join(self.stderr)) or f"ffmpeg exit {proc.returncode}"
             raise Permanent("media_error", tail)
         out_time = _out_time(self.report)
         size = int(self.report.get("total_size", "0") or 0)
-        return ClipResult(out_time=out_time, size=size, elapsed=time.monotonic() - started)
+        return ClipResult(out_time=out_time, size=size, elapsed=time.monotonic() - started,
+                          source_duration=report.duration)
+
+    @property
+    def length(self) -> float:
+        """The clip's expected length, once known (from the job, or the input report)."""
+        if self.input is None or self.input.duration is None:
+            return (self.end - self.start) if self.end is not None else 0.0
+        end = self.input.duration if self.end is None else min(self.end, self.input.duration)
+        return max(0.0, end - self.start)
 
     def _watch(self, proc: subprocess.Popen) -> None:
         sel = selectors.DefaultSelector()
@@ -203,6 +203,10 @@ class FFmpegRun:
                         open_pipes -= 1
                     elif key.data == "stderr":
                         self.stderr.append(chunk)
+                        if len(self.head) < self.HEAD_LIMIT:
+                            self.head += chunk
+                            if self.input is None and b"Output #0" in self.head:
+                                self.input = InputReport.parse(self.head)
                     else:
                         pending = self._parse(pending + chunk)
                         mark = (self.report.get("out_time_us", ""),

@@ -77,23 +77,21 @@ class Pipeline:
         local = self._fetch(job, job_dir, deadline, result)
         started = self._stage(result, "fetch", started)
 
-        self.on_stage("probe")
-        info = media.probe(cfg.ffprobe, local, timeout=max(1.0, deadline - time.monotonic()))
-        result.source_duration = info.duration
-        if job.start >= info.duration:
-            raise Permanent("past_end", f"start {job.start:g} s is at or past the source's end "
-                            f"({info.duration:.3f} s)")
-        end = info.duration if job.end is None else min(job.end, info.duration)
-        result.clip_start, result.clip_end = job.start, end
-        started = self._stage(result, "probe", started)
-
+        # No separate ffprobe: ffmpeg's own report on its input validates the job (format,
+        # video stream, start before the end), which saves a process per job (~0.14 s here).
         self.on_stage("clip")
         clip_path = os.path.join(job_dir, f"clip.{job.format}")
-        cmd = media.clip_command(cfg.ffmpeg, local, clip_path, job.start, end - job.start,
+        length = None if job.end is None else job.end - job.start
+        cmd = media.clip_command(cfg.ffmpeg, local, clip_path, job.start, length,
                                  job.mode, job.muxer, cfg.encode_preset)
-        clip = media.FFmpegRun(cmd, end - job.start, deadline, cfg.stall_timeout, self.waker,
-                               self.should_abort, self.on_progress).run()
-        self._verify(clip, clip_path, end - job.start)
+        run = media.FFmpegRun(cmd, job.start, job.end, deadline, cfg.stall_timeout, self.waker,
+                              self.should_abort, self.on_progress)
+        clip = run.run()
+        result.source_duration = clip.source_duration or 0.0
+        end = job.end if clip.source_duration is None else (
+            clip.source_duration if job.end is None else min(job.end, clip.source_duration))
+        result.clip_start, result.clip_end = job.start, end if end is not None else 0.0
+        self._verify(clip, clip_path, run.length)
         result.out_time, result.size = clip.out_time, os.path.getsize(clip_path)
         started = self._stage(result, "clip", started)
 
@@ -102,7 +100,8 @@ class Pipeline:
             raise Transient("timeout", "the job exceeded its timeout before storing")
         store = store_for(job.output, self.worker_dir, self.config.storage)
         store.put(clip_path, job.output, {
-            "job_id": job.id, "source": job.url, "start": f"{job.start:g}", "end": f"{end:g}"})
+            "job_id": job.id, "source": job.url, "start": f"{job.start:g}",
+            "end": f"{result.clip_end:g}"})
         self._stage(result, "store", started)
         return result
 
