@@ -153,12 +153,17 @@ class JobQueue:
         self.client.hset(self.keys.job(job_id), mapping=fields)
 
     def done(self, worker_id: str, message: bytes, job_id: str, event: dict,
-             fields: dict[str, str | int | float]) -> int:
+             fields: dict[str, str | int | float], take_next: bool = False) -> bytes | None:
+        """Ack a finished job; with ``take_next``, the next queued message (or None) is
+        already in this worker's processing list when this returns."""
         k = self.keys
-        return int(self._done(
-            keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts],
+        reply = self._done(
+            keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue],
             args=[message, job_id, json.dumps(event), int(self.config.job.job_ttl),
-                  self.config.job.done_max, *_pairs(fields)]))
+                  self.config.job.done_max,
+                  json.dumps({key: str(value) for key, value in fields.items()}),
+                  "1" if take_next else "0"])
+        return reply[1] if len(reply) > 1 else None
 
     def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
              fields: dict[str, str | int | float]) -> int:

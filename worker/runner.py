@@ -76,6 +76,7 @@ class Worker:
         self.jobs_done = 0
         self._last_progress_write = 0.0
         self._fetch_failures = 0
+        self._next: bytes | None = None  # taken by the ack of the previous job (DONE script)
         self._heartbeat_stop = threading.Event()
         self.waker = Waker()
         self.client: Any = None
@@ -167,7 +168,9 @@ class Worker:
             if self.stopping:
                 return EXIT_OK
             self._title("idle")
-            message = self._next_message()
+            message, self._next = self._next, None
+            if message is None:
+                message = self._next_message()
             if message is None:
                 continue
             if self.stopping or self.aborting:
@@ -340,9 +343,12 @@ class Worker:
         fields = {"progress": 100, "stage": "done", "finished": finished, "elapsed": elapsed,
                   "output": result.output, "error": "", "reason": "",
                   **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
-        self._persist(lambda: self.queue.done(self.worker_id, job.raw, job.id, event, fields),
-                      "ack")
         self.jobs_done += 1
+        max_jobs = self.config.supervisor.max_jobs_per_worker
+        take_next = not (self.stopping or self.aborting
+                         or (max_jobs and self.jobs_done >= max_jobs))
+        self._next = self._persist(lambda: self.queue.done(
+            self.worker_id, job.raw, job.id, event, fields, take_next=take_next), "ack")
         metrics.JOBS.labels("done").inc()
         metrics.JOB_SECONDS.observe(elapsed)
         for stage, seconds in result.timings.items():

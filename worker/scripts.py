@@ -57,23 +57,36 @@ return {0, -1}
 """
 
 DONE = """
--- done: the output is stored; record it and acknowledge the message.
+-- done: the output is stored; record it, acknowledge the message and, when the worker
+-- wants more, take the next one from the main queue in the same step (it is idle from
+-- this instant: one round trip per job instead of two, and never more than one held).
 -- KEYS[1] processing list  the worker's in-flight message (removed here = the ack)
 -- KEYS[2] job        hash  {prefix}:job:<id>, its state becomes done
 -- KEYS[3] done       list  completion events, newest first, capped
 -- KEYS[4] attempts   hash  job id -> attempts; the entry is dropped
+-- KEYS[5] queue      list  main queue, for the next message
 -- ARGV[1] message, ARGV[2] job id, ARGV[3] event JSON, ARGV[4] job TTL s, ARGV[5] done cap,
--- ARGV[6..] field, value pairs for the job hash.
+-- ARGV[6] job hash fields as one JSON object of strings, ARGV[7] '1' = take the next message
 -- A job run twice (at-least-once) pushes one event: the first ack sets "completed" for good.
+-- Returns {removed} or {removed, next message}.
 local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
-redis.call('HSET', KEYS[2], 'state', 'done', unpack(ARGV, 6))
+local flat = {'state', 'done'}
+for field, value in pairs(cjson.decode(ARGV[6])) do
+  flat[#flat + 1] = field
+  flat[#flat + 1] = value
+end
+redis.call('HSET', KEYS[2], unpack(flat))
 if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
   redis.call('LPUSH', KEYS[3], ARGV[3])
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('HDEL', KEYS[4], ARGV[2])
-return removed
+if ARGV[7] == '1' then
+  local nxt = redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
+  if nxt then return {removed, nxt} end
+end
+return {removed}
 """
 
 DEAD = """
