@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from tests.conftest import ffprobe_duration
+from tests.conftest import ffprobe_duration, wait_for
 
 
 def test_twenty_mixed_jobs_through_two_workers(env):
@@ -81,3 +81,16 @@ def test_progress_and_stage_timings_are_recorded(env):
     for stage in ("fetch", "clip", "store"):
         assert float(state[f"time_{stage}"]) >= 0
     assert env.r.ttl(env.keys.job("timed")) > 0
+
+
+def test_a_job_submitted_again_later_gets_a_new_done_event(env):
+    # Given a job that completed
+    job = {"id": "again", "url": env.url("ten.mp4"), "duration": 1}
+    env.push(job)
+    proc = env.start()
+    env.wait_finished(1)
+    # When the same job is submitted again, it runs again and reports again
+    env.push(job)
+    wait_for(lambda: env.r.llen(env.keys.done) == 2, 30, what="a second done event")
+    assert [e["id"] for e in env.done_events()] == ["again", "again"]
+    assert env.stop(proc) == 0

@@ -81,6 +81,7 @@ class JobQueue:
         self.config = config
         self.keys = Keys(config.redis.prefix)
         self._fetch = client.register_script(scripts.FETCH)
+        self._start = client.register_script(scripts.START)
         self._done = client.register_script(scripts.DONE)
         self._dead = client.register_script(scripts.DEAD)
         self._retry = client.register_script(scripts.RETRY)
@@ -142,12 +143,10 @@ class JobQueue:
 
     def start(self, job_id: str, fields: dict[str, str | int | float]) -> int:
         """Mark a job running; return the attempts it already used."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.job(job_id), mapping=fields)
-        pipe.expire(self.keys.job(job_id), int(self.config.job.job_ttl))
-        pipe.hget(self.keys.attempts, job_id)
-        attempts = pipe.execute()[-1]
-        return int(attempts or 0)
+        return int(self._start(
+            keys=[self.keys.job(job_id), self.keys.attempts],
+            args=[job_id, int(self.config.job.job_ttl),
+                  json.dumps({key: str(value) for key, value in fields.items()})]))
 
     def update(self, job_id: str, fields: dict[str, str | int | float]) -> None:
         self.client.hset(self.keys.job(job_id), mapping=fields)

@@ -56,6 +56,25 @@ if nxt[2] then return {0, math.max(0, tonumber(nxt[2]) - now)} end
 return {0, -1}
 """
 
+START = """
+-- start: a worker begins a job; mark it running and tell how many attempts it already used.
+-- KEYS[1] job      hash  {prefix}:job:<id>
+-- KEYS[2] attempts hash  job id -> failed attempts so far
+-- ARGV[1] job id, ARGV[2] job TTL s, ARGV[3] job hash fields as one JSON object of strings
+-- A first attempt is a new submission of the job: a completion recorded by an earlier
+-- submission must not swallow this one's done event (see DONE's "completed").
+local attempts = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if attempts == 0 then redis.call('HDEL', KEYS[1], 'completed') end
+local flat = {}
+for field, value in pairs(cjson.decode(ARGV[3])) do
+  flat[#flat + 1] = field
+  flat[#flat + 1] = value
+end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return attempts
+"""
+
 DONE = """
 -- done: the output is stored; record it, acknowledge the message and, when the worker
 -- wants more, take the next one from the main queue in the same step (it is idle from
@@ -67,7 +86,8 @@ DONE = """
 -- KEYS[5] queue      list  main queue, for the next message
 -- ARGV[1] message, ARGV[2] job id, ARGV[3] event JSON, ARGV[4] job TTL s, ARGV[5] done cap,
 -- ARGV[6] job hash fields as one JSON object of strings, ARGV[7] '1' = take the next message
--- A job run twice (at-least-once) pushes one event: the first ack sets "completed" for good.
+-- A job run again after a failed attempt pushes one event: the first ack sets "completed",
+-- which only a new submission (START with no attempts) clears.
 -- Returns {removed} or {removed, next message}.
 local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
 local flat = {'state', 'done'}
