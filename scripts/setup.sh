@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Installs what clip-supervisor needs on Debian/Ubuntu: ffmpeg, redis-server, python3-venv
-# (only those missing), then the package into ./.venv. Sourced by quickstart.sh and test.sh.
+# (only those missing), then the package into ./.venv.
+#   scripts/setup.sh [PIP_TARGET [NEED=PACKAGE ...]]
+# PIP_TARGET defaults to "." (test.sh passes ".[test]"); each NEED=PACKAGE adds a Debian
+# package to install when NEED (a command, or an absolute path) is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+target="${1:-.}"
+shift || true
 need=()
-command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
-command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+for pair in ffmpeg=ffmpeg ffprobe=ffmpeg redis-server=redis-server "$@"; do
+  what="${pair%%=*}" package="${pair#*=}"
+  if [[ "$what" == /* ]]; then
+    [ -e "$what" ] || need+=("$package")
+  else
+    command -v "$what" >/dev/null 2>&1 || need+=("$package")
+  fi
+done
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
@@ -18,4 +28,4 @@ fi
 # redis-server's Debian package starts a system service; we never rely on it.
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e "${1:-.}"
+.venv/bin/pip install -q -e "$target"
