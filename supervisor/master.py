@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+import redis
 import setproctitle
 from prometheus_client import Counter
 
@@ -90,7 +91,8 @@ class Master:
     def __post_init__(self) -> None:
         self.pid = os.getpid()
         self.target = self.config.supervisor.workers
-        self.queue = JobQueue(connect(self.config), self.config)
+        # Short timeouts: the loop must keep turning (reaping, signals) while Redis is away.
+        self.queue = JobQueue(connect(self.config, socket_timeout=1.0), self.config)
         self._pipe: tuple[int, int] | None = None
         self._next_scan = 0.0
         self._started_recovery = False
@@ -238,13 +240,17 @@ class Master:
             return
         old = self.config
         # The pid file lock and the ids of running workers cannot move under a live master.
-        for key in ("pidfile", "host_id"):
-            if getattr(new.supervisor, key) != getattr(old.supervisor, key):
-                log.warning("HUP: [supervisor] %s changes only at restart; keeping %r", key,
-                            getattr(old.supervisor, key))
-                setattr(new.supervisor, key, getattr(old.supervisor, key))
+        # What running workers are known by (their pid file, ids, keys, folders) cannot
+        # move under them: a worker started before the reload must still be recoverable.
+        for section, key in (("supervisor", "pidfile"), ("supervisor", "host_id"),
+                             ("redis", "url"), ("redis", "prefix"), ("job", "work_dir")):
+            was = getattr(getattr(old, section), key)
+            if getattr(getattr(new, section), key) != was:
+                log.warning("HUP: [%s] %s changes only at restart; keeping %r", section, key,
+                            was)
+                setattr(getattr(new, section), key, was)
         if new.redis != old.redis:
-            self.queue = JobQueue(connect(new), new)
+            self.queue = JobQueue(connect(new, socket_timeout=1.0), new)
         if new.supervisor.logfile != old.supervisor.logfile or \
                 new.supervisor.log_level != old.supervisor.log_level:
             try:
@@ -449,7 +455,7 @@ class Master:
             try:
                 recovery.recover_worker(self.queue, item.worker_id,
                                         count_attempt=item.count_attempt)
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, redis.RedisError) as exc:  # replies like MASTERDOWN too
                 self._redis_error(exc)
                 return
             recovery.clean_worker_dir(item.worker_dir)
@@ -473,7 +479,7 @@ class Master:
             if self._redis_failing:
                 log.info("Redis is reachable again")
                 self._redis_failing = False
-        except REDIS_ERRORS as exc:
+        except (*REDIS_ERRORS, redis.RedisError) as exc:
             self._redis_error(exc)
 
     def _redis_error(self, exc: Exception) -> None:

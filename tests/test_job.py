@@ -82,6 +82,9 @@ def test_default_duration_applies_when_no_end():
     ({"url": "http://h/v", "output": "gs://other-bucket/x.mp4"}, "output_not_allowed"),
     ({"url": "http://h/v", "output": "s3://b/x.mp4"}, "output_not_allowed"),
     ({"url": "http://h/v", "output": "dir/"}, "output_not_allowed"),
+    ({"url": "http://h/v", "output": "a?1.mp4"}, "output_not_allowed"),
+    ({"url": "http://h/v", "output": "sub/..#x"}, "output_not_allowed"),
+    ({"url": "http://h/v", "output": "a%2e%2e.mp4"}, "output_not_allowed"),
     (b"\xff\xfe", "not_utf8"),
     (b'{"url": "http://h/v", "pad": "' + b"x" * (1 << 20) + b'"}', "message_too_large"),
 ])
@@ -140,9 +143,31 @@ def test_arbitrary_json_jobs_give_a_job_or_a_clear_rejection(obj):
 @pytest.mark.parametrize("raw", [
     b"http://h/v.mp4", b'{"id": "abc", "url": "u"}', b'  {"id": "x-1"}', b'{"id": 5}',
     b'{"url": "u"}', b"{broken", b'["id"]', "{\"id\": \"\u00e9t\u00e9\"}".encode(),
-    b'{"id": "a", "id": "b"}',
+    b'{"id": "a", "id": "b"}', b'{"id": "../etc"}', b'{"id": ""}', b'\x1c{"id": "abc"}',
+    b'\t{"id": "tab-ok"}',
 ])
 def test_python_and_lua_agree_on_the_accounting_id(redis_server, raw):
     # The recovery script counts crashes per job id, computed in Lua from the raw message.
     lua = scripts._JOB_ID + "return job_id(ARGV[1])"
     assert redis_server.client().eval(lua, 0, raw).decode() == job_id_of(raw)
+
+
+def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
+    # A connection that drops after Redis ran a script makes the worker run it again.
+    from worker.keys import Keys
+    from worker.queue import JobQueue, connect
+
+    cfg = config_mod.load(None, env={"CLIP_SUPERVISOR_REDIS_URL": redis_server.url})
+    queue, keys, r = JobQueue(connect(cfg), cfg), Keys("clips"), redis_server.client()
+    r.lpush(keys.queue, b"m1", b"m2", b"m3")  # FIFO: m1 is taken first
+    first, again = queue.fetch_nowait("w"), queue.fetch_nowait("w")
+    assert first.message == again.message == b"m1"
+    assert r.lrange(keys.processing("w"), 0, -1) == [b"m1"]
+    nxt = queue.done("w", b"m1", "j1", {"id": "j1"}, {"output": "x"}, take_next=True)
+    assert queue.done("w", b"m1", "j1", {"id": "j1"}, {"output": "x"}, take_next=True) == nxt
+    assert nxt == b"m2" and r.lrange(keys.processing("w"), 0, -1) == [b"m2"]
+    assert r.llen(keys.done) == 1
+    letter = {"id": "j2", "reason": "bad_range"}
+    assert queue.dead("w", b"m2", "j2", letter, {}) == 1
+    assert queue.dead("w", b"m2", "j2", letter, {}) == 0
+    assert r.llen(keys.dead) == 1 and r.lrange(keys.queue, 0, -1) == [b"m3"]

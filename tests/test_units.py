@@ -124,6 +124,8 @@ def test_exit_descriptions():
     "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254", "127.0.0.1",
     "0.0.0.0", "100.64.0.1", "224.0.0.1", "255.255.255.255", "::1", "::", "fc00::1",
     "fe80::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1", "fe80::1%eth0",
+    "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:a9fe:a9fe::1", "::169.254.169.254",
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
 ])
 def test_non_public_addresses_are_refused(address):
     assert not address_allowed(address)

@@ -49,7 +49,8 @@ def job_id_of(raw: bytes) -> str:
             obj = json.loads(raw)
         except ValueError:
             obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str) \
+                and ID_RE.fullmatch(obj["id"]):
             return obj["id"]
     return hashlib.sha1(raw).hexdigest()
 
@@ -64,7 +65,8 @@ def parse(raw: bytes, config: Config) -> Job:
     except UnicodeDecodeError as exc:
         raise Permanent("not_utf8",
                         f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    stripped = text.strip()
+    # ASCII whitespace only, like job_id_of and the Lua scripts: they must agree on the id.
+    stripped = text.strip(" \t\n\r\f\v")
     if stripped.startswith(("{", "[", '"')):
         try:
             obj = json.loads(stripped)
@@ -165,6 +167,9 @@ def resolve_output(output: object, job_id: str, fmt: str, config: Config) -> str
     output = output.strip()
     if "\x00" in output or output.endswith("/"):
         raise Permanent("output_not_allowed", "output must name a file")
+    if any(ch in output for ch in "?#%\\") or any(ord(ch) < 32 for ch in output):
+        # URL syntax would cut or decode the name: two jobs could write one file.
+        raise Permanent("output_not_allowed", "output may not contain ?, #, %, \\ or controls")
     scheme = urlsplit(output).scheme
     if scheme == "":
         key = posixpath.normpath(output)

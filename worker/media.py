@@ -157,6 +157,11 @@ class FFmpegRun:
             # ffmpeg exits 0 here with a bogus clip (FIELD-NOTES): refuse it.
             raise Permanent("past_end", f"start {self.start:g} s is at or past the source's "
                             f"end ({report.duration:.3f} s)")
+        if proc.returncode < 0 or "No space left on device" in tail \
+                or "Cannot allocate memory" in tail:
+            # Killed from outside (the OOM killer) or short of disk or memory: not the
+            # input's fault, so worth another attempt.
+            raise Transient("ffmpeg_failed", tail)
         if proc.returncode != 0 or not self.ended:
             raise Permanent("media_error", tail)
         out_time = _out_time(self.report)

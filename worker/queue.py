@@ -23,7 +23,13 @@ from . import scripts
 from .config import Config
 from .keys import Keys
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+# Errors that mean "Redis is not serving us right now" (down, restarting, failing over,
+# loading, out of memory): retried with backoff, never fatal. BusyLoadingError is a
+# ConnectionError already.
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError,
+                redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+# Error replies of the same nature that redis-py reports as a plain ResponseError.
+TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
 
 
 def connect(config: Config, *, socket_timeout: float | None = None) -> Any:
@@ -36,7 +42,8 @@ def connect(config: Config, *, socket_timeout: float | None = None) -> Any:
     """
     url = config.redis.url
     timeouts = {"socket_timeout": socket_timeout or config.redis.socket_timeout,
-                "socket_connect_timeout": min(config.redis.socket_timeout, 5.0)}
+                "socket_connect_timeout": min(socket_timeout or config.redis.socket_timeout,
+                                              5.0)}
     scheme = urlsplit(url).scheme
     if scheme.endswith("+cluster"):
         plain = scheme.removesuffix("+cluster") + url[len(scheme):]

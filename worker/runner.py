@@ -30,7 +30,7 @@ from .errors import Aborted, JobFailed, Permanent, Transient
 from .job import ID_RE, Job, job_id_of, parse
 from .media import set_parent_death_signal
 from .pipeline import Pipeline, Result
-from .queue import REDIS_ERRORS, Fetched, JobQueue, connect, now_iso
+from .queue import REDIS_ERRORS, TRANSIENT_REPLIES, Fetched, JobQueue, connect, now_iso
 from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
@@ -141,18 +141,23 @@ class Worker:
         self.queue = JobQueue(self.client, self.config)
         code = EXIT_OK
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        clean = False
         try:
             self._persist(self._beat, "register")
             heartbeat.start()
             log.info("worker %s ready (%s)", self.slot, self.worker_id)
             code = self._loop()
+            clean = True
         except Aborted:  # told to stop while Redis was unreachable
             code = EXIT_ABORTED if self.aborting else EXIT_OK
+            clean = True
         finally:
             self._heartbeat_stop.set()
             if heartbeat.is_alive():
                 heartbeat.join(timeout=2)
-            self._shutdown()
+            # After a crash (an exception escaping the loop) what we hold stays put: the
+            # supervisor recovers it and counts the attempt, so a crasher becomes poison.
+            self._shutdown(release=clean)
         if self.parent_gone:
             code = EXIT_PARENT_GONE
         log.info("worker %s exits (code %d)", self.slot, code)
@@ -190,9 +195,9 @@ class Worker:
                 log.info("recycling: RSS %d MiB above max_worker_memory_mb", rss >> 20)
                 return EXIT_RECYCLE
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, release: bool = True) -> None:
         """Give back anything still held, leave the registry, remove our folder."""
-        if self.queue is not None:
+        if self.queue is not None and release:
             with contextlib.suppress(*REDIS_ERRORS):
                 held = self.queue.release(self.worker_id)
                 if held:
@@ -208,7 +213,10 @@ class Worker:
             got = self.queue.fetch_nowait(self.worker_id)
             message = got.message if isinstance(got, Fetched) else \
                 self._block(min(self.config.redis.block_timeout, got))
-        except REDIS_ERRORS as exc:
+        except (*REDIS_ERRORS, redis.ResponseError) as exc:
+            if isinstance(exc, redis.ResponseError) and \
+                    not str(exc).startswith(TRANSIENT_REPLIES):
+                raise
             # A connection that died with a restarted server fails once and reconnects on
             # the next call: retry at once the first time, back off after that.
             self._fetch_failures += 1
@@ -244,6 +252,8 @@ class Worker:
                     return None
                 if not isinstance(exc, redis.ResponseError):
                     raise
+                if str(exc).startswith(TRANSIENT_REPLIES):  # e.g. UNBLOCKED by a failover
+                    raise redis.ConnectionError(str(exc)) from exc
                 if "MOVED" not in str(exc) and "ASK" not in str(exc):
                     raise
                 self.queue.topology_changed()
@@ -384,6 +394,9 @@ class Worker:
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
         attempts, due = self._persist(
             lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields), "retry")
+        if attempts < 0:  # no longer ours: a retried call that had run, or recovered elsewhere
+            log.info("job %s: already handed on (%s)", job_id, exc.reason)
+            return
         metrics.JOBS.labels("retried" if due is not None else "dead").inc()
         if due is None:
             metrics.DEAD.labels(exc.reason).inc()
@@ -442,7 +455,7 @@ class Worker:
                 if failing:
                     log.info("heartbeat: Redis is back")
                 failing = False
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, redis.RedisError) as exc:  # this thread must not die
                 if not failing:
                     log.warning("heartbeat: Redis unavailable (%s)", exc)
                 failing = True
@@ -454,7 +467,12 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                return operation()
+                try:
+                    return operation()
+                except redis.ResponseError as exc:
+                    if str(exc).startswith(TRANSIENT_REPLIES):  # MASTERDOWN, LOADING, ...
+                        raise redis.ConnectionError(str(exc)) from exc
+                    raise
             except REDIS_ERRORS as exc:
                 # Give up when told to abort, or to stop while holding nothing: what a job
                 # holds stays in its processing list, and the supervisor recovers it.

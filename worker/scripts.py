@@ -20,12 +20,15 @@ local function now_ms()
 end
 """
 
-# Must agree with worker.job.job_id_of(): a JSON object's string "id", else SHA-1 of the bytes.
+# Must agree with worker.job.job_id_of(): a JSON object's valid "id", else SHA-1 of the bytes.
 _JOB_ID = """
 local function job_id(message)
   if string.match(message, '^%s*{') then
     local ok, obj = pcall(cjson.decode, message)
-    if ok and type(obj) == 'table' and type(obj.id) == 'string' then return obj.id end
+    if ok and type(obj) == 'table' and type(obj.id) == 'string' and #obj.id <= 128
+        and string.match(obj.id, '^[A-Za-z0-9._-]+$') then
+      return obj.id
+    end
   end
   return redis.sha1hex(message)
 end
@@ -40,6 +43,9 @@ FETCH = _NOW_MS + """
 -- KEYS[4] processing list  this worker's in-flight message (empty when called)
 -- ARGV[1] how many due retries to promote at most
 -- Returns {1, message, source} or {0, ms until the next delayed retry is due, or -1}.
+-- Already holding one (our previous call ran but its reply was lost): hand that back.
+local held = redis.call('LINDEX', KEYS[4], -1)
+if held then return {1, held, 'held'} end
 local message = redis.call('RPOPLPUSH', KEYS[1], KEYS[4])
 if message then return {1, message, 'queue'} end
 local now = now_ms()
@@ -103,7 +109,8 @@ end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('HDEL', KEYS[4], ARGV[2])
 if ARGV[7] == '1' then
-  local nxt = redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
+  -- A retried call (lost reply) finds the next message already taken: return it again.
+  local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
   if nxt then return {removed, nxt} end
 end
 return {removed}
@@ -118,6 +125,9 @@ DEAD = """
 -- ARGV[1] message, ARGV[2] job id, ARGV[3] dead letter JSON, ARGV[4] job TTL s,
 -- ARGV[5..] field, value pairs for the job hash.
 local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
+-- Not ours any more (a retried call whose first run succeeded, or recovered by another
+-- host meanwhile): whoever holds it now decides its fate; never two dead letters.
+if removed == 0 then return 0 end
 redis.call('LPUSH', KEYS[3], ARGV[3])
 redis.call('HSET', KEYS[2], 'state', 'dead', unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[4])

@@ -25,6 +25,9 @@ from .wake import Waker
 CHUNK = 256 * 1024
 MAX_REDIRECTS = 5
 USER_AGENT = "clip-supervisor/0.1"
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPAT = ipaddress.IPv6Network("::/96")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,13 @@ def address_allowed(address: str) -> bool:
     multicast, reserved and unspecified addresses, IPv6 ULA and IPv4-mapped forms of these.
     """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv6 forms that carry an IPv4 address reach that address: judge the IPv4 one.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and (ip in _NAT64 or ip in _NAT64_LOCAL or ip in _IPV4_COMPAT):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
     return ip.is_global and not ip.is_multicast
 
 
