@@ -367,6 +367,10 @@ class Master:
     def _become_worker(self, slot: Slot, started_ms: int, mask: set) -> None:
         code = 1
         try:
+            # A process group of its own: a terminal's Ctrl-C (INT to the foreground group)
+            # must reach only the master, which stops its workers gracefully; INT sent to a
+            # worker itself still means "abort".
+            os.setpgid(0, 0)
             if self._pipe is not None:
                 for fd in self._pipe:
                     os.close(fd)

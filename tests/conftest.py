@@ -222,8 +222,7 @@ class Env:
     def cleanup(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                with _suppress():
-                    os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait(10)
         # No process of ours may outlive a test (workers, ffmpeg).
         for p in psutil.process_iter(["cmdline"]):

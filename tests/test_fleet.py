@@ -21,7 +21,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from supervisor import recovery
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, free_port, kill_tree, wait_for
 from worker import config as config_mod
 from worker.keys import Keys
 from worker.queue import JobQueue, connect
@@ -65,7 +65,7 @@ def test_a_dead_host_s_messages_are_recovered_by_the_others(env):
     hosts = {h: _host(env, h) for h in ("h1", "h2", "h3")}
     # When h1 holds messages, it dies whole: supervisor and workers, no goodbye
     wait_for(lambda: len(_held_by_host(env, "h1")) == 2, 20, what="h1 busy")
-    os.killpg(hosts["h1"].pid, signal.SIGKILL)
+    kill_tree(hosts["h1"].pid)  # workers first: no one gets to give anything back
     killed = time.monotonic()
     orphans = _held_by_host(env, "h1")
     assert orphans

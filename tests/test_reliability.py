@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import kill_tree, wait_for
 
 
 def _job(env, job_id, slow=0.0, **extra):
@@ -219,7 +219,7 @@ def test_supervisor_recovers_processing_list_of_a_worker_killed_with_it(env):
     (raw,) = env.push(_job(env, "orphan", slow=4))
     proc = env.start()
     wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # workers first, then the master
     proc.wait(5)
     assert env.holder_of(raw)  # still in the dead worker's processing list
 
@@ -253,3 +253,14 @@ def test_worker_that_cannot_start_makes_the_supervisor_back_off(env):
     os.rename(env.work + ".moved", env.work)
     env.wait_workers(proc, 1, timeout=5)
     assert env.stop(proc) == 0
+
+
+def test_ctrl_c_at_the_terminal_stops_gracefully(env):
+    # A terminal sends INT to the whole foreground process group, workers included.
+    (raw,) = env.push(_job(env, "finish-on-ctrl-c", slow=2))
+    proc = env.start()
+    wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert [e["id"] for e in env.done_events()] == ["finish-on-ctrl-c"]
+    assert "aborted" not in env.log_text()
