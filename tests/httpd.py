@@ -4,6 +4,7 @@
     /slow/SECONDS/NAME    the file, spread over SECONDS (a job that is surely mid-fetch)
     /stall/BYTES/NAME     BYTES of the file, then silence while the connection stays open
     /trickle/NAME         a few bytes every 0.2 s, forever (Content-Length says the file's size)
+    /dribble              response headers one byte every 0.2 s, for ever
     /status/CODE          an empty answer with that HTTP status
     /flaky/N/KEY/NAME     503 for the first N requests (counted per KEY), then the file
     /redirect?to=URL      302 to URL
@@ -31,6 +32,16 @@ class Handler(RangeRequestHandler):
             self.send_response(int(segments[1]))
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if segments[0] == "dribble":
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"x" * 60000:
+                    if self.stop_event.wait(0.2):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
             return
         if segments[0] == "redirect":
             self.send_response(302)

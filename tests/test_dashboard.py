@@ -139,6 +139,8 @@ def _missing_source(env: Env) -> tuple[str, str]:
 # --- in the browser ---------------------------------------------------------------------------
 
 
+# A slow x264 preset keeps the encode on screen for several polls, however fast the machine.
+@pytest.mark.settings({"job": {"encode_preset": "slower"}})
 def test_page_shows_both_workers_a_rising_progress_bar_and_the_dead_letter(env, page,
                                                                            heavy_video):
     # Given two workers, two quick jobs, one bad job, then an encode and a slow download

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -225,3 +226,15 @@ def test_a_job_far_above_the_memory_limit_is_killed_and_ends_as_poison(env, medi
     assert env.log_text().count("far above max_worker_memory_mb 100: killing it") == 2
     assert env.stop(proc) == 0
     assert _no_ffmpeg_left(env)
+
+
+@pytest.mark.settings({"job": {"timeout": 2, "stall_timeout": 5, "max_attempts": 1}})
+def test_a_server_dribbling_its_headers_is_cut_off_at_the_job_timeout(env):
+    started = time.monotonic()
+    env.push({"id": "dribble", "url": f"http://127.0.0.1:{env.http.port}/dribble"})
+    proc = env.start()
+    env.wait_finished(1, timeout=30)
+    (letter,) = env.dead_letters()
+    assert (letter["id"], letter["reason"]) == ("dribble", "timeout")
+    assert time.monotonic() - started < 10
+    assert env.stop(proc) == 0

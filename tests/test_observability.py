@@ -38,6 +38,7 @@ def test_process_titles_show_role_job_stage_and_progress(env):
     assert env.stop(proc) == 0
 
 
+@pytest.mark.settings({"job": {"encode_preset": "slower"}})  # several progress reports
 def test_progress_in_the_job_hash_rises_to_100_during_an_encode(env, heavy_video):
     env.push({"id": "enc", "url": env.url(heavy_video), "mode": "encode"})
     proc = env.start()

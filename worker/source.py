@@ -9,11 +9,13 @@ bounded amount of time and disk.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,8 +94,9 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
 
 
-def _open(url: str, limits: FetchLimits) -> tuple[http.client.HTTPConnection,
-                                                  http.client.HTTPResponse]:
+def _open(url: str, limits: FetchLimits, deadline: float | None = None,
+          waker: Waker | None = None) -> tuple[http.client.HTTPConnection,
+                                               http.client.HTTPResponse]:
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -104,15 +107,50 @@ def _open(url: str, limits: FetchLimits) -> tuple[http.client.HTTPConnection,
         cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
         conn = cls(parts.hostname or "", port, address, limits.connect_timeout)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn.request("GET", target, headers={"User-Agent": USER_AGENT,
-                                             "Accept-Encoding": "identity"})
-        resp = conn.getresponse()
+        resp = _exchange(conn, target, deadline, waker)
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             url = urljoin(url, resp.getheader("Location"))
             conn.close()
             continue
         return conn, resp
     raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+
+
+def _exchange(conn: http.client.HTTPConnection, target: str, deadline: float | None,
+              waker: Waker | None) -> http.client.HTTPResponse:
+    """Send the request and read the status line and headers, within the job's deadline.
+
+    A server can dribble its headers a byte at a time, each within the socket timeout: a
+    timer shuts the socket down at the deadline, and a QUIT wakes it (worker.wake).
+    """
+    conn.connect()
+    timer = None
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Transient("timeout", "the job's timeout passed before the source answered")
+        timer = threading.Timer(remaining, _shut, args=(conn.sock,))
+        timer.daemon = True
+        timer.start()
+    try:
+        with waker.watching(conn.sock) if waker is not None else contextlib.nullcontext():
+            conn.request("GET", target, headers={"User-Agent": USER_AGENT,
+                                                 "Accept-Encoding": "identity"})
+            return conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Transient("timeout", "the source did not answer before the job's "
+                            "timeout") from None
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _shut(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _check_status(resp: http.client.HTTPResponse, url: str) -> None:
@@ -133,10 +171,12 @@ def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
                should_abort: Callable[[], bool], waker: Waker) -> int:
     """Download ``url`` into ``dest``; return the number of bytes."""
     try:
-        conn, resp = _open(url, limits)
+        conn, resp = _open(url, limits, deadline, waker)
     except (Permanent, Transient):
         raise
     except (OSError, http.client.HTTPException) as exc:
+        if should_abort():
+            raise Aborted() from None
         raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
     try:
         _check_status(resp, url)
