@@ -143,9 +143,6 @@ class JobQueue:
         """Give back whatever this worker holds, to the front of the queue, uncounted."""
         return int(self._release(keys=[self.keys.processing(worker_id), self.keys.queue]))
 
-    def held(self, worker_id: str) -> list[bytes]:
-        return self.client.lrange(self.keys.processing(worker_id), 0, -1)
-
     # --- recording --------------------------------------------------------------------------
 
     def start(self, job_id: str, fields: dict[str, str | int | float]) -> int:
