@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import kill_tree, wait_for
+from tests.conftest import gone, kill_tree, wait_for
 
 
 def _job(env, job_id, slow=0.0, **extra):
@@ -99,9 +99,7 @@ def test_quit_or_int_to_one_worker_aborts_and_requeues_its_job(env, sig):
     pid = wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
     os.kill(pid, sig)
     # The worker exits at once, without finishing the 2 s fetch...
-    wait_for(lambda: not psutil.pid_exists(pid) or
-             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 1.5,
-             what="the worker to exit")
+    wait_for(lambda: gone(pid), 1.5, what="the worker to exit")
     # ...and the job is finished by another worker, exactly once, with no attempt counted.
     env.wait_finished(1, timeout=30)
     events = env.done_events()
@@ -201,7 +199,7 @@ def test_sigkilled_supervisor_workers_exit_and_next_supervisor_recovers(env):
     proc.wait(5)
     # The orphaned workers notice, give their jobs back and exit within a few seconds,
     # killing their ffmpeg/downloads on the way out.
-    wait_for(lambda: not any(psutil.pid_exists(p) for p in workers), 5,
+    wait_for(lambda: all(gone(p) for p in workers), 5,
              what="orphaned workers to exit")
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if env.work in " ".join(p.info["cmdline"] or [])]

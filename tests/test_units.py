@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from supervisor.children import Exit, Slot, SlotState, backoff_delay
+from tests.conftest import gone, wait_for
 from worker import config as config_mod
 from worker.config import ConfigError
 from worker.errors import Aborted, Permanent, Transient
@@ -200,13 +200,7 @@ def test_a_stalled_process_group_is_killed():
     assert info.value.reason == "stalled"
     assert time.monotonic() - started < 3
     grandchild = int(b"".join(runner.stderr).split()[0])
-    deadline = time.monotonic() + 3
-    while psutil.pid_exists(grandchild) and time.monotonic() < deadline:
-        if psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE:
-            break
-        time.sleep(0.05)
-    assert not psutil.pid_exists(grandchild) or \
-        psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    wait_for(lambda: gone(grandchild), 3, what="the stalled process group to die")
 
 
 def test_wall_clock_timeout_and_abort():
