@@ -131,7 +131,9 @@ def test_max_jobs_per_worker_recycles_the_worker(env):
     for event in env.done_events():
         by_worker[event["worker"]] = by_worker.get(event["worker"], 0) + 1
     assert sorted(by_worker.values()) == [2, 2, 2]
-    assert env.log_text().count("recycling after 2 jobs") == 3
+    # The third worker logs its recycling just after its second ack
+    wait_for(lambda: env.log_text().count("recycling after 2 jobs") == 3, 10,
+             what="three recycling log lines")
     assert env.stop(proc) == 0
 
 

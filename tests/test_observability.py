@@ -34,7 +34,8 @@ def test_process_titles_show_role_job_stage_and_progress(env):
     wait_for(lambda: "job titled-job" in _cmdline(busy), what="the busy worker's title")
     assert " fetch " in _cmdline(busy) and _cmdline(busy).startswith("clip-supervisor: worker ")
     (idle,) = [pid for pid in env.workers(proc) if pid != busy]
-    assert _cmdline(idle).endswith(" idle")
+    wait_for(lambda: _cmdline(idle).endswith(" idle"), what="the idle worker's title")
+    assert _cmdline(idle).startswith("clip-supervisor: worker ")
     assert env.stop(proc) == 0
 
 
