@@ -125,6 +125,11 @@ def test_metrics_and_health_after_real_jobs(env):
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _get(base + "/healthz")[0] == 200, 10, what="healthz 200")
     env.wait_finished(10)
+    # A worker counts a job just after its ack: wait for the counters to catch up
+    wait_for(lambda: _sample(_get(base + "/metrics")[1], "clip_jobs_total",
+                             outcome="done") == 8, 10, what="8 done jobs counted")
+    wait_for(lambda: _sample(_get(base + "/metrics")[1], "clip_jobs_total",
+                             outcome="dead") == 2, 10, what="2 dead jobs counted")
     pids = env.workers(proc)
     os.kill(pids[0], 9)  # one crash, counted by cause
     wait_for(lambda: len(env.workers(proc)) == 2 and pids[0] not in env.workers(proc))
