@@ -333,9 +333,13 @@ def test_reload_replaces_workers_after_their_jobs_and_applies_the_new_config(dae
         job_id = json.loads(raw)["id"]
         assert events[job_id]["worker"].split(":")[1] == str(holder_pid)
     # And the new workers still log in JSON (they inherit the master's handler)
-    entries = [json.loads(line) for line in _lines(env.log) if line.strip()]
-    assert any(e["message"].startswith("HUP: configuration reloaded") for e in entries)
-    assert {e["pid"] for e in entries if e["role"].startswith("worker")} >= set(new)
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in _lines(env.log) if line.strip()]
+
+    assert any(e["message"].startswith("HUP: configuration reloaded") for e in entries())
+    # (a worker logs "ready" an instant after it registers: wait for the newest one's line)
+    wait_for(lambda: {e["pid"] for e in entries() if e["role"].startswith("worker")}
+             >= set(new), 10, what="a JSON log line from every new worker")
     assert _ctl(env, "stop").returncode == 0
 
 
