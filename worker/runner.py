@@ -178,8 +178,9 @@ class Worker:
                 message = self._next_message()
             if message is None:
                 continue
-            if self.stopping or self.aborting:
-                # Taken in the instant a stop arrived: give it back untouched.
+            if self.aborting:
+                # Taken in the instant an abort arrived: give it back untouched. (A TERM in
+                # that instant finishes it: the worker holds it, so it is its current job.)
                 self._persist(lambda: self.queue.release(self.worker_id), "release")
                 continue
             try:
