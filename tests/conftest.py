@@ -101,6 +101,16 @@ def media_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def heavy_video(media_dir) -> str:
+    """A 12 s 960x540 video at 3 Mbit/s: an encode of it takes a few seconds, long enough to
+    watch its progress rise."""
+    path = os.path.join(media_dir, "heavy.mp4")
+    if not os.path.exists(path):
+        make_video(path, 12, size="960x540", bitrate="3M")
+    return "heavy.mp4"
+
+
+@pytest.fixture(scope="session")
 def http(media_dir) -> Iterator[TestServer]:
     server = TestServer(media_dir)
     yield server

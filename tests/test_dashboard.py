@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from playwright.sync_api import sync_playwright  # the test extra (setup.cfg)
 
-from supervisor.sample import make_video
 from tests.conftest import ROOT, Env, free_port, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -55,15 +54,6 @@ def page(browser) -> Iterator[Any]:
     tab.set_default_timeout(15000)
     yield tab
     context.close()
-
-
-@pytest.fixture(scope="module")
-def heavy_video(media_dir) -> str:
-    # The same file as tests/test_observability.py: an encode that takes a few seconds.
-    path = os.path.join(media_dir, "heavy.mp4")
-    if not os.path.exists(path):
-        make_video(path, 12, size="960x540", bitrate="3M")
-    return "heavy.mp4"
 
 
 def _listen(env: Env, token: str | None = TOKEN) -> str:

@@ -8,21 +8,12 @@ import time
 
 import pytest
 
-from supervisor.sample import make_video
 from tests.conftest import wait_for
 
 
 def _cmdline(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as fh:
         return fh.read().replace(b"\x00", b" ").decode().strip()
-
-
-@pytest.fixture(scope="module")
-def heavy_video(media_dir) -> str:
-    path = os.path.join(media_dir, "heavy.mp4")
-    if not os.path.exists(path):
-        make_video(path, 12, size="960x540", bitrate="3M")
-    return "heavy.mp4"
 
 
 def test_process_titles_show_role_job_stage_and_progress(env):
