@@ -217,6 +217,13 @@ class Env:
                 return int(key.rsplit(":", 2)[1])
         return None
 
+    def wait_in_flight(self, *messages: bytes, timeout: float = 10) -> list[int]:
+        """Wait until every message is held by a worker; returns their pids."""
+        def holders() -> list[int] | None:
+            pids = [self.holder_of(m) for m in messages]
+            return pids if all(pids) else None  # type: ignore[return-value]
+        return wait_for(holders, timeout, what=f"{len(messages)} job(s) in flight")
+
     def stop(self, proc: subprocess.Popen, timeout: float = 30) -> int:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -41,8 +41,7 @@ def test_a_redis_outage_loses_nothing_and_kills_nobody(env):
     jobs = env.push(*[{"id": f"o{i}", "url": env.url("ten.mp4", slow=1.5), "duration": 2}
                       for i in range(4)])
     proc = env.start()
-    wait_for(lambda: env.holder_of(jobs[0]) and env.holder_of(jobs[1]),
-             what="two jobs in flight")
+    env.wait_in_flight(jobs[0], jobs[1])
     pids = env.workers(proc)
 
     # When Redis goes away for ~3 s while they finish, then comes back

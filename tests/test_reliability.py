@@ -61,8 +61,7 @@ def test_sigterm_to_supervisor_finishes_jobs_in_flight_and_leaves_the_rest(env):
     # Given two slow jobs in flight and five more waiting
     in_flight = env.push(_job(env, "a", slow=2), _job(env, "b", slow=2))
     proc = env.start()
-    wait_for(lambda: env.holder_of(in_flight[0]) and env.holder_of(in_flight[1]),
-             what="both jobs in flight")
+    env.wait_in_flight(in_flight[0], in_flight[1])
     waiting = env.push(*[_job(env, f"w{i}") for i in range(5)])
 
     # When the supervisor gets SIGTERM
@@ -191,8 +190,7 @@ def test_malformed_input_is_dead_lettered_with_distinct_reasons(env):
 def test_sigkilled_supervisor_workers_exit_and_next_supervisor_recovers(env):
     held = env.push(_job(env, "k1", slow=4), _job(env, "k2", slow=4))
     proc = env.start()
-    wait_for(lambda: env.holder_of(held[0]) and env.holder_of(held[1]),
-             what="both jobs in flight")
+    env.wait_in_flight(held[0], held[1])
     workers = env.workers(proc)
 
     os.kill(proc.pid, signal.SIGKILL)
