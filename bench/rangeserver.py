@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from supervisor.sample import RangeRequestHandler, _Server
+from supervisor.sample import PacedWriter, RangeRequestHandler, _Server
 
 TRICKLE_BYTES = 1024
 TRICKLE_INTERVAL = 0.25
@@ -54,28 +54,6 @@ class Stats:
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
-
-
-class _Counting:
-    """A write-only file that counts what goes through it, paced to ``rate`` bytes/s."""
-
-    def __init__(self, out: BinaryIO, rate: float) -> None:
-        self.out = out
-        self.rate = rate
-        self.count = 0
-        self.started = time.monotonic()
-
-    def write(self, data: bytes) -> int:
-        written = self.out.write(data)
-        self.count += len(data)
-        if self.rate:
-            ahead = self.count / self.rate - (time.monotonic() - self.started)
-            if ahead > 0:
-                time.sleep(ahead)
-        return written
-
-    def flush(self) -> None:
-        self.out.flush()
 
 
 class CountingHandler(RangeRequestHandler):
@@ -114,7 +92,7 @@ class CountingHandler(RangeRequestHandler):
     def copyfile(self, source: BinaryIO, outputfile: BinaryIO) -> None:  # type: ignore[override]
         if self.rate:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PACED_SNDBUF)
-        counter = _Counting(outputfile, self.rate)
+        counter = PacedWriter(outputfile, self.rate)
         started = time.monotonic()
         try:
             super().copyfile(source, counter)

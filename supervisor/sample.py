@@ -16,6 +16,9 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
+from typing import BinaryIO
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
@@ -36,6 +39,34 @@ def make_video(path: str, seconds: float = 10.0, *, size: str = "320x240", rate:
     cmd += ["-movflags", "+faststart", path]
     subprocess.run(cmd, check=True)
     return path
+
+
+class PacedWriter:
+    """A write-only file that counts what goes through it, paced to ``rate`` bytes/s (0: as
+    fast as it goes); ``on_write(n)`` hears of every write. With a small socket send buffer,
+    this imitates a remote server on loopback (tests and benchmarks)."""
+
+    def __init__(self, out: BinaryIO, rate: float = 0.0,
+                 on_write: Callable[[int], None] | None = None) -> None:
+        self.out = out
+        self.rate = rate
+        self.on_write = on_write
+        self.count = 0
+        self.started = time.monotonic()
+
+    def write(self, data: bytes) -> int:
+        written = self.out.write(data)
+        self.count += len(data)
+        if self.on_write is not None:
+            self.on_write(len(data))
+        if self.rate:
+            ahead = self.count / self.rate - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+        return written
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):

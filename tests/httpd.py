@@ -8,22 +8,46 @@
     /status/CODE          an empty answer with that HTTP status
     /flaky/N/KEY/NAME     503 for the first N requests (counted per KEY), then the file
     /redirect?to=URL      302 to URL
+    /norange/NAME         the file, ignoring Range (always 200 and the whole file)
+    /paced/RATE/KEY/NAME  the file, with Range support, each answer paced to RATE bytes/s
+                          through a small send buffer (a remote server's behaviour on a
+                          real link); the body bytes sent are counted per KEY (``sent``)
+    /vanish/KEY/NAME      the file for the first request (counted per KEY), then 404
+    /cut/KEY/NAME         the file for the first request, then answers whose body stops
+                          after 64 KiB, the connection closed
+    /stallrange/KEY/NAME  the file for the first request, then 64 KiB and silence
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from supervisor.sample import RangeRequestHandler, _Server
+from supervisor.sample import _RANGE, PacedWriter, RangeRequestHandler, _Server
+
+PACED_SNDBUF = 64 * 1024
+CUT_BYTES = 64 * 1024
 
 
 class Handler(RangeRequestHandler):
     stop_event: threading.Event
     counts: dict[str, int]
+    sent: dict[str, int]
+    ranges: dict[str, list[str | None]]
     lock: threading.Lock
+    _paced: tuple[float, str] | None = None
+
+    def _count(self, key: str) -> int:
+        """How many requests KEY had before this one (and count this one)."""
+        with self.lock:
+            seen = self.counts.get(key, 0)
+            self.counts[key] = seen + 1
+            self.ranges.setdefault(key, []).append(self.headers.get("Range"))
+        return seen
 
     def do_GET(self) -> None:  # noqa: N802
         parts = urlsplit(self.path)
@@ -59,6 +83,25 @@ class Handler(RangeRequestHandler):
                 self.end_headers()
                 return
             self.path = "/" + segments[3]
+        elif segments[0] == "paced" and len(segments) == 4:
+            self._count(segments[2])
+            self._paced = (float(segments[1]), segments[2])
+            self.path = "/" + segments[3]
+        elif segments[0] == "vanish" and len(segments) == 3:
+            if self._count(segments[1]):
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.path = "/" + segments[2]
+        elif segments[0] in ("cut", "stallrange") and len(segments) == 3:
+            if self._count(segments[1]) and self.headers.get("Range"):
+                self._break_range(segments[0], segments[2])
+                return
+            self.path = "/" + segments[2]
+        elif segments[0] == "norange" and len(segments) == 2:
+            self._trickle("whole", 0, segments[1])
+            return
         elif segments[0] in ("slow", "stall") and len(segments) == 3:
             self._trickle(segments[0], float(segments[1]), segments[2])
             return
@@ -66,6 +109,43 @@ class Handler(RangeRequestHandler):
             self._trickle("trickle", 0, segments[1])
             return
         super().do_GET()
+
+    def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+        if self._paced is None:
+            super().copyfile(source, outputfile)
+            return
+        rate, key = self._paced
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PACED_SNDBUF)
+        # the client hangs up once it has what it needs: expected, and what was sent counted
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            super().copyfile(source, PacedWriter(outputfile, rate, lambda n: self._sent(key, n)))
+
+    def _sent(self, key: str, n: int) -> None:
+        with self.lock:
+            self.sent[key] = self.sent.get(key, 0) + n
+
+    def _break_range(self, kind: str, name: str) -> None:
+        """A 206 that promises the range asked for and breaks its promise."""
+        path = os.path.join(self.directory, name)
+        size = os.path.getsize(path)
+        match = _RANGE.match(self.headers["Range"].strip())
+        first = int(match.group(1) or 0) if match else 0
+        last = int(match.group(2)) if match and match.group(2) else size - 1
+        with open(path, "rb") as fh:
+            fh.seek(first)
+            data = fh.read(min(CUT_BYTES, last - first + 1))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.send_header("Content-Length", str(last - first + 1))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+            if kind == "stallrange":
+                self.stop_event.wait(120)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
 
     def _trickle(self, kind: str, amount: float, name: str) -> None:
         path = os.path.join(self.directory, name)
@@ -76,6 +156,9 @@ class Handler(RangeRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         try:
+            if kind == "whole":
+                self.wfile.write(data)
+                return
             if kind == "trickle":
                 offset = 0
                 while not self.stop_event.wait(0.2) and offset < len(data):
@@ -105,8 +188,12 @@ class TestServer:
 
     def __init__(self, directory: str) -> None:
         stop = threading.Event()
-        bound = type("BoundHandler", (Handler,), {"stop_event": stop, "counts": {},
-                                                   "lock": threading.Lock()})
+        self.counts: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.ranges: dict[str, list[str | None]] = {}
+        bound = type("BoundHandler", (Handler,), {
+            "stop_event": stop, "counts": self.counts, "sent": self.sent,
+            "ranges": self.ranges, "lock": threading.Lock()})
 
         def handler(*args, **kwargs):
             return bound(*args, directory=directory, **kwargs)

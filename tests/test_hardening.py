@@ -105,12 +105,13 @@ def test_a_redirect_is_checked_at_every_hop(http, monkeypatch):
                                 allow_private=False)
     target = f"http://private.test:{http.port}/ten.mp4"
     with pytest.raises(Permanent) as info:
-        source._open(f"http://public.test:{http.port}/redirect?to={target}", limits)
+        source.open_url(f"http://public.test:{http.port}/redirect?to={target}", limits)
     assert info.value.reason == "private_address"
     # and the same chain with the guard lifted is followed to the file
     allowed = source.FetchLimits(2, 2, 1 << 30, allow_private=True)
-    conn, resp = source._open(f"http://public.test:{http.port}/redirect?to={target}", allowed)
-    assert resp.status == 200
+    conn, resp, final = source.open_url(f"http://public.test:{http.port}/redirect?to={target}",
+                                        allowed)
+    assert resp.status == 200 and final == target
     conn.close()
 
 

@@ -231,6 +231,8 @@ class JobConfig:
     max_source_bytes: int = _opt(_size, "2GiB")
     max_message_bytes: int = _opt(_size, "1MiB")
     connect_timeout: float = _opt(_positive_float, "10")
+    range_requests: bool = _opt(_bool, "true", "read http(s) sources in place with Range "
+                                "requests when their server supports them")
     job_ttl: float = _opt(_positive_float, "604800", "seconds {prefix}:job:<id> hashes live")
     done_max: int = _opt(_positive_int, "10000", "length cap of the {prefix}:done list")
 

@@ -1,8 +1,10 @@
 """ffmpeg: cutting a clip out of a source, and checking the source on the way.
 
-ffmpeg runs as an argument list (never a shell), only on a local file, with a protocol whitelist
-of ``file`` and a demuxer whitelist, so a crafted input (an HLS playlist, a concat list, a
-``subfile:`` reference) cannot make it read other local files or reach the network.
+ffmpeg runs as an argument list (never a shell), on a local file with a protocol whitelist of
+``file``, or on the job's range relay with ``http,tcp`` and every http request routed to the
+relay (worker.relay), and with a demuxer whitelist: a crafted input (an HLS playlist, a
+concat list, a ``subfile:`` reference) cannot make it read other local files or reach the
+network.
 ffmpeg runs in its own session so that a timeout or an abort kills its whole process group,
 and with a parent-death signal so that it dies with its worker even after a SIGKILL. Its two
 pipes are drained with a selector while it runs, whatever it prints (the seed's Popen pipe
@@ -28,6 +30,7 @@ from .wake import Waker
 
 DEMUXERS = "mov,mp4,m4a,3gp,matroska,webm,avi,flv,mpegts,mpeg,ogg,asf,h264,hevc,m4v"
 PROTOCOLS = "file"
+RELAY_PROTOCOLS = "http,tcp"  # plain http to the relay on loopback; no file, no https
 STDERR_TAIL = 2000
 
 _PR_SET_PDEATHSIG = 1
@@ -54,14 +57,20 @@ def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
 
 
 def clip_command(ffmpeg: str, src: str, dst: str, start: float, length: float | None,
-                 mode: str, muxer: str, preset: str) -> list[str]:
+                 mode: str, muxer: str, preset: str, rw_timeout: float | None = None,
+                 ) -> list[str]:
+    """The clip's ffmpeg command. ``rw_timeout`` (seconds) marks ``src`` as the job's range
+    relay (worker.relay), read over HTTP; otherwise it is a local file."""
     # -ss before -i: a fast input seek. With stream copy the clip starts at the keyframe at or
     # before `start`; re-encoding decodes from there and drops frames up to `start` exactly.
     # "-v info" makes ffmpeg describe its input (duration, streams) on stderr: that report
     # validates the job in place of a separate ffprobe process (see InputReport).
-    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "info", "-xerror",
-           "-protocol_whitelist", PROTOCOLS, "-format_whitelist", DEMUXERS,
-           "-ss", f"{start:.6f}", "-i", src]
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "info", "-xerror"]
+    if rw_timeout is None:
+        cmd += ["-protocol_whitelist", PROTOCOLS]
+    else:
+        cmd += ["-protocol_whitelist", RELAY_PROTOCOLS, "-rw_timeout", str(int(rw_timeout * 1e6))]
+    cmd += ["-format_whitelist", DEMUXERS, "-ss", f"{start:.6f}", "-i", src]
     if length is not None:
         cmd += ["-t", f"{length:.6f}"]
     cmd += ["-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1"]
@@ -114,8 +123,10 @@ class FFmpegRun:
 
     def __init__(self, cmd: list[str], start: float, end: float | None, deadline: float,
                  stall_timeout: float, waker: Waker, should_abort: Callable[[], bool],
-                 on_progress: Callable[[float, str], None]) -> None:
+                 on_progress: Callable[[float, str], None],
+                 env: dict[str, str] | None = None) -> None:
         self.cmd = cmd
+        self.env = env
         self.start = start
         self.end = end
         self.head = b""
@@ -134,7 +145,7 @@ class FFmpegRun:
         try:
             proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=_die_with_parent, env=self.env)
         except FileNotFoundError:
             raise Transient("ffmpeg_missing", f"cannot run {self.cmd[0]!r}") from None
         try:

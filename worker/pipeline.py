@@ -7,6 +7,7 @@ progress through callbacks, and either returns a result or raises a JobFailed/Ab
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -14,12 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from . import media, source
+from . import media, relay, source
 from .config import Config
-from .errors import Permanent, Transient
+from .errors import JobFailed, Permanent, Transient
 from .job import Job
 from .storage import store_for
 from .wake import Waker
+
+log = logging.getLogger(__name__)
 
 # A clip shorter than this share of the range asked for means the source was cut short.
 MIN_OUTPUT_SHARE = 0.5
@@ -34,6 +37,7 @@ class Result:
     out_time: float = 0.0
     size: int = 0
     bytes_in: int = 0
+    read: str = ""  # how the source was read: "ranges", "download" or "local"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -69,29 +73,32 @@ class Pipeline:
         return now
 
     def _run(self, job: Job, job_dir: str, deadline: float) -> Result:
-        cfg = self.config.job
         result = Result(output=job.output)
         started = time.monotonic()
 
         self.on_stage("fetch")
-        local = self._fetch(job, job_dir, deadline, result)
+        src = self._fetch(job, job_dir, deadline, result)
         started = self._stage(result, "fetch", started)
 
         # No separate ffprobe: ffmpeg's own report on its input validates the job (format,
         # video stream, start before the end), which saves a process per job (~0.14 s here).
         self.on_stage("clip")
         clip_path = os.path.join(job_dir, f"clip.{job.format}")
-        length = None if job.end is None else job.end - job.start
-        cmd = media.clip_command(cfg.ffmpeg, local, clip_path, job.start, length,
-                                 job.mode, job.muxer, cfg.encode_preset)
-        run = media.FFmpegRun(cmd, job.start, job.end, deadline, cfg.stall_timeout, self.waker,
-                              self.should_abort, self.on_progress)
-        clip = run.run()
+        if isinstance(src, source.RangeSource):
+            with relay.Relay(src, self._limits(), deadline, self.should_abort) as read:
+                clip, expected = self._clip(job, read.url, clip_path, deadline, read)
+            if read.error is not None:  # the clip may look fine, but a read failed
+                raise read.error
+            result.bytes_in = read.bytes_in
+            log.debug("job %s: read %d of %d bytes in %d range requests", job.id,
+                      read.bytes_in, src.size, read.requests)
+        else:
+            clip, expected = self._clip(job, src, clip_path, deadline)
         result.source_duration = clip.source_duration or 0.0
         end = job.end if clip.source_duration is None else (
             clip.source_duration if job.end is None else min(job.end, clip.source_duration))
         result.clip_start, result.clip_end = job.start, end if end is not None else 0.0
-        self._verify(clip, clip_path, run.length)
+        self._verify(clip, clip_path, expected)
         result.out_time, result.size = clip.out_time, os.path.getsize(clip_path)
         started = self._stage(result, "clip", started)
 
@@ -105,22 +112,54 @@ class Pipeline:
         self._stage(result, "store", started)
         return result
 
-    def _fetch(self, job: Job, job_dir: str, deadline: float, result: Result) -> str:
+    def _clip(self, job: Job, src: str, clip_path: str, deadline: float,
+              read: relay.Relay | None = None) -> tuple[media.ClipResult, float]:
+        """Run ffmpeg on a local file, or on the job's relay (``read``)."""
+        cfg = self.config.job
+        length = None if job.end is None else job.end - job.start
+        cmd = media.clip_command(cfg.ffmpeg, src, clip_path, job.start, length, job.mode,
+                                 job.muxer, cfg.encode_preset,
+                                 rw_timeout=None if read is None else cfg.stall_timeout)
+        run = media.FFmpegRun(cmd, job.start, job.end, deadline, cfg.stall_timeout, self.waker,
+                              self.should_abort, self.on_progress,
+                              env=None if read is None else read.ffmpeg_env())
+        try:
+            return run.run(), run.length
+        except JobFailed as exc:
+            if read is None:
+                raise
+            if read.error is not None:  # ffmpeg saw a failed read; this is why
+                raise read.error from None
+            # ffmpeg's words name the relay: name the source instead
+            raise type(exc)(exc.reason, exc.error.replace(read.url, job.url)) from None
+
+    def _limits(self) -> source.FetchLimits:
+        cfg = self.config.job
+        return source.FetchLimits(connect_timeout=cfg.connect_timeout,
+                                  stall_timeout=cfg.stall_timeout,
+                                  max_bytes=cfg.max_source_bytes,
+                                  allow_private=cfg.allow_private_networks)
+
+    def _fetch(self, job: Job, job_dir: str, deadline: float,
+               result: Result) -> str | source.RangeSource:
+        """The source as a local file, or, for a server that answers Range requests, as a
+        RangeSource that ffmpeg reads in place through the relay."""
         cfg = self.config.job
         scheme = urlsplit(job.url).scheme.lower()
         if scheme == "file":
             path = source.local_path(job.url, cfg.max_source_bytes)
             result.bytes_in = os.path.getsize(path)
+            result.read = "local"
             return path
         if scheme in ("http", "https"):
             self._check_disk(job_dir)
             dest = os.path.join(job_dir, "source")
-            limits = source.FetchLimits(connect_timeout=cfg.connect_timeout,
-                                        stall_timeout=cfg.stall_timeout,
-                                        max_bytes=cfg.max_source_bytes,
-                                        allow_private=cfg.allow_private_networks)
-            result.bytes_in = source.fetch_http(job.url, dest, limits, deadline,
-                                                self.should_abort, self.waker)
+            got = source.fetch_http(job.url, dest, self._limits(), deadline, self.should_abort,
+                                    self.waker, ranges=cfg.range_requests)
+            if isinstance(got, source.RangeSource):
+                result.read = "ranges"
+                return got
+            result.bytes_in, result.read = got, "download"
             return dest
         if scheme == "gs":
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
@@ -129,6 +168,7 @@ class Pipeline:
             dest = os.path.join(job_dir, "source")
             result.bytes_in = gcs.download(job.url, dest, self.config.storage,
                                            cfg.max_source_bytes, deadline, self.should_abort)
+            result.read = "download"
             return dest
         raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported")
 

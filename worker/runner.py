@@ -350,7 +350,7 @@ class Worker:
                  "start": result.clip_start, "end": result.clip_end,
                  "duration": round(result.out_time, 3), "elapsed": elapsed,
                  "timings": result.timings, "worker": self.worker_id, "time": finished,
-                 "reused": reused}
+                 "reused": reused, "source_read": result.read, "source_bytes": result.bytes_in}
         fields = {"progress": 100, "stage": "done", "finished": finished, "elapsed": elapsed,
                   "output": result.output, "error": "", "reason": "",
                   **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
@@ -367,7 +367,8 @@ class Worker:
         metrics.BYTES_IN.inc(result.bytes_in)
         metrics.BYTES_OUT.inc(result.size)
         log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
-                 " (already stored)" if reused else "")
+                 " (already stored)" if reused else
+                 f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
 
     def _letter(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> dict:
         letter: dict[str, Any] = {"id": job_id, "reason": exc.reason, "attempts": attempts,

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import threading
@@ -73,15 +74,21 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to an address decided in advance, whatever ``host`` resolves to now."""
+    """Connects to an address decided in advance, whatever ``host`` resolves to now.
+
+    ``live_sock`` keeps the socket after http.client drops ``sock`` (it does as soon as a
+    response says the connection will close), for timeouts and wake-ups while reading.
+    """
 
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self.live_sock: socket.socket | None = None
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self._address, self.port), self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.live_sock = self.sock
 
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
@@ -91,12 +98,15 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
 
     def connect(self) -> None:
         super().connect()
-        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
+        self.sock = self.live_sock = self._tls.wrap_socket(self.sock,
+                                                           server_hostname=self.host)
 
 
-def _open(url: str, limits: FetchLimits, deadline: float | None = None,
-          waker: Waker | None = None) -> tuple[http.client.HTTPConnection,
-                                               http.client.HTTPResponse]:
+def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
+             waker: Waker | None = None, headers: dict[str, str] | None = None,
+             ) -> tuple[_PinnedHTTPConnection, http.client.HTTPResponse, str]:
+    """GET ``url``, following redirects, each hop checked by the address guard and connected
+    to the checked address; return the connection, the response and the final url."""
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -107,17 +117,18 @@ def _open(url: str, limits: FetchLimits, deadline: float | None = None,
         cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
         conn = cls(parts.hostname or "", port, address, limits.connect_timeout)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        resp = _exchange(conn, target, deadline, waker)
+        resp = _exchange(conn, target, deadline, waker, headers)
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             url = urljoin(url, resp.getheader("Location"))
             conn.close()
             continue
-        return conn, resp
+        return conn, resp, url
     raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
 
 
 def _exchange(conn: http.client.HTTPConnection, target: str, deadline: float | None,
-              waker: Waker | None) -> http.client.HTTPResponse:
+              waker: Waker | None, headers: dict[str, str] | None = None,
+              ) -> http.client.HTTPResponse:
     """Send the request and read the status line and headers, within the job's deadline.
 
     A server can dribble its headers a byte at a time, each within the socket timeout: a
@@ -135,7 +146,8 @@ def _exchange(conn: http.client.HTTPConnection, target: str, deadline: float | N
     try:
         with waker.watching(conn.sock) if waker is not None else contextlib.nullcontext():
             conn.request("GET", target, headers={"User-Agent": USER_AGENT,
-                                                 "Accept-Encoding": "identity"})
+                                                 "Accept-Encoding": "identity",
+                                                 **(headers or {})})
             return conn.getresponse()
     except (OSError, http.client.HTTPException):
         if deadline is not None and time.monotonic() >= deadline:
@@ -153,9 +165,11 @@ def _shut(sock: socket.socket | None) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _check_status(resp: http.client.HTTPResponse, url: str) -> None:
+def check_status(resp: http.client.HTTPResponse, url: str,
+                 ok: tuple[int, ...] = (200,)) -> None:
+    """Raise the job failure that an HTTP status other than ``ok`` means."""
     status = resp.status
-    if status == 200:
+    if status in ok:
         return
     text = f"HTTP {status} {resp.reason} from {url}"
     if status in (404, 410):
@@ -167,27 +181,76 @@ def _check_status(resp: http.client.HTTPResponse, url: str) -> None:
     raise Permanent("http_error", text)
 
 
+@dataclass(frozen=True)
+class RangeSource:
+    """A remote source whose server answers Range requests: read in place, not downloaded."""
+
+    url: str  # after redirects
+    size: int
+    validator: str  # a strong ETag, else Last-Modified: sent as If-Range ("" = none)
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)$")
+
+
+def content_range(resp: http.client.HTTPResponse) -> tuple[int, int, int] | None:
+    """``Content-Range: bytes FIRST-LAST/SIZE`` as numbers, or None when absent or vague."""
+    match = _CONTENT_RANGE.match((resp.getheader("Content-Range") or "").strip())
+    return None if match is None else (int(match[1]), int(match[2]), int(match[3]))
+
+
+def validator(resp: http.client.HTTPResponse) -> str:
+    etag = resp.getheader("ETag") or ""
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.getheader("Last-Modified") or ""
+
+
 def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
-               should_abort: Callable[[], bool], waker: Waker) -> int:
-    """Download ``url`` into ``dest``; return the number of bytes."""
+               should_abort: Callable[[], bool], waker: Waker,
+               ranges: bool = False) -> int | RangeSource:
+    """Download ``url`` into ``dest`` and return the number of bytes; or, with ``ranges``,
+    when the server answers a one-byte Range request with 206, download nothing and return
+    the RangeSource for the relay (worker.relay) to read from. A server that ignores the
+    Range header sends the whole file with 200: that answer is the download, no time lost.
+    """
     try:
-        conn, resp = _open(url, limits, deadline, waker)
+        conn, resp, final = open_url(url, limits, deadline, waker,
+                                     {"Range": "bytes=0-0"} if ranges else None)
     except (Permanent, Transient):
         raise
     except (OSError, http.client.HTTPException) as exc:
         if should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
+    if ranges and resp.status in (206, 416):
+        found = content_range(resp) if resp.status == 206 else None
+        conn.close()
+        if found is None:  # an empty file (416), or a size the server does not state
+            return fetch_http(url, dest, limits, deadline, should_abort, waker)
+        if found[2] > limits.max_bytes:
+            raise Permanent("source_too_large",
+                            f"{found[2]} bytes > max_source_bytes {limits.max_bytes}")
+        return RangeSource(url=final, size=found[2], validator=validator(resp))
     try:
-        _check_status(resp, url)
+        return _download(conn, resp, url, dest, limits, deadline, should_abort, waker)
+    finally:
+        conn.close()
+
+
+def _download(conn: _PinnedHTTPConnection, resp: http.client.HTTPResponse, url: str,
+              dest: str, limits: FetchLimits, deadline: float,
+              should_abort: Callable[[], bool], waker: Waker) -> int:
+    try:
+        check_status(resp, url)
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > limits.max_bytes:
             raise Permanent("source_too_large",
                             f"Content-Length {length} > max_source_bytes {limits.max_bytes}")
-        if conn.sock is not None:
-            conn.sock.settimeout(limits.stall_timeout)
+        if conn.live_sock is not None:
+            conn.live_sock.settimeout(limits.stall_timeout)
         total = 0
-        with open(dest, "wb") as out, waker.watching(conn.sock):
+        with open(dest, "wb") as out, waker.watching(conn.live_sock):
             while True:
                 if should_abort():
                     raise Aborted()
@@ -214,8 +277,6 @@ def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
         if should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
-    finally:
-        conn.close()
 
 
 def local_path(url: str, max_bytes: int) -> str:

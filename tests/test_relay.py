@@ -1,0 +1,205 @@
+"""Remote sources read in place: ffmpeg seeks through the worker's range relay.
+
+A server that answers Range requests is never downloaded whole: ffmpeg reads the index and
+the clip's bytes through worker.relay, which applies the address guard, the stall timeout,
+the job's deadline and max_source_bytes to every request. A server that ignores Range is
+downloaded as before. What fails upstream is reported as the source's failure, not as a
+broken video.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import ffprobe_duration, wait_for
+from worker import media, relay, source
+
+LONG_SECONDS = 30
+CLIP_START, CLIP_SECONDS = 15, 4
+PACE = 40e6  # bytes/s per answer: a fast remote link, so that bytes in flight stay bounded
+
+
+@pytest.fixture(scope="session")
+def long_videos(media_dir) -> dict[str, str]:
+    """A 30 s source at 4 Mbit/s (~15 MB), with its index at the front and at the end.
+
+    Noise keeps the bit rate up (a bare test pattern compresses to a few hundred kbit/s), so
+    the clip's share is megabytes and the fixed costs (the index, bytes in flight) are
+    measured against a realistic size."""
+    front = os.path.join(media_dir, "long.mp4")
+    end = os.path.join(media_dir, "long-moov-at-end.mp4")
+    if not os.path.exists(end):
+        subprocess.run([
+            "ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+            f"testsrc=size=320x240:rate=25:duration={LONG_SECONDS},noise=alls=30:allf=t+u",
+            "-f", "lavfi", "-i", f"sine=frequency=440:duration={LONG_SECONDS}",
+            "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p",
+            "-b:v", "4M", "-maxrate", "4M", "-bufsize", "4M", "-c:a", "aac", "-shortest",
+            "-movflags", "+faststart", front], check=True)
+        subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-i", front, "-c", "copy",
+                        end], check=True)
+    return {"front": "long.mp4", "end": "long-moov-at-end.mp4"}
+
+
+def _run(env, job: dict, timeout: float = 60) -> None:
+    """Run one job through a real supervisor, to its end."""
+    env.push(job)
+    proc = env.start()
+    env.wait_finished(1, timeout)
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.parametrize("index", ["front", "end"])
+def test_a_clip_from_a_long_source_reads_little_more_than_its_share(env, long_videos, index):
+    # Given a long source on a server that answers Range requests, index at either end
+    name = long_videos[index]
+    size = os.path.getsize(os.path.join(env.http.directory, name))
+    share = size * CLIP_SECONDS / LONG_SECONDS
+    key = f"long-{index}"
+    _run(env, {"id": key, "url": f"http://127.0.0.1:{env.http.port}/paced/{PACE:g}/{key}/{name}",
+               "start": CLIP_START, "duration": CLIP_SECONDS, "mode": "copy"})
+
+    # Then the clip is right, and it was read with ranges: the server sent at most twice
+    # the clip's share of the file (the index, the clip's bytes, what was in flight)
+    (event,) = env.done_events()
+    assert event["source_read"] == "ranges"
+    sent = env.http.sent[key]
+    print(f"{key}: {sent} bytes sent, {sent / share:.2f} x the share ({size} total)")
+    assert sent <= 2 * share, f"{sent} bytes sent for a share of {share:.0f} ({size} total)"
+    assert event["source_bytes"] <= sent
+    # it sought into the middle rather than reading from the start
+    ranges = env.http.ranges[key]
+    assert ranges[0] == "bytes=0-0"  # the probe
+    assert any(r and int(r[6:].split("-")[0]) > size // 4 for r in ranges[1:]), ranges
+    clip = os.path.join(env.out, f"{key}.mp4")
+    assert CLIP_SECONDS - 0.1 <= ffprobe_duration(clip) <= CLIP_SECONDS + 1.1  # 1 s GOP
+    assert f"job {key} done" in env.log_text() and "(ranges, " in env.log_text()
+
+
+def test_a_server_that_ignores_ranges_is_downloaded_whole(env, media_dir):
+    _run(env, {"id": "whole", "url": f"http://127.0.0.1:{env.http.port}/norange/ten.mp4",
+               "start": 2, "duration": 3})
+    (event,) = env.done_events()
+    assert event["source_read"] == "download"
+    assert event["source_bytes"] == os.path.getsize(os.path.join(media_dir, "ten.mp4"))
+    assert 2.9 <= ffprobe_duration(os.path.join(env.out, "whole.mp4")) <= 4.1
+
+
+@pytest.mark.settings({"job": {"range_requests": "false"}})
+def test_range_requests_can_be_turned_off(env, media_dir):
+    key = "off"
+    _run(env, {"id": key, "url": f"http://127.0.0.1:{env.http.port}/paced/1e9/{key}/ten.mp4",
+               "duration": 2})
+    (event,) = env.done_events()
+    assert event["source_read"] == "download"
+    assert env.http.ranges[key] == [None]  # one plain GET, no probe
+    assert env.http.sent[key] == os.path.getsize(os.path.join(media_dir, "ten.mp4"))
+
+
+@pytest.mark.settings({"job": {"max_attempts": 1, "stall_timeout": 2}})
+@pytest.mark.parametrize(("path", "reason", "words"), [
+    ("vanish", "not_found", "HTTP 404"),
+    ("cut", "fetch_failed", "ended after"),
+    # the relay's stall timeout or ffmpeg's own watch on its progress, whichever ends first
+    ("stallrange", "stalled", "no "),
+])
+def test_a_source_failing_mid_read_is_the_sources_failure(env, path, reason, words):
+    # Given a source that answers the probe and then fails the ranges ffmpeg asks for
+    url = f"http://127.0.0.1:{env.http.port}/{path}/{path}-k/twenty.mp4"
+    _run(env, {"id": path, "url": url, "start": 12, "duration": 2}, 30)
+    # Then the dead letter names what the source did, and the source's URL, not the relay's
+    (letter,) = env.dead_letters()
+    assert (letter["id"], letter["reason"]) == (path, reason), letter
+    assert words in letter["error"] and "/source" not in letter["error"], letter["error"]
+    assert not os.path.exists(os.path.join(env.out, f"{path}.mp4"))
+
+
+@pytest.mark.settings({"job": {"max_source_bytes": "100KiB"}})
+def test_a_source_over_max_source_bytes_is_refused_from_the_probe(env):
+    key = "toolarge"
+    _run(env, {"id": key, "url": f"http://127.0.0.1:{env.http.port}/paced/1e9/{key}/ten.mp4",
+               "duration": 1})
+    (letter,) = env.dead_letters()
+    assert letter["reason"] == "source_too_large" and "max_source_bytes" in letter["error"]
+    assert env.http.sent[key] == 1  # the probe's one byte, nothing more
+
+
+# --- the relay on its own, on loopback ---------------------------------------------------
+
+
+def _relay(env, name: str = "ten.mp4", allow_private: bool = True) -> relay.Relay:
+    url = f"http://127.0.0.1:{env.http.port}/{name}"
+    size = os.path.getsize(os.path.join(env.http.directory, name))
+    limits = source.FetchLimits(connect_timeout=2, stall_timeout=2, max_bytes=1 << 30,
+                                allow_private=allow_private)
+    return relay.Relay(source.RangeSource(url=url, size=size, validator=""), limits,
+                       time.monotonic() + 30, lambda: False)
+
+
+def _get(address: str, target: str, headers: dict[str, str] | None = None,
+         ) -> tuple[int, dict[str, str], bytes]:
+    host, port = address.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", target, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_the_relay_passes_ranges_on_and_serves_nothing_else(env):
+    with open(os.path.join(env.http.directory, "ten.mp4"), "rb") as fh:
+        data = fh.read()
+    with _relay(env) as r:
+        path = r.url[len(f"http://{r.address}"):]
+        status, headers, body = _get(r.address, path, {"Range": "bytes=1000-1999"})
+        assert (status, body) == (206, data[1000:2000])
+        assert headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+        # the proxy form of the same URL, as ffmpeg sends it with http_proxy set
+        status, _, body = _get(r.address, r.url, {"Range": f"bytes={len(data) - 10}-"})
+        assert (status, body) == (206, data[-10:])
+        status, _, _ = _get(r.address, path, {"Range": f"bytes={len(data)}-"})
+        assert status == 416
+        # anything else is refused without being fetched: another path, another host
+        assert _get(r.address, "/ten.mp4")[0] == 403
+        assert _get(r.address, path.replace("/source", "/other"))[0] == 403
+        assert _get(r.address, f"http://127.0.0.2:{env.http.port}{path}")[0] == 403
+        assert r.refused == 3 and r.requests == 2 and r.error is None
+        assert r.bytes_in == 1000 + 10
+
+
+def test_the_relay_applies_the_address_guard_to_every_request(env):
+    # Given a relay for a source on loopback, with private addresses not allowed
+    with _relay(env, allow_private=False) as r:
+        path = r.url[len(f"http://{r.address}"):]
+        # Then ffmpeg's request fails, and the job's failure is the guard's refusal
+        assert _get(r.address, path, {"Range": "bytes=0-"})[0] == 502
+        assert r.error is not None and r.error.reason == "private_address"
+        assert r.bytes_in == 0
+
+
+def test_ffmpeg_sends_every_http_request_through_the_relay(env):
+    # Given the worker's ffmpeg command for a relayed source, with the relay's environment,
+    # pointed at some other http URL (as a crafted input naming one would make it)
+    with _relay(env) as r:
+        def clip(src: str) -> subprocess.CompletedProcess:
+            cmd = media.clip_command("ffmpeg", src, os.path.join(env.tmp, "out.mp4"), 0, 1,
+                                     "copy", "mp4", "veryfast", rw_timeout=5)
+            return subprocess.run(cmd, env=r.ffmpeg_env(), capture_output=True, text=True,
+                                  timeout=30)
+
+        out = clip(f"http://127.0.0.3:{env.http.port}/ten.mp4")
+        # Then the request reached the relay, which refused it; nothing was fetched
+        assert out.returncode != 0 and "403" in out.stderr
+        wait_for(lambda: r.refused == 1, 5, what="the relay's refusal")
+        assert r.requests == 0
+        # and no other protocol is open to it: not local files, not https
+        for src in (os.path.join(env.http.directory, "ten.mp4"), "https://127.0.0.1:1/x"):
+            out = clip(src)
+            assert out.returncode != 0 and "not on whitelist" in out.stderr, out.stderr
