@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
@@ -84,3 +85,19 @@ def test_an_idle_supervisor_stops_at_once_even_while_redis_is_down(env):
     assert proc.wait(10) == 0
     elapsed = time.monotonic() - started
     assert elapsed < 2.0, f"stop took {elapsed:.2f} s with Redis down"
+
+
+def test_an_ffmpeg_gone_after_start_is_named_not_blamed_on_the_video(env):
+    # Given a supervisor started with an ffmpeg that then disappears (an upgrade, say)
+    program = os.path.join(env.tmp, "ffmpeg")
+    os.symlink(shutil.which("ffmpeg"), program)
+    env.settings["job"].update({"ffmpeg": program, "max_attempts": 1})
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    os.unlink(program)
+    # Then a job fails saying so, instead of calling the video broken
+    env.push({"id": "noffmpeg", "url": env.url("ten.mp4"), "duration": 1})
+    env.wait_finished(1)
+    assert env.stop(proc) == 0
+    (letter,) = env.dead_letters()
+    assert letter["reason"] == "ffmpeg_missing" and program in letter["error"], letter

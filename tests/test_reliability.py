@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -55,6 +57,49 @@ def test_sigkilled_worker_job_is_requeued_within_a_second_and_finished_once(env)
     # The dead worker's folder is gone
     wait_for(lambda: all(str(pid) not in name for name in os.listdir(env.work)))
     assert env.stop(proc) == 0
+
+
+def test_a_sigkilled_worker_takes_its_ffmpeg_with_it(env, heavy_video):
+    # Given a worker whose ffmpeg is re-encoding a clip (a few seconds of work)
+    (raw,) = env.push({"id": "enc", "url": env.url(heavy_video), "mode": "encode"})
+    proc = env.start()
+    pid = wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
+
+    def ffmpeg() -> psutil.Process | None:
+        return next((c for c in psutil.Process(pid).children()
+                     if c.name() == "ffmpeg"), None)
+
+    child = wait_for(ffmpeg, 20, what="the worker's ffmpeg")
+    # When the worker is SIGKILLed, so that it cannot clean up
+    os.kill(pid, signal.SIGKILL)
+    # Then its ffmpeg dies too, and the job is done again by another
+    wait_for(lambda: gone(child.pid), 5, what="the orphaned ffmpeg to die")
+    env.wait_finished(1, timeout=60)
+    assert [e["id"] for e in env.done_events()] == ["enc"]
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.parametrize("launcher", ["setpriv", "preexec_fn"])
+def test_a_program_started_for_a_job_dies_with_the_process_that_started_it(launcher):
+    # ffmpeg would also die of SIGPIPE at its next progress line to a dead worker; the
+    # parent-death signal does not wait for that (nor for a program that prints nothing).
+    # setpriv when installed (util-linux), else a preexec_fn (slower: see media._launcher).
+    code = ("import subprocess, time\n"
+            "from worker import media\n"
+            f"media._SETPRIV = media._SETPRIV if {launcher == 'setpriv'} else None\n"
+            "argv, preexec = media._launcher(['sleep', '60'])\n"
+            "child = subprocess.Popen(argv, preexec_fn=preexec, start_new_session=True)\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        wait_for(lambda: psutil.Process(child).name() == "sleep", 5, what="the program")
+        parent.kill()
+        wait_for(lambda: gone(child), 5, what="the program to die with its parent")
+    finally:
+        kill_tree(parent.pid)
+        parent.wait()
 
 
 def test_sigterm_to_supervisor_finishes_jobs_in_flight_and_leaves_the_rest(env):

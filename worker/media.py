@@ -19,6 +19,7 @@ import ctypes
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import time
@@ -44,6 +45,22 @@ def _die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when the worker that started it dies."""
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+# util-linux's setpriv sets the parent-death signal and then runs the program: the same as
+# _die_with_parent, without a preexec_fn. A preexec_fn makes Python fork the whole worker
+# and run Python in the child (8 ms a start here, 3.5 ms of it CPU, against 0.7 ms).
+_SETPRIV = shutil.which("setpriv")
+
+
+def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The argument list and preexec_fn that start ``cmd`` so that it dies with us."""
+    program = shutil.which(cmd[0])
+    if program is None:
+        raise Transient("ffmpeg_missing", f"cannot run {cmd[0]!r}: not found")
+    if _SETPRIV is None:
+        return [program, *cmd[1:]], _die_with_parent
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", program, *cmd[1:]], None
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -142,11 +159,12 @@ class FFmpegRun:
 
     def run(self) -> ClipResult:
         started = time.monotonic()
+        argv, preexec = _launcher(self.cmd)
         try:
-            proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=_die_with_parent, env=self.env)
-        except FileNotFoundError:
+                                    preexec_fn=preexec, env=self.env)
+        except (FileNotFoundError, PermissionError):
             raise Transient("ffmpeg_missing", f"cannot run {self.cmd[0]!r}") from None
         try:
             self._watch(proc)

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import http.server
 import logging
 import os
 import re
 import secrets
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from . import source
@@ -36,9 +38,11 @@ from .errors import JobFailed, Permanent, Transient
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
-SEND_BUFFER = 64 * 1024
+CHUNK = 32 * 1024
+SEND_BUFFER = 16 * 1024
+MAX_HEAD = 16 * 1024  # ffmpeg's requests are a few hundred bytes
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy",
                     "NO_PROXY", "all_proxy", "ALL_PROXY")
 
@@ -103,20 +107,28 @@ class Relay:
     def _accept(self) -> None:
         while True:
             try:
-                conn, peer = self._listener.accept()
+                conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
             with self._lock:
                 if self._closed:
                     conn.close()
                     return
-            threading.Thread(target=self._handle, args=(conn, peer), name="relay-request",
+            threading.Thread(target=self._handle, args=(conn,), name="relay-request",
                              daemon=True).start()
 
-    def _handle(self, conn: socket.socket, peer: tuple) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         with self._track(conn):
             try:
-                _Handler(conn, peer, self)
+                conn.settimeout(self.limits.stall_timeout)
+                # Little read-ahead on loopback: what ffmpeg has not read yet stays at the
+                # source, so hanging up to seek elsewhere wastes little of the transfer.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+                client = _Client(conn)
+                if client.read_request():
+                    self._answer(client)
+            except OSError:
+                pass  # ffmpeg went away (or was killed) mid-request
             except Exception as exc:  # a bug here must not pass for a broken video
                 if not self._closed:
                     log.exception("range relay: unexpected error")
@@ -138,6 +150,23 @@ class Relay:
             with self._lock:
                 self._sockets.discard(sock)
 
+    def _answer(self, client: _Client) -> None:
+        if client.method != "GET":
+            client.reply(400)
+            return
+        if not self.is_ours(client.target):
+            with self._lock:
+                self.refused += 1
+            log.warning("range relay: refused a request for %.200s (the source names "
+                        "another URL)", client.target)
+            client.reply(403)
+            return
+        match = _RANGE.match(client.range or "bytes=0-")
+        if match is None:
+            client.reply(416, {"Content-Range": f"bytes */{self.source.size}"})
+            return
+        self.serve(client, int(match[1]), int(match[2]) if match[2] else None)
+
     def is_ours(self, target: str) -> bool:
         """The one path served; a proxy-style absolute URL must also name this relay."""
         parts = urlsplit(target)
@@ -145,7 +174,7 @@ class Relay:
             return False
         return parts.path == f"/{self._token}/source"
 
-    def serve(self, out: _Handler, first: int, last: int | None) -> None:
+    def serve(self, out: _Client, first: int, last: int | None) -> None:
         """Answer one ffmpeg request for bytes ``first``-``last`` from the source."""
         size = self.source.size
         if first >= size:
@@ -172,13 +201,16 @@ class Relay:
             with self._track(conn.live_sock):
                 if conn.live_sock is not None:
                     conn.live_sock.settimeout(self.limits.stall_timeout)
-                self._pass_on(resp, out, first, wanted)
+                self._pass_on(resp, out, first, wanted, conn.live_sock)
         finally:
+            resp.close()
             conn.close()
+            if conn.live_sock is not None:
+                conn.live_sock.close()
 
-    def _pass_on(self, resp: http.client.HTTPResponse, out: _Handler, first: int,
-                 wanted: str) -> None:
-        url, size = self.source.url, self.source.size
+    def _pass_on(self, resp: http.client.HTTPResponse, out: _Client, first: int,
+                 wanted: str, upstream: socket.socket | None) -> None:
+        size = self.source.size
         try:
             length = self._check(resp, first, wanted)
         except JobFailed as exc:
@@ -190,39 +222,51 @@ class Relay:
             return
         out.reply(206, {"Content-Range": f"bytes {first}-{first + length - 1}/{size}"},
                   length)
+        with _HangUpWatch(out.connection, upstream) as hung_up:
+            finished = self._pump(resp, out, first, length, hung_up)
+        if not finished and upstream is not None:  # stop the source sending (_HangUpWatch)
+            with contextlib.suppress(OSError):
+                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+
+    def _pump(self, resp: http.client.HTTPResponse, out: _Client, first: int, length: int,
+              hung_up: threading.Event) -> bool:
+        """Pass the body on; True once all of it went through."""
+        url = self.source.url
         passed = 0
         while passed < length:
             if self._closed or self.should_abort():
-                return
+                return False
             if time.monotonic() > self.deadline:
                 self.fail(Transient("timeout", f"reading {url} exceeded the job timeout"))
-                return
+                return False
             try:
                 chunk = resp.read1(CHUNK)
             except TimeoutError:
                 self.fail(Transient("stalled", f"no bytes from {url} for "
                                     f"{self.limits.stall_timeout:g} s"))
-                return
+                return False
             except (OSError, http.client.HTTPException) as exc:
-                if not self._closed:
+                if not (self._closed or hung_up.is_set()):
                     self.fail(Transient("fetch_failed", f"reading {url} failed: {exc}"))
-                return
+                return False
             if not chunk:
-                self.fail(Transient("fetch_failed", f"{url} ended after {passed} of "
-                                    f"{length} bytes from offset {first}"))
-                return
+                if not hung_up.is_set():
+                    self.fail(Transient("fetch_failed", f"{url} ended after {passed} of "
+                                        f"{length} bytes from offset {first}"))
+                return False
             with self._lock:
                 self.bytes_in += len(chunk)
                 total = self.bytes_in
             if total > self.limits.max_bytes:
                 self.fail(Permanent("source_too_large", f"read more than max_source_bytes "
                                     f"{self.limits.max_bytes} from {url}"))
-                return
+                return False
             try:
-                out.wfile.write(chunk)
+                out.write(chunk)
             except OSError:
-                return  # ffmpeg hung up: it seeks elsewhere, or has what it needs
+                return False  # ffmpeg hung up: it seeks elsewhere, or has what it needs
             passed += len(chunk)
+        return True
 
     def _check(self, resp: http.client.HTTPResponse, first: int, wanted: str) -> int | None:
         """The number of bytes the source is sending from ``first`` (None: none, 416)."""
@@ -246,48 +290,100 @@ class Relay:
         return size
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """One ffmpeg request. Constructed with the relay as its ``server``; handles at once."""
+class _HangUpWatch:
+    """Closes the source's connection the moment ffmpeg hangs up on the relay.
 
-    server: Relay  # type: ignore[assignment]
-    protocol_version = "HTTP/1.1"
-    server_version = "clip-supervisor-relay"
-    sys_version = ""
+    ffmpeg hangs up to seek elsewhere or when it has what it needs. The transfer loop would
+    only notice at its next write, a chunk (and, with a paced server, milliseconds) later,
+    while the source keeps sending: bytes that are paid for and thrown away. A thread waits
+    for the end of ffmpeg's side and shuts the source's socket down at once.
+    """
 
-    def setup(self) -> None:
-        self.timeout = self.server.limits.stall_timeout
-        # Little read-ahead on loopback: what ffmpeg has not read yet stays at the source
-        # (or in flight), so hanging up to seek elsewhere wastes little of the transfer.
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        super().setup()
+    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.hung_up = threading.Event()
+        self._done_r, self._done_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._watch, name="relay-hangup", daemon=True)
 
-    def do_GET(self) -> None:  # noqa: N802
-        self.close_connection = True
-        relay = self.server
-        if not relay.is_ours(self.path):
-            with relay._lock:
-                relay.refused += 1
-            log.warning("range relay: refused a request for %.200s (the source names "
-                        "another URL)", self.path)
-            self.reply(403)
+    def __enter__(self) -> threading.Event:
+        self._thread.start()
+        return self.hung_up
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self._done_w.send(b"x")
+        self._thread.join(5)
+        self._done_r.close()
+        self._done_w.close()
+
+    def _watch(self) -> None:
+        try:
+            ready, _, _ = select.select([self.client, self._done_r], [], [])
+            if self._done_r in ready or self.client not in ready:
+                return
+            try:
+                peek = self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                peek = b""
+        except (OSError, ValueError):
             return
-        match = _RANGE.match((self.headers.get("Range") or "bytes=0-").strip())
-        if match is None:
-            self.reply(416, {"Content-Range": f"bytes */{relay.source.size}"})
+        if peek:  # ffmpeg said something more (it does not): nothing to do
             return
-        first, last = int(match[1]), int(match[2]) if match[2] else None
-        relay.serve(self, first, last)
+        self.hung_up.set()
+        if self.upstream is not None:
+            with contextlib.suppress(OSError):
+                # Closed with a reset rather than a FIN: a FIN lets the source go on sending
+                # (one more write succeeds before it learns); a reset stops it at once.
+                self.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                self.upstream.shutdown(socket.SHUT_RDWR)
+
+
+class _Client:
+    """ffmpeg's side of one relay connection: its request, and the answer written back.
+
+    ffmpeg sends one small GET per connection (``Connection: close``): reading the head and
+    picking out the target and the Range header is all the parsing needed, far cheaper
+    than http.server's (an email parser per request).
+    """
+
+    REASONS: ClassVar[dict[int, str]] = {
+        206: "Partial Content", 200: "OK", 400: "Bad Request", 403: "Forbidden",
+        416: "Range Not Satisfiable", 502: "Bad Gateway"}
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.connection = sock
+        self.method = self.target = ""
+        self.range = ""
+
+    def read_request(self) -> bool:
+        """Read the request head; False if ffmpeg sent none (or nonsense)."""
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.connection.recv(4096)
+            if not chunk or len(head) > MAX_HEAD:
+                return False
+            head += chunk
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return False
+        self.method, self.target = parts[0], parts[1]
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "range":
+                self.range = value.strip()
+        return True
 
     def reply(self, status: int, headers: dict[str, str] | None = None,
               length: int = 0) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Accept-Ranges", "bytes")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(length))
-        self.send_header("Connection", "close")
-        self.end_headers()
+        fields = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                  **(headers or {}), "Content-Length": str(length), "Connection": "close"}
+        head = f"HTTP/1.1 {status} {self.REASONS.get(status, 'Error')}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in fields.items()) + "\r\n"
+        self.connection.sendall(head.encode("latin-1"))
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        log.debug("range relay: " + format, *args)
+    def write(self, data: bytes) -> None:
+        self.connection.sendall(data)
