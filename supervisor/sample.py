@@ -52,7 +52,7 @@ class PacedWriter:
         self.rate = rate
         self.on_write = on_write
         self.count = 0
-        self.started = time.monotonic()
+        self.free_at = time.monotonic()  # when the "link" has sent the last write
 
     def write(self, data: bytes) -> int:
         written = self.out.write(data)
@@ -60,9 +60,12 @@ class PacedWriter:
         if self.on_write is not None:
             self.on_write(len(data))
         if self.rate:
-            ahead = self.count / self.rate - (time.monotonic() - self.started)
-            if ahead > 0:
-                time.sleep(ahead)
+            # Like a link: each write takes its size / rate after the previous one, and time
+            # spent blocked (the client not reading) is not made up for with a burst.
+            now = time.monotonic()
+            self.free_at = max(self.free_at, now) + len(data) / self.rate
+            if self.free_at > now:
+                time.sleep(self.free_at - now)
         return written
 
     def flush(self) -> None:

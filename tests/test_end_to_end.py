@@ -71,16 +71,24 @@ def test_idle_supervisor_stops_in_under_a_second(env):
 
 
 def test_progress_and_stage_timings_are_recorded(env):
+    # One source read in place ("fetch" lasts until ffmpeg has read its index), one
+    # downloaded first (a server that ignores Range)
     env.push({"id": "timed", "url": env.url("twenty.mp4"), "start": 2, "duration": 6,
-              "mode": "encode"})
+              "mode": "encode"},
+             {"id": "fetched", "url": f"http://127.0.0.1:{env.http.port}/norange/ten.mp4",
+              "duration": 2})
     proc = env.start()
-    env.wait_finished(1)
+    env.wait_finished(2)
     env.stop(proc)
-    state = {k.decode(): v.decode() for k, v in env.r.hgetall(env.keys.job("timed")).items()}
-    assert state["state"] == "done"
-    for stage in ("fetch", "clip", "store"):
-        assert float(state[f"time_{stage}"]) >= 0
-    assert env.r.ttl(env.keys.job("timed")) > 0
+    reads = {e["id"]: e["source_read"] for e in env.done_events()}
+    assert reads == {"timed": "ranges", "fetched": "download"}
+    for job in ("timed", "fetched"):
+        state = {k.decode(): v.decode() for k, v in env.r.hgetall(env.keys.job(job)).items()}
+        assert state["state"] == "done" and state["progress"] == "100"
+        assert sorted(k for k in state if k.startswith("time_")) == \
+            ["time_clip", "time_fetch", "time_store"], state
+        assert all(float(state[f"time_{stage}"]) >= 0 for stage in ("fetch", "clip", "store"))
+        assert env.r.ttl(env.keys.job(job)) > 0
 
 
 def test_a_job_submitted_again_later_gets_a_new_done_event(env):

@@ -141,9 +141,11 @@ class FFmpegRun:
     def __init__(self, cmd: list[str], start: float, end: float | None, deadline: float,
                  stall_timeout: float, waker: Waker, should_abort: Callable[[], bool],
                  on_progress: Callable[[float, str], None],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 on_input: Callable[[], None] | None = None) -> None:
         self.cmd = cmd
         self.env = env
+        self.on_input = on_input  # called once ffmpeg has opened its input and described it
         self.start = start
         self.end = end
         self.head = b""
@@ -241,6 +243,8 @@ class FFmpegRun:
                             self.head += chunk
                             if self.input is None and b"Output #0" in self.head:
                                 self.input = InputReport.parse(self.head)
+                                if self.on_input is not None:
+                                    self.on_input()
                     else:
                         pending = self._parse(pending + chunk)
                         mark = (self.report.get("out_time_us", ""),

@@ -7,6 +7,7 @@ progress through callbacks, and either returns a result or raises a JobFailed/Ab
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from .storage import store_for
 from .wake import Waker
 
 log = logging.getLogger(__name__)
+_Answer = tuple[source.PinnedConnection, http.client.HTTPResponse]  # an unread HTTP answer
 
 # A clip shorter than this share of the range asked for means the source was cut short.
 MIN_OUTPUT_SHARE = 0.5
@@ -74,26 +76,30 @@ class Pipeline:
 
     def _run(self, job: Job, job_dir: str, deadline: float) -> Result:
         result = Result(output=job.output)
+        clip_path = os.path.join(job_dir, f"clip.{job.format}")
         started = time.monotonic()
-
-        self.on_stage("fetch")
-        src = self._fetch(job, job_dir, deadline, result)
-        started = self._stage(result, "fetch", started)
 
         # No separate ffprobe: ffmpeg's own report on its input validates the job (format,
         # video stream, start before the end), which saves a process per job (~0.14 s here).
-        self.on_stage("clip")
-        clip_path = os.path.join(job_dir, f"clip.{job.format}")
-        if isinstance(src, source.RangeSource):
-            with relay.Relay(src, self._limits(), deadline, self.should_abort) as read:
-                clip, expected = self._clip(job, read.url, clip_path, deadline, read)
-            if read.error is not None:  # the clip may look fine, but a read failed
-                raise read.error
-            result.bytes_in = read.bytes_in
-            log.debug("job %s: read %d of %d bytes in %d range requests", job.id,
-                      read.bytes_in, src.size, read.requests)
-        else:
-            clip, expected = self._clip(job, src, clip_path, deadline)
+        self.on_stage("fetch")
+        scheme = urlsplit(job.url).scheme.lower()
+        if scheme in ("http", "https", "gs"):
+            self._check_disk(job_dir)  # for the source, or a clip as large as the source
+        outcome, whole = None, None
+        if self.config.job.range_requests and scheme in ("http", "https"):
+            # "fetch" until ffmpeg has read the source's index through the relay, then "clip"
+            def opened() -> None:
+                nonlocal started
+                started = self._stage(result, "fetch", started)
+                self.on_stage("clip")
+
+            outcome, whole = self._clip_in_place(job, clip_path, deadline, result, opened)
+        if outcome is None:  # a local copy first: not http(s), or a server that cannot seek
+            local = self._fetch(job, job_dir, deadline, result, whole)
+            started = self._stage(result, "fetch", started)
+            self.on_stage("clip")
+            outcome = self._clip(job, local, clip_path, deadline)
+        clip, expected = outcome
         result.source_duration = clip.source_duration or 0.0
         end = job.end if clip.source_duration is None else (
             clip.source_duration if job.end is None else min(job.end, clip.source_duration))
@@ -113,7 +119,8 @@ class Pipeline:
         return result
 
     def _clip(self, job: Job, src: str, clip_path: str, deadline: float,
-              read: relay.Relay | None = None) -> tuple[media.ClipResult, float]:
+              read: relay.Relay | None = None, on_input: Callable[[], None] | None = None,
+              ) -> tuple[media.ClipResult, float]:
         """Run ffmpeg on a local file, or on the job's relay (``read``)."""
         cfg = self.config.job
         length = None if job.end is None else job.end - job.start
@@ -122,7 +129,8 @@ class Pipeline:
                                  rw_timeout=None if read is None else cfg.stall_timeout)
         run = media.FFmpegRun(cmd, job.start, job.end, deadline, cfg.stall_timeout, self.waker,
                               self.should_abort, self.on_progress,
-                              env=None if read is None else read.ffmpeg_env())
+                              env=None if read is None else read.ffmpeg_env(),
+                              on_input=on_input)
         try:
             return run.run(), run.length
         except JobFailed as exc:
@@ -140,10 +148,31 @@ class Pipeline:
                                   max_bytes=cfg.max_source_bytes,
                                   allow_private=cfg.allow_private_networks)
 
-    def _fetch(self, job: Job, job_dir: str, deadline: float,
-               result: Result) -> str | source.RangeSource:
-        """The source as a local file, or, for a server that answers Range requests, as a
-        RangeSource that ffmpeg reads in place through the relay."""
+    def _clip_in_place(self, job: Job, clip_path: str, deadline: float, result: Result,
+                       opened: Callable[[], None],
+                       ) -> tuple[tuple[media.ClipResult, float] | None, _Answer | None]:
+        """Clip an http(s) source that ffmpeg reads through the job's relay, if its server
+        seeks. If not: (None, the server's 200 answer with the whole file, if it sent one)."""
+        with relay.Relay(job.url, self._limits(), deadline, self.should_abort) as read:
+            try:
+                outcome = self._clip(job, read.url, clip_path, deadline, read, opened)
+            except JobFailed:
+                if read.no_ranges and read.error is None:
+                    log.debug("job %s: %s does not answer Range requests: downloading it",
+                              job.id, job.url)
+                    return None, read.take_whole()
+                raise
+        if read.error is not None:  # the clip may look fine, but a read failed
+            raise read.error
+        result.bytes_in, result.read = read.bytes_in, "ranges"
+        log.debug("job %s: read %d of %s bytes in %d range requests", job.id, read.bytes_in,
+                  read.size, read.requests)
+        return outcome, None
+
+    def _fetch(self, job: Job, job_dir: str, deadline: float, result: Result,
+               whole: _Answer | None = None) -> str:
+        """The source as a local file: downloaded (``whole``: from that answer), or in place
+        for ``file://``."""
         cfg = self.config.job
         scheme = urlsplit(job.url).scheme.lower()
         if scheme == "file":
@@ -152,19 +181,18 @@ class Pipeline:
             result.read = "local"
             return path
         if scheme in ("http", "https"):
-            self._check_disk(job_dir)
             dest = os.path.join(job_dir, "source")
-            got = source.fetch_http(job.url, dest, self._limits(), deadline, self.should_abort,
-                                    self.waker, ranges=cfg.range_requests)
-            if isinstance(got, source.RangeSource):
-                result.read = "ranges"
-                return got
-            result.bytes_in, result.read = got, "download"
+            if whole is None:
+                result.bytes_in = source.fetch_http(job.url, dest, self._limits(), deadline,
+                                                    self.should_abort, self.waker)
+            else:
+                result.bytes_in = source.download(*whole, job.url, dest, self._limits(),
+                                                  deadline, self.should_abort, self.waker)
+            result.read = "download"
             return dest
         if scheme == "gs":
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
 
-            self._check_disk(job_dir)
             dest = os.path.join(job_dir, "source")
             result.bytes_in = gcs.download(job.url, dest, self.config.storage,
                                            cfg.max_source_bytes, deadline, self.should_abort)

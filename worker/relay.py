@@ -26,7 +26,6 @@ import re
 import secrets
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -42,17 +41,27 @@ CHUNK = 32 * 1024
 SEND_BUFFER = 16 * 1024
 MAX_HEAD = 16 * 1024  # ffmpeg's requests are a few hundred bytes
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy",
                     "NO_PROXY", "all_proxy", "ALL_PROXY")
 
 
 class Relay:
-    """Serves one RangeSource to one ffmpeg on 127.0.0.1 for the length of a clip."""
+    """Serves one remote source to one ffmpeg on 127.0.0.1 for the length of a clip.
 
-    def __init__(self, src: source.RangeSource, limits: source.FetchLimits, deadline: float,
+    ffmpeg starts at once; its first request (``bytes=0-``) is also the question whether
+    the server seeks. A 206 answer is passed on and tells the source's size; anything else
+    (a server that ignores Range answers 200 with the whole file) makes the relay answer
+    ffmpeg 503 and keep that answer (``whole``) for the pipeline to download from: no
+    request is spent on asking, and nothing waits for an answer before ffmpeg starts.
+    """
+
+    def __init__(self, url: str, limits: source.FetchLimits, deadline: float,
                  should_abort: Callable[[], bool]) -> None:
-        self.source = src
+        self.source_url = url  # after redirects, once the first answer came
+        self.size: int | None = None  # known from the first 206
+        self.validator = ""  # a strong ETag, else Last-Modified: sent as If-Range
+        self.no_ranges = False  # the server does not seek: download instead
+        self.whole: tuple[source.PinnedConnection, http.client.HTTPResponse] | None = None
         self.limits = limits
         self.deadline = deadline
         self.should_abort = should_abort
@@ -85,11 +94,20 @@ class Relay:
             if self.error is None and not self._closed:
                 self.error = exc
 
+    def take_whole(self) -> tuple[source.PinnedConnection, http.client.HTTPResponse] | None:
+        """The server's 200 answer with the whole file, for the caller to read and close."""
+        with self._lock:
+            whole, self.whole = self.whole, None
+        return whole
+
     def close(self) -> None:
         """Stop serving: unblocks every transfer (ffmpeg has exited or been killed)."""
         with self._lock:
             self._closed = True
             sockets = list(self._sockets)
+        whole = self.take_whole()
+        if whole is not None:
+            source.discard(*whole)
         for sock in [self._listener, *sockets]:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -124,6 +142,7 @@ class Relay:
                 # Little read-ahead on loopback: what ffmpeg has not read yet stays at the
                 # source, so hanging up to seek elsewhere wastes little of the transfer.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 client = _Client(conn)
                 if client.read_request():
                     self._answer(client)
@@ -163,7 +182,7 @@ class Relay:
             return
         match = _RANGE.match(client.range or "bytes=0-")
         if match is None:
-            client.reply(416, {"Content-Range": f"bytes */{self.source.size}"})
+            client.reply(416, {"Content-Range": f"bytes */{self.size or 0}"})
             return
         self.serve(client, int(match[1]), int(match[2]) if match[2] else None)
 
@@ -176,26 +195,31 @@ class Relay:
 
     def serve(self, out: _Client, first: int, last: int | None) -> None:
         """Answer one ffmpeg request for bytes ``first``-``last`` from the source."""
-        size = self.source.size
-        if first >= size:
-            out.reply(416, {"Content-Range": f"bytes */{size}"})
+        if self.no_ranges:
+            out.reply(503)
+            return
+        if self.size is not None and first >= self.size:
+            out.reply(416, {"Content-Range": f"bytes */{self.size}"})
             return
         wanted = f"bytes={first}-{'' if last is None else last}"
         headers = {"Range": wanted}
-        if self.source.validator:
-            headers["If-Range"] = self.source.validator
+        if self.validator:
+            headers["If-Range"] = self.validator
         with self._lock:
             self.requests += 1
         try:
-            conn, resp, _ = source.open_url(self.source.url, self.limits, self.deadline,
-                                            None, headers)
+            conn, resp, final = source.open_url(self.source_url, self.limits, self.deadline,
+                                                None, headers)
         except JobFailed as exc:
             self.fail(exc)
             out.reply(502)
             return
         except (OSError, http.client.HTTPException) as exc:
-            self.fail(Transient("fetch_failed", f"cannot fetch {self.source.url}: {exc}"))
+            self.fail(Transient("fetch_failed", f"cannot fetch {self.source_url}: {exc}"))
             out.reply(502)
+            return
+        if self.size is None and not self._first_answer(conn, resp, final, first):
+            out.reply(503)  # ffmpeg gives up; the pipeline downloads (no_ranges)
             return
         try:
             with self._track(conn.live_sock):
@@ -208,9 +232,39 @@ class Relay:
             if conn.live_sock is not None:
                 conn.live_sock.close()
 
+    def _first_answer(self, conn: source.PinnedConnection, resp: http.client.HTTPResponse,
+                      final: str, first: int) -> bool:
+        """Learn from the source's first answer whether it seeks, and its size; False when
+        ffmpeg cannot read it through the relay (then ``no_ranges``, or ``error``)."""
+        try:
+            source.check_status(resp, final, ok=(200, 206, 416))
+        except JobFailed as exc:  # 404, 403, 5xx...: the job's failure, as for a download
+            source.discard(conn, resp)
+            self.fail(exc)
+            return False
+        got = source.content_range(resp) if resp.status == 206 else None
+        if got is None or got[0] != first:
+            with self._lock:
+                self.no_ranges = True
+                if resp.status == 200:  # the whole file: the pipeline downloads this
+                    self.whole = (conn, resp)
+            if resp.status != 200:  # 416 (an empty file) or a vague 206: the pipeline
+                source.discard(conn, resp)  # downloads it whole
+            return False
+        if got[2] > self.limits.max_bytes:
+            source.discard(conn, resp)
+            self.fail(Permanent("source_too_large",
+                                f"{got[2]} bytes > max_source_bytes {self.limits.max_bytes}"))
+            return False
+        with self._lock:
+            self.size, self.source_url = got[2], final
+            self.validator = source.validator(resp)
+        return True
+
     def _pass_on(self, resp: http.client.HTTPResponse, out: _Client, first: int,
                  wanted: str, upstream: socket.socket | None) -> None:
-        size = self.source.size
+        size = self.size
+        assert size is not None
         try:
             length = self._check(resp, first, wanted)
         except JobFailed as exc:
@@ -226,12 +280,12 @@ class Relay:
             finished = self._pump(resp, out, first, length, hung_up)
         if not finished and upstream is not None:  # stop the source sending (_HangUpWatch)
             with contextlib.suppress(OSError):
-                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, source.RESET)
 
     def _pump(self, resp: http.client.HTTPResponse, out: _Client, first: int, length: int,
               hung_up: threading.Event) -> bool:
         """Pass the body on; True once all of it went through."""
-        url = self.source.url
+        url = self.source_url
         passed = 0
         while passed < length:
             if self._closed or self.should_abort():
@@ -270,7 +324,7 @@ class Relay:
 
     def _check(self, resp: http.client.HTTPResponse, first: int, wanted: str) -> int | None:
         """The number of bytes the source is sending from ``first`` (None: none, 416)."""
-        url, size = self.source.url, self.source.size
+        url, size = self.source_url, self.size
         if resp.status == 416:
             return None
         source.check_status(resp, url, ok=(200, 206))
@@ -284,7 +338,7 @@ class Relay:
         # 200: the whole file. Fine only from the start and if it is still the same file.
         length = resp.getheader("Content-Length") or ""
         if first != 0 or length != str(size) or (
-                self.source.validator and source.validator(resp) != self.source.validator):
+                self.validator and source.validator(resp) != self.validator):
             raise Transient("source_changed", f"{url} answered {wanted} with the whole "
                             f"file: it changed, or stopped serving ranges")
         return size
@@ -337,7 +391,7 @@ class _HangUpWatch:
             with contextlib.suppress(OSError):
                 # Closed with a reset rather than a FIN: a FIN lets the source go on sending
                 # (one more write succeeds before it learns); a reset stops it at once.
-                self.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                self.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, source.RESET)
                 self.upstream.shutdown(socket.SHUT_RDWR)
 
 

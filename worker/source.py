@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .wake import Waker
 CHUNK = 256 * 1024
 MAX_REDIRECTS = 5
 USER_AGENT = "clip-supervisor/0.1"
+RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, not a FIN
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _IPV4_COMPAT = ipaddress.IPv6Network("::/96")
@@ -91,6 +93,9 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self.live_sock = self.sock
 
 
+PinnedConnection = _PinnedHTTPConnection
+
+
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
         super().__init__(host, port, address, timeout)
@@ -104,7 +109,7 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
 
 def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
              waker: Waker | None = None, headers: dict[str, str] | None = None,
-             ) -> tuple[_PinnedHTTPConnection, http.client.HTTPResponse, str]:
+             ) -> tuple[PinnedConnection, http.client.HTTPResponse, str]:
     """GET ``url``, following redirects, each hop checked by the address guard and connected
     to the checked address; return the connection, the response and the final url."""
     for _ in range(MAX_REDIRECTS + 1):
@@ -181,13 +186,17 @@ def check_status(resp: http.client.HTTPResponse, url: str,
     raise Permanent("http_error", text)
 
 
-@dataclass(frozen=True)
-class RangeSource:
-    """A remote source whose server answers Range requests: read in place, not downloaded."""
-
-    url: str  # after redirects
-    size: int
-    validator: str  # a strong ETag, else Last-Modified: sent as If-Range ("" = none)
+def discard(conn: PinnedConnection, resp: http.client.HTTPResponse) -> None:
+    """Drop a connection whose answer is not wanted (any more), with a reset: a plain close
+    lets the server go on sending into the void for a while."""
+    sock = conn.live_sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+    resp.close()
+    conn.close()
+    if sock is not None:
+        sock.close()
 
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)$")
@@ -207,40 +216,24 @@ def validator(resp: http.client.HTTPResponse) -> str:
 
 
 def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
-               should_abort: Callable[[], bool], waker: Waker,
-               ranges: bool = False) -> int | RangeSource:
-    """Download ``url`` into ``dest`` and return the number of bytes; or, with ``ranges``,
-    when the server answers a one-byte Range request with 206, download nothing and return
-    the RangeSource for the relay (worker.relay) to read from. A server that ignores the
-    Range header sends the whole file with 200: that answer is the download, no time lost.
-    """
+               should_abort: Callable[[], bool], waker: Waker) -> int:
+    """Download ``url`` into ``dest``; return the number of bytes."""
     try:
-        conn, resp, final = open_url(url, limits, deadline, waker,
-                                     {"Range": "bytes=0-0"} if ranges else None)
+        conn, resp, _ = open_url(url, limits, deadline, waker)
     except (Permanent, Transient):
         raise
     except (OSError, http.client.HTTPException) as exc:
         if should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
-    if ranges and resp.status in (206, 416):
-        found = content_range(resp) if resp.status == 206 else None
-        conn.close()
-        if found is None:  # an empty file (416), or a size the server does not state
-            return fetch_http(url, dest, limits, deadline, should_abort, waker)
-        if found[2] > limits.max_bytes:
-            raise Permanent("source_too_large",
-                            f"{found[2]} bytes > max_source_bytes {limits.max_bytes}")
-        return RangeSource(url=final, size=found[2], validator=validator(resp))
-    try:
-        return _download(conn, resp, url, dest, limits, deadline, should_abort, waker)
-    finally:
-        conn.close()
+    return download(conn, resp, url, dest, limits, deadline, should_abort, waker)
 
 
-def _download(conn: _PinnedHTTPConnection, resp: http.client.HTTPResponse, url: str,
-              dest: str, limits: FetchLimits, deadline: float,
-              should_abort: Callable[[], bool], waker: Waker) -> int:
+def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
+             dest: str, limits: FetchLimits, deadline: float,
+             should_abort: Callable[[], bool], waker: Waker) -> int:
+    """Write the body of ``resp`` (a 200 answer) into ``dest``; return the number of bytes.
+    The connection is closed in the end."""
     try:
         check_status(resp, url)
         length = resp.getheader("Content-Length")
@@ -277,6 +270,11 @@ def _download(conn: _PinnedHTTPConnection, resp: http.client.HTTPResponse, url: 
         if should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
+    finally:
+        resp.close()
+        conn.close()
+        if conn.live_sock is not None:
+            conn.live_sock.close()
 
 
 def local_path(url: str, max_bytes: int) -> str:
