@@ -16,6 +16,8 @@
     /cut/KEY/NAME         the file for the first request, then answers whose body stops
                           after 64 KiB, the connection closed
     /stallrange/KEY/NAME  the file for the first request, then 64 KiB and silence
+    /capped/BYTES/NAME    the file, each Range answer cut to at most BYTES (as some CDNs do)
+    /expiring/KEY/NAME    302 to /once/KEY/NAME, a URL that works for one request only
 """
 
 from __future__ import annotations
@@ -96,6 +98,29 @@ class Handler(RangeRequestHandler):
         elif segments[0] in ("cut", "stallrange") and len(segments) == 3:
             if self._count(segments[1]) and self.headers.get("Range"):
                 self._break_range(segments[0], segments[2])
+                return
+            self.path = "/" + segments[2]
+        elif segments[0] == "capped" and len(segments) == 3:
+            match = _RANGE.match((self.headers.get("Range") or "").strip())
+            if match and match.group(1):
+                size = os.path.getsize(os.path.join(self.directory, segments[2]))
+                first = int(match.group(1))
+                last = int(match.group(2)) if match.group(2) else size - 1
+                del self.headers["Range"]
+                self.headers["Range"] = f"bytes={first}-{min(last, first + int(segments[1]) - 1)}"
+            self.path = "/" + segments[2]
+        elif segments[0] == "expiring" and len(segments) == 3:
+            self.send_response(302)
+            self.send_header("Location", f"/once/{segments[1]}-{self._count(segments[1])}/"
+                             f"{segments[2]}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        elif segments[0] == "once" and len(segments) == 3:
+            if self._count(segments[1]):
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             self.path = "/" + segments[2]
         elif segments[0] == "norange" and len(segments) == 2:

@@ -9,10 +9,12 @@ broken video.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import subprocess
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -120,6 +122,23 @@ def test_a_source_failing_mid_read_is_the_sources_failure(env, path, reason, wor
     assert not os.path.exists(os.path.join(env.out, f"{path}.mp4"))
 
 
+@pytest.mark.parametrize(("path", "what"), [
+    ("capped/65536", "answers each Range request with 64 KiB at most"),
+    ("expiring/exp", "redirects to a URL that works once (a signed link that expires)"),
+])
+def test_sources_that_answer_ranges_their_own_way_are_still_read_in_place(env, path, what):
+    # Given a source that ... (what)
+    env.push({"id": "own-way", "url": f"http://127.0.0.1:{env.http.port}/{path}/twenty.mp4",
+              "start": 12, "duration": 3})
+    proc = env.start()
+    env.wait_finished(1)
+    assert env.stop(proc) == 0
+    # Then the clip is made, read in place, and right
+    (event,) = env.done_events()
+    assert (event["id"], event["source_read"]) == ("own-way", "ranges"), env.dead_letters()
+    assert 2.9 <= ffprobe_duration(os.path.join(env.out, "own-way.mp4")) <= 4.1
+
+
 @pytest.mark.settings({"job": {"max_source_bytes": "100KiB"}})
 def test_a_source_over_max_source_bytes_is_refused_from_its_first_answer(env):
     key = "toolarge"
@@ -138,15 +157,20 @@ def _relay(env, name: str = "ten.mp4", allow_private: bool = True) -> relay.Rela
     limits = source.FetchLimits(connect_timeout=2, stall_timeout=2, max_bytes=1 << 30,
                                 allow_private=allow_private)
     return relay.Relay(f"http://127.0.0.1:{env.http.port}/{name}", limits,
-                       time.monotonic() + 30, lambda: False)
+                       time.monotonic() + 30)
 
 
-def _get(address: str, target: str, headers: dict[str, str] | None = None,
-         ) -> tuple[int, dict[str, str], bytes]:
-    host, port = address.split(":")
+def _get(r: relay.Relay, target: str, headers: dict[str, str] | None = None,
+         password: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET ``target`` from the relay, with the password ffmpeg is given (or ``password``)."""
+    proxy = urlsplit(r.ffmpeg_env()["http_proxy"])
+    secret = f"{proxy.username}:{proxy.password if password is None else password}"
+    host, port = r.address.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
-        conn.request("GET", target, headers=headers or {})
+        conn.request("GET", target, headers={
+            **(headers or {}),
+            "Proxy-Authorization": "Basic " + base64.b64encode(secret.encode()).decode()})
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
@@ -158,18 +182,23 @@ def test_the_relay_passes_ranges_on_and_serves_nothing_else(env):
         data = fh.read()
     with _relay(env) as r:
         path = r.url[len(f"http://{r.address}"):]
-        status, headers, body = _get(r.address, path, {"Range": "bytes=1000-1999"})
+        # ffmpeg's argv holds no secret: the password is in its environment
+        assert urlsplit(r.url).password is None and r._token not in r.url
+        status, headers, body = _get(r, path, {"Range": "bytes=1000-1999"})
         assert (status, body) == (206, data[1000:2000])
         assert headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
         # the proxy form of the same URL, as ffmpeg sends it with http_proxy set
-        status, _, body = _get(r.address, r.url, {"Range": f"bytes={len(data) - 10}-"})
+        status, _, body = _get(r, r.url, {"Range": f"bytes={len(data) - 10}-"})
         assert (status, body) == (206, data[-10:])
-        status, _, _ = _get(r.address, path, {"Range": f"bytes={len(data)}-"})
-        assert status == 416
+        assert _get(r, path, {"Range": f"bytes={len(data)}-"})[0] == 416
+        assert _get(r, path, {"Range": "bytes=9-3"})[0] == 416
+        # without the password: asked for it, nothing fetched
+        status, headers, _ = _get(r, path, {"Range": "bytes=0-"}, password="guess")
+        assert status == 407 and headers["Proxy-Authenticate"].startswith("Basic")
         # anything else is refused without being fetched: another path, another host
-        assert _get(r.address, "/ten.mp4")[0] == 403
-        assert _get(r.address, path.replace("/source", "/other"))[0] == 403
-        assert _get(r.address, f"http://127.0.0.2:{env.http.port}{path}")[0] == 403
+        assert _get(r, "/ten.mp4")[0] == 403
+        assert _get(r, "/other")[0] == 403
+        assert _get(r, f"http://127.0.0.2:{env.http.port}{path}")[0] == 403
         assert r.refused == 3 and r.requests == 2 and r.error is None
         assert r.bytes_in == 1000 + 10
 
@@ -179,7 +208,7 @@ def test_the_relay_applies_the_address_guard_to_every_request(env):
     with _relay(env, allow_private=False) as r:
         path = r.url[len(f"http://{r.address}"):]
         # Then ffmpeg's request fails, and the job's failure is the guard's refusal
-        assert _get(r.address, path, {"Range": "bytes=0-"})[0] == 502
+        assert _get(r, path, {"Range": "bytes=0-"})[0] == 502
         assert r.error is not None and r.error.reason == "private_address"
         assert r.bytes_in == 0
 

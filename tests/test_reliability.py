@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import gone, kill_tree, wait_for
+from worker import media
 
 
 def _job(env, job_id, slow=0.0, **extra):
@@ -305,3 +307,11 @@ def test_ctrl_c_at_the_terminal_stops_gracefully(env):
     assert proc.wait(30) == 0
     assert [e["id"] for e in env.done_events()] == ["finish-on-ctrl-c"]
     assert "aborted" not in env.log_text()
+
+
+def test_a_setpriv_without_pdeathsig_falls_back_to_a_preexec_fn(monkeypatch):
+    # util-linux before 2.33 has setpriv without --pdeathsig: it fails, and is not used
+    monkeypatch.setattr(media, "_SETPRIV", shutil.which("false"))
+    monkeypatch.setattr(media, "_setpriv_works", None)
+    argv, preexec = media._launcher(["sleep", "1"])
+    assert argv == [shutil.which("sleep"), "1"] and preexec is media._die_with_parent

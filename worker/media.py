@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import selectors
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 from .errors import Aborted, Permanent, Transient
 from .wake import Waker
+
+log = logging.getLogger(__name__)
 
 DEMUXERS = "mov,mp4,m4a,3gp,matroska,webm,avi,flv,mpegts,mpeg,ogg,asf,h264,hevc,m4v"
 PROTOCOLS = "file"
@@ -51,6 +54,22 @@ def _die_with_parent() -> None:
 # _die_with_parent, without a preexec_fn. A preexec_fn makes Python fork the whole worker
 # and run Python in the child (8 ms a start here, 3.5 ms of it CPU, against 0.7 ms).
 _SETPRIV = shutil.which("setpriv")
+_setpriv_works: bool | None = None  # --pdeathsig needs util-linux 2.33 (2018) or later
+
+
+def _setpriv() -> str | None:
+    global _setpriv_works
+    if _SETPRIV is not None and _setpriv_works is None:
+        try:
+            _setpriv_works = subprocess.run(
+                [_SETPRIV, "--pdeathsig", "KILL", "--", "true"], stdin=subprocess.DEVNULL,
+                capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _setpriv_works = False
+        if not _setpriv_works:
+            log.info("%s --pdeathsig does not work here: ffmpeg is started with a "
+                     "preexec_fn instead (slower)", _SETPRIV)
+    return _SETPRIV if _setpriv_works else None
 
 
 def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
@@ -58,9 +77,10 @@ def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     program = shutil.which(cmd[0])
     if program is None:
         raise Transient("ffmpeg_missing", f"cannot run {cmd[0]!r}: not found")
-    if _SETPRIV is None:
+    setpriv = _setpriv()
+    if setpriv is None:
         return [program, *cmd[1:]], _die_with_parent
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", program, *cmd[1:]], None
+    return [setpriv, "--pdeathsig", "KILL", "--", program, *cmd[1:]], None
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -142,10 +162,14 @@ class FFmpegRun:
                  stall_timeout: float, waker: Waker, should_abort: Callable[[], bool],
                  on_progress: Callable[[float, str], None],
                  env: dict[str, str] | None = None,
-                 on_input: Callable[[], None] | None = None) -> None:
+                 on_input: Callable[[], None] | None = None,
+                 activity: Callable[[], float] | None = None) -> None:
         self.cmd = cmd
         self.env = env
         self.on_input = on_input  # called once ffmpeg has opened its input and described it
+        # when bytes last arrived for ffmpeg (the relay): reading an index or seeking over
+        # a slow link is progress too, though ffmpeg reports none before its output starts
+        self.activity = activity
         self.start = start
         self.end = end
         self.head = b""
@@ -221,6 +245,8 @@ class FFmpegRun:
         try:
             while open_pipes:
                 now = time.monotonic()
+                if self.activity is not None:
+                    last_change = max(last_change, self.activity())
                 if self.should_abort():
                     raise Aborted()
                 if now > self.deadline:

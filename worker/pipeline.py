@@ -126,11 +126,13 @@ class Pipeline:
         length = None if job.end is None else job.end - job.start
         cmd = media.clip_command(cfg.ffmpeg, src, clip_path, job.start, length, job.mode,
                                  job.muxer, cfg.encode_preset,
-                                 rw_timeout=None if read is None else cfg.stall_timeout)
+                                 # ffmpeg's own network timeout, after the relay's and ours
+                                 rw_timeout=None if read is None else cfg.stall_timeout + 5)
         run = media.FFmpegRun(cmd, job.start, job.end, deadline, cfg.stall_timeout, self.waker,
                               self.should_abort, self.on_progress,
                               env=None if read is None else read.ffmpeg_env(),
-                              on_input=on_input)
+                              on_input=on_input,
+                              activity=None if read is None else lambda: read.last_activity)
         try:
             return run.run(), run.length
         except JobFailed as exc:
@@ -153,7 +155,7 @@ class Pipeline:
                        ) -> tuple[tuple[media.ClipResult, float] | None, _Answer | None]:
         """Clip an http(s) source that ffmpeg reads through the job's relay, if its server
         seeks. If not: (None, the server's 200 answer with the whole file, if it sent one)."""
-        with relay.Relay(job.url, self._limits(), deadline, self.should_abort) as read:
+        with relay.Relay(job.url, self._limits(), deadline) as read:
             try:
                 outcome = self._clip(job, read.url, clip_path, deadline, read, opened)
             except JobFailed:

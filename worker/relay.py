@@ -7,18 +7,21 @@ what ``source`` guarantees: every redirect hop checked against the address guard
 connection made to the address that was checked (no DNS rebinding), reads with a stall
 timeout, the job's deadline and ``max_source_bytes``.
 
-So ffmpeg gets ``http://127.0.0.1:<port>/<token>/source`` instead, served by this relay in
-the worker. Each request ffmpeg makes (``Range: bytes=N-``) becomes one request to the
-source through ``source.open_url``, whose body is passed on as it arrives. ffmpeg also runs
-with ``http_proxy`` pointing here, so any other http URL a crafted input might name reaches
-the relay too, and is refused. What goes wrong upstream is recorded as the job's failure
-(``error``): ffmpeg only sees a failed read, and would otherwise report a network fault as
-a broken video.
+So ffmpeg gets ``http://127.0.0.1:<port>/source`` instead, served by this relay in the
+worker, and runs with ``http_proxy`` pointing here, with a per-job password (in its
+environment, not its argv, which any local user can read). Every http request ffmpeg makes
+therefore reaches the relay: those for the source (``Range: bytes=N-``) each become one
+request to the source through ``source.open_url``, whose body is passed on as it arrives;
+any other URL a crafted input might name is refused. What goes wrong upstream is recorded
+as the job's failure (``error``): ffmpeg only sees a failed read, and would otherwise report
+a network fault as a broken video.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hmac
 import http.client
 import logging
 import os
@@ -28,7 +31,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 CHUNK = 32 * 1024
 SEND_BUFFER = 16 * 1024
 MAX_HEAD = 16 * 1024  # ffmpeg's requests are a few hundred bytes
+REREAD_SLACK = 1 << 20
+MAX_CONNECTIONS = 8  # sockets at once, ffmpeg's and the source's: ffmpeg needs 2 or 4
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy",
                     "NO_PROXY", "all_proxy", "ALL_PROXY")
@@ -55,21 +59,22 @@ class Relay:
     request is spent on asking, and nothing waits for an answer before ffmpeg starts.
     """
 
-    def __init__(self, url: str, limits: source.FetchLimits, deadline: float,
-                 should_abort: Callable[[], bool]) -> None:
-        self.source_url = url  # after redirects, once the first answer came
+    def __init__(self, url: str, limits: source.FetchLimits, deadline: float) -> None:
+        self.origin = url  # the job's URL
+        self.source_url = url  # where it redirects to, once the first answer came
         self.size: int | None = None  # known from the first 206
         self.validator = ""  # a strong ETag, else Last-Modified: sent as If-Range
         self.no_ranges = False  # the server does not seek: download instead
         self.whole: tuple[source.PinnedConnection, http.client.HTTPResponse] | None = None
         self.limits = limits
         self.deadline = deadline
-        self.should_abort = should_abort
         self.error: JobFailed | None = None
         self.bytes_in = 0
+        self.last_activity = time.monotonic()  # when bytes last came from the source
         self.requests = 0
         self.refused = 0
         self._token = secrets.token_urlsafe(18)
+        self._credentials = b"Basic " + base64.b64encode(f"relay:{self._token}".encode())
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._closed = False
@@ -80,12 +85,15 @@ class Relay:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}/{self._token}/source"
+        """What ffmpeg is told to read. No secret in it: ffmpeg's argv is public (ps)."""
+        return f"http://{self.address}/source"
 
     def ffmpeg_env(self) -> dict[str, str]:
-        """ffmpeg's environment: every http request it makes goes through this relay."""
+        """ffmpeg's environment: every http request it makes goes through this relay, as a
+        proxy that wants a password (the token). ffmpeg sends it once asked (407), and an
+        environment is readable by the same user only: other local users get nothing."""
         env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARIABLES}
-        env["http_proxy"] = f"http://{self.address}"
+        env["http_proxy"] = f"http://relay:{self._token}@{self.address}"
         return env
 
     def fail(self, exc: JobFailed) -> None:
@@ -136,8 +144,11 @@ class Relay:
                              daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with self._track(conn):
+        with self._track(conn) as active:
             try:
+                if active > MAX_CONNECTIONS:  # ffmpeg has one or two open: not ffmpeg
+                    _Client(conn).reply(503)
+                    return
                 conn.settimeout(self.limits.stall_timeout)
                 # Little read-ahead on loopback: what ffmpeg has not read yet stays at the
                 # source, so hanging up to seek elsewhere wastes little of the transfer.
@@ -158,13 +169,15 @@ class Relay:
 
     @contextlib.contextmanager
     def _track(self, sock: socket.socket | None):  # type: ignore[no-untyped-def]
+        """Keep ``sock`` where close() can shut it down; yields how many are tracked."""
         if sock is None:
-            yield
+            yield len(self._sockets)
             return
         with self._lock:
             self._sockets.add(sock)
+            tracked = len(self._sockets)
         try:
-            yield
+            yield tracked
         finally:
             with self._lock:
                 self._sockets.discard(sock)
@@ -172,6 +185,9 @@ class Relay:
     def _answer(self, client: _Client) -> None:
         if client.method != "GET":
             client.reply(400)
+            return
+        if not hmac.compare_digest(client.proxy_authorization.encode(), self._credentials):
+            client.reply(407, {"Proxy-Authenticate": 'Basic realm="clip-supervisor relay"'})
             return
         if not self.is_ours(client.target):
             with self._lock:
@@ -181,17 +197,18 @@ class Relay:
             client.reply(403)
             return
         match = _RANGE.match(client.range or "bytes=0-")
-        if match is None:
+        first, last = (int(match[1]), int(match[2]) if match[2] else None) if match else (0, 0)
+        if match is None or (last is not None and last < first):
             client.reply(416, {"Content-Range": f"bytes */{self.size or 0}"})
             return
-        self.serve(client, int(match[1]), int(match[2]) if match[2] else None)
+        self.serve(client, first, last)
 
     def is_ours(self, target: str) -> bool:
         """The one path served; a proxy-style absolute URL must also name this relay."""
         parts = urlsplit(target)
         if parts.scheme and (parts.scheme != "http" or parts.netloc != self.address):
             return False
-        return parts.path == f"/{self._token}/source"
+        return parts.path == "/source"
 
     def serve(self, out: _Client, first: int, last: int | None) -> None:
         """Answer one ffmpeg request for bytes ``first``-``last`` from the source."""
@@ -201,36 +218,41 @@ class Relay:
         if self.size is not None and first >= self.size:
             out.reply(416, {"Content-Range": f"bytes */{self.size}"})
             return
-        wanted = f"bytes={first}-{'' if last is None else last}"
-        headers = {"Range": wanted}
-        if self.validator:
-            headers["If-Range"] = self.validator
-        with self._lock:
-            self.requests += 1
-        try:
-            conn, resp, final = source.open_url(self.source_url, self.limits, self.deadline,
-                                                None, headers)
-        except JobFailed as exc:
-            self.fail(exc)
+        opened = self._request(first, last)
+        if opened is None:
             out.reply(502)
             return
-        except (OSError, http.client.HTTPException) as exc:
-            self.fail(Transient("fetch_failed", f"cannot fetch {self.source_url}: {exc}"))
-            out.reply(502)
-            return
+        conn, resp, final = opened
         if self.size is None and not self._first_answer(conn, resp, final, first):
             out.reply(503)  # ffmpeg gives up; the pipeline downloads (no_ranges)
             return
+        self._pass_on(conn, resp, out, first, last)
+
+    def _request(self, first: int, last: int | None,
+                 ) -> tuple[source.PinnedConnection, http.client.HTTPResponse, str] | None:
+        """Ask the source for ``first``-``last``; None once the failure is recorded."""
+        headers = {"Range": f"bytes={first}-{'' if last is None else last}"}
+        if self.validator:
+            headers["If-Range"] = self.validator
+        with self._lock:
+            if self._closed:
+                return None
+            self.requests += 1
         try:
-            with self._track(conn.live_sock):
-                if conn.live_sock is not None:
-                    conn.live_sock.settimeout(self.limits.stall_timeout)
-                self._pass_on(resp, out, first, wanted, conn.live_sock)
-        finally:
-            resp.close()
-            conn.close()
-            if conn.live_sock is not None:
-                conn.live_sock.close()
+            opened = source.open_url(self.source_url, self.limits, self.deadline, None,
+                                     headers)
+            if opened[1].status in (401, 403, 404, 410) and self.source_url != self.origin:
+                # A redirect's target can expire (signed CDN links): ask the job's URL again
+                source.discard(*opened[:2])
+                opened = source.open_url(self.origin, self.limits, self.deadline, None,
+                                         headers)
+                self.source_url = opened[2]
+            return opened
+        except JobFailed as exc:
+            self.fail(exc)
+        except (OSError, http.client.HTTPException) as exc:
+            self.fail(Transient("fetch_failed", f"cannot fetch {self.source_url}: {exc}"))
+        return None
 
     def _first_answer(self, conn: source.PinnedConnection, resp: http.client.HTTPResponse,
                       final: str, first: int) -> bool:
@@ -246,10 +268,12 @@ class Relay:
         if got is None or got[0] != first:
             with self._lock:
                 self.no_ranges = True
-                if resp.status == 200:  # the whole file: the pipeline downloads this
+                # a 200 is the whole file: the pipeline downloads from it (unless over)
+                keep = resp.status == 200 and not self._closed
+                if keep:
                     self.whole = (conn, resp)
-            if resp.status != 200:  # 416 (an empty file) or a vague 206: the pipeline
-                source.discard(conn, resp)  # downloads it whole
+            if not keep:  # 416 (an empty file) or a vague 206: the pipeline downloads
+                source.discard(conn, resp)  # it with a request of its own
             return False
         if got[2] > self.limits.max_bytes:
             source.discard(conn, resp)
@@ -261,26 +285,55 @@ class Relay:
             self.validator = source.validator(resp)
         return True
 
-    def _pass_on(self, resp: http.client.HTTPResponse, out: _Client, first: int,
-                 wanted: str, upstream: socket.socket | None) -> None:
+    def _pass_on(self, conn: source.PinnedConnection, resp: http.client.HTTPResponse,
+                 out: _Client, first: int, last: int | None) -> None:
+        """Send ffmpeg bytes ``first``-``last`` (or to the end). A source may answer with
+        less than was asked (some servers cap each answer): ask again for the rest, within
+        the same answer to ffmpeg."""
         size = self.size
         assert size is not None
-        try:
-            length = self._check(resp, first, wanted)
-        except JobFailed as exc:
-            self.fail(exc)
-            out.reply(502)
-            return
-        if length is None:  # 416: nothing there
-            out.reply(416, {"Content-Range": f"bytes */{size}"})
-            return
-        out.reply(206, {"Content-Range": f"bytes {first}-{first + length - 1}/{size}"},
-                  length)
-        with _HangUpWatch(out.connection, upstream) as hung_up:
-            finished = self._pump(resp, out, first, length, hung_up)
-        if not finished and upstream is not None:  # stop the source sending (_HangUpWatch)
-            with contextlib.suppress(OSError):
-                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, source.RESET)
+        end = size - 1 if last is None else min(last, size - 1)
+        pos, answered = first, False
+        while True:
+            try:
+                with self._track(conn.live_sock):
+                    if conn.live_sock is not None:
+                        conn.live_sock.settimeout(self.limits.stall_timeout)
+                    span = self._span(resp, pos, last)
+                    if span is None and not answered:  # 416: nothing there
+                        out.reply(416, {"Content-Range": f"bytes */{size}"})
+                        return
+                    if span is None:
+                        raise Transient("source_changed", f"{self.source_url} has no bytes "
+                                        f"from {pos} any more; it had {size}")
+                    if not answered:
+                        out.reply(206, {"Content-Range": f"bytes {first}-{end}/{size}"},
+                                  end - first + 1)
+                        answered = True
+                    with _HangUpWatch(out.connection, conn.live_sock) as hung_up:
+                        finished = self._pump(resp, out, pos, span[1] - pos + 1, hung_up)
+                    if not finished and conn.live_sock is not None:
+                        # stop the source sending (see _HangUpWatch)
+                        with contextlib.suppress(OSError):
+                            conn.live_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                      source.RESET)
+            except JobFailed as exc:
+                self.fail(exc)
+                if not answered:
+                    out.reply(502)
+                return
+            finally:
+                resp.close()
+                conn.close()
+                if conn.live_sock is not None:
+                    conn.live_sock.close()
+            pos = span[1] + 1
+            if not finished or pos > end:
+                return
+            opened = self._request(pos, last)  # the rest of what ffmpeg asked for
+            if opened is None:
+                return
+            conn, resp, _ = opened
 
     def _pump(self, resp: http.client.HTTPResponse, out: _Client, first: int, length: int,
               hung_up: threading.Event) -> bool:
@@ -288,7 +341,7 @@ class Relay:
         url = self.source_url
         passed = 0
         while passed < length:
-            if self._closed or self.should_abort():
+            if self._closed:  # the job is over (or aborted: the pipeline closes the relay)
                 return False
             if time.monotonic() > self.deadline:
                 self.fail(Transient("timeout", f"reading {url} exceeded the job timeout"))
@@ -308,12 +361,15 @@ class Relay:
                     self.fail(Transient("fetch_failed", f"{url} ended after {passed} of "
                                         f"{length} bytes from offset {first}"))
                 return False
+            self.last_activity = time.monotonic()
             with self._lock:
                 self.bytes_in += len(chunk)
                 total = self.bytes_in
-            if total > self.limits.max_bytes:
-                self.fail(Permanent("source_too_large", f"read more than max_source_bytes "
-                                    f"{self.limits.max_bytes} from {url}"))
+            # The size was checked against max_source_bytes; seeks may read parts again,
+            # but reading the source over twice is not clipping: a download does better.
+            if total > 2 * (self.size or 0) + REREAD_SLACK:
+                self.fail(Transient("excessive_reads", f"read {total} bytes of a {self.size}-"
+                                    f"byte source from {url} and still not done"))
                 return False
             try:
                 out.write(chunk)
@@ -322,26 +378,30 @@ class Relay:
             passed += len(chunk)
         return True
 
-    def _check(self, resp: http.client.HTTPResponse, first: int, wanted: str) -> int | None:
-        """The number of bytes the source is sending from ``first`` (None: none, 416)."""
+    def _span(self, resp: http.client.HTTPResponse, pos: int,
+              last: int | None) -> tuple[int, int] | None:
+        """The bytes (first, last) the source is sending, which must start at ``pos``; None
+        for a 416 (nothing there). Raises the job's failure for anything else."""
         url, size = self.source_url, self.size
+        assert size is not None
+        wanted = f"bytes={pos}-{'' if last is None else last}"
         if resp.status == 416:
             return None
         source.check_status(resp, url, ok=(200, 206))
         if resp.status == 206:
             got = source.content_range(resp)
-            if got is None or got[0] != first or got[2] != size or got[1] < got[0]:
+            if got is None or got[0] != pos or got[2] != size or not got[0] <= got[1] < size:
                 raise Transient("source_changed", f"{url} answered {wanted} with "
                                 f"Content-Range {resp.getheader('Content-Range')!r}; "
                                 f"the source is {size} bytes")
-            return got[1] - got[0] + 1
+            return got[0], got[1]
         # 200: the whole file. Fine only from the start and if it is still the same file.
         length = resp.getheader("Content-Length") or ""
-        if first != 0 or length != str(size) or (
+        if pos != 0 or length != str(size) or (
                 self.validator and source.validator(resp) != self.validator):
             raise Transient("source_changed", f"{url} answered {wanted} with the whole "
                             f"file: it changed, or stopped serving ranges")
-        return size
+        return 0, size - 1
 
 
 class _HangUpWatch:
@@ -405,12 +465,13 @@ class _Client:
 
     REASONS: ClassVar[dict[int, str]] = {
         206: "Partial Content", 200: "OK", 400: "Bad Request", 403: "Forbidden",
-        416: "Range Not Satisfiable", 502: "Bad Gateway"}
+        407: "Proxy Authentication Required", 416: "Range Not Satisfiable",
+        502: "Bad Gateway", 503: "Service Unavailable"}
 
     def __init__(self, sock: socket.socket) -> None:
         self.connection = sock
         self.method = self.target = ""
-        self.range = ""
+        self.range = self.proxy_authorization = ""
 
     def read_request(self) -> bool:
         """Read the request head; False if ffmpeg sent none (or nonsense)."""
@@ -427,8 +488,11 @@ class _Client:
         self.method, self.target = parts[0], parts[1]
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "range":
+            name = name.strip().lower()
+            if name == "range":
                 self.range = value.strip()
+            elif name == "proxy-authorization":
+                self.proxy_authorization = value.strip()
         return True
 
     def reply(self, status: int, headers: dict[str, str] | None = None,
