@@ -350,7 +350,9 @@ class Worker:
                  "start": result.clip_start, "end": result.clip_end,
                  "duration": round(result.out_time, 3), "elapsed": elapsed,
                  "timings": result.timings, "worker": self.worker_id, "time": finished,
-                 "reused": reused, "source_read": result.read, "source_bytes": result.bytes_in}
+                 "reused": reused}
+        if result.read:  # how the source was read, and how much of it
+            event.update(source_read=result.read, source_bytes=result.bytes_in)
         fields = {"progress": 100, "stage": "done", "finished": finished, "elapsed": elapsed,
                   "output": result.output, "error": "", "reason": "",
                   **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
