@@ -30,6 +30,8 @@ import subprocess
 import time
 from typing import Any
 
+import psutil
+
 from bench import harness as h
 
 CLIP_SECONDS = 10.0
@@ -107,6 +109,23 @@ def run_what_if(script: str, http: h.HttpServer, out_dir: str, starts: list[floa
     return elapsed, cpu
 
 
+def cpu_split(sup: h.Supervisor, http: h.HttpServer,
+              redis_server: h.RedisServer) -> dict[str, float]:
+    """CPU seconds so far, by part: the master and workers themselves, the ffmpegs they
+    have reaped, the HTTP server, redis-server."""
+    assert sup.proc is not None
+    master = psutil.Process(sup.proc.pid)
+    workers = master.children()
+
+    def own(p: psutil.Process) -> float:
+        return sum(p.cpu_times()[:2])
+
+    return {"clip-supervisor": own(master) + sum(own(w) for w in workers),
+            "ffmpeg": sum(sum(w.cpu_times()[2:4]) for w in workers),
+            "HTTP server": sum(own(p) for p in h.family(http.proc.pid)),
+            "redis-server": own(psutil.Process(redis_server.proc.pid))}
+
+
 def run_ours(sup: h.Supervisor, http: h.HttpServer, redis_server: h.RedisServer,
              starts: list[float], mode: str, tag: str) -> tuple[float, dict[str, Any]]:
     """LPUSH the jobs, wait for all their done events; returns (seconds, details), the
@@ -117,30 +136,27 @@ def run_ours(sup: h.Supervisor, http: h.HttpServer, redis_server: h.RedisServer,
     messages = [json.dumps({"id": f"r{tag}-c{i}", "url": url, "start": s,
                             "duration": CLIP_SECONDS, "mode": mode,
                             "output": f"r{tag}/c{i}.mp4"}) for i, s in enumerate(starts)]
-    base = sup.r.llen(k["done"])
     http.reset()
     assert sup.proc is not None
     procs = [*h.family(sup.proc.pid), *h.family(http.proc.pid),
              *h.family(redis_server.proc.pid)]
     cpu = h.cpu_total(procs)
+    split = cpu_split(sup, http, redis_server)
     started = time.monotonic()
     sup.r.lpush(k["queue"], *messages)  # the first job pushed is the first taken (FIFO)
 
-    def finished() -> bool:
-        if sup.r.llen(k["dead"]):
-            raise RuntimeError(f"dead letters: {sup.r.lrange(k['dead'], 0, -1)}")
-        return sup.r.llen(k["done"]) >= base + len(messages)
-
-    h.wait_until(finished, 600, interval=0.005, what="all clips done")
+    events = h.wait_done(sup.r, k, len(messages), 600, what="all clips done")
     elapsed = time.monotonic() - started
     cpu = h.cpu_total(procs) - cpu
-    events = [json.loads(e) for e in sup.r.lrange(k["done"], 0, len(messages) - 1)]
+    split = {part: seconds - split[part]
+             for part, seconds in cpu_split(sup, http, redis_server).items()}
     stages: dict[str, float] = {}
     for event in events:
         for stage, seconds in (event.get("timings") or {}).items():
             stages[stage] = stages.get(stage, 0.0) + seconds
     served = http.stats()
-    return elapsed, {"seconds": elapsed, "cpu_seconds": cpu, "stage_seconds_sum": stages,
+    return elapsed, {"seconds": elapsed, "cpu_seconds": cpu, "cpu_split": split,
+                     "stage_seconds_sum": stages,
                      "bytes_served": served["bytes"], "requests": len(served["requests"])}
 
 
@@ -210,9 +226,12 @@ def main() -> None:
             for stage, secs in info["stage_seconds_sum"].items():
                 stages[stage] = stages.get(stage, 0.0) + secs
         fetched = sum(i["bytes_served"] for i in details[-len(chunks):])
+        per_job = {part: sum(i["cpu_split"][part] for i in details[-len(chunks):])
+                   / len(starts) * 1000 for part in details[-1]["cpu_split"]}
         h.note(f"round {r + 1}/{rounds}: floor {floor_sum:.2f} s ({floor_cpu:.2f} s CPU), "
                f"clip-supervisor {ours_sum:.2f} s ({ours_cpu:.2f} s CPU; {fetched / 1e6:.1f} "
-               f"MB fetched; stage sums over the jobs: {_stages(stages)})")
+               f"MB fetched; stage sums over the jobs: {_stages(stages)}; CPU per job: "
+               + ", ".join(f"{part} {ms:.1f} ms" for part, ms in per_job.items()) + ")")
         if args.what_if:
             for label, script in WHAT_IF.items():
                 took, cpu = run_what_if(script, http, os.path.join(tmp, "whatif"), starts,

@@ -201,6 +201,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def wait_done(r: redis.Redis, keys: dict[str, str], n: int, timeout: float,
+              what: str = "jobs") -> list[dict[str, Any]]:
+    """Wait for ``n`` completion events and take them off ``{prefix}:done`` (oldest first).
+
+    Blocks in BLMOVE instead of polling: a harness asking Redis every few milliseconds
+    takes CPU from the very workers it times (on 2 cores, ~6 % of one during a clip run).
+    A dead letter raises at once."""
+    seen = keys["done"] + ":bench-taken"
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(events) < n:
+        raw = r.blmove(keys["done"], seen, 1.0, "RIGHT", "LEFT")
+        if raw is not None:
+            events.append(json.loads(raw))
+            continue
+        if r.llen(keys["dead"]):
+            raise RuntimeError(f"dead letters: {r.lrange(keys['dead'], 0, -1)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+    return events
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

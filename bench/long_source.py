@@ -69,12 +69,8 @@ def ours(sup: h.Supervisor, http: h.HttpServer, name: str, n: int) -> dict[str, 
     sup.r.lpush(sup.keys["queue"], json.dumps({
         "id": f"long-{n}", "url": http.url(name), "start": CLIP_START,
         "duration": CLIP_SECONDS, "mode": "copy", "output": f"long-{n}.mp4"}))
-    h.wait_until(lambda: sup.r.llen(sup.keys["done"]) >= n + 1 or sup.r.llen(sup.keys["dead"]),
-                 300, interval=0.005, what="the clip")
+    (event,) = h.wait_done(sup.r, sup.keys, 1, 300, what="the clip")
     elapsed = time.monotonic() - started
-    if sup.r.llen(sup.keys["dead"]):
-        raise RuntimeError(f"dead-lettered: {sup.r.lrange(sup.keys['dead'], 0, -1)}")
-    event = json.loads(sup.r.lindex(sup.keys["done"], 0))
     stats = http.stats()
     return {"seconds": elapsed, "bytes": stats["bytes"], "timings": event.get("timings"),
             "source_read": event.get("source_read"),

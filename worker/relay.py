@@ -153,7 +153,6 @@ class Relay:
                 # Little read-ahead on loopback: what ffmpeg has not read yet stays at the
                 # source, so hanging up to seek elsewhere wastes little of the transfer.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 client = _Client(conn)
                 if client.read_request():
                     self._answer(client)
