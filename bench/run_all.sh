@@ -38,6 +38,7 @@ if [ $quick -eq 1 ]; then
   run bench.requeue --rounds 3
   run bench.footprint --batch 500 --single 50
   run bench.long_source --rounds 1
+  run bench.pipeline_cpu --clips 10
 else
   run bench.clips --mode copy --what-if
   run bench.clips --mode encode
@@ -47,6 +48,7 @@ else
   run bench.requeue
   run bench.footprint
   run bench.long_source
+  run bench.pipeline_cpu
 fi
 "$PY" -m bench.report --out bench/results/summary.md && "$PY" -m bench.chart >/dev/null
 echo "summary: bench/results/summary.md, chart: docs/performance.png" >&2
