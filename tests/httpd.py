@@ -18,10 +18,12 @@
     /stallrange/KEY/NAME  the file for the first request, then 64 KiB and silence
     /capped/BYTES/NAME    the file, each Range answer cut to at most BYTES (as some CDNs do)
     /expiring/KEY/NAME    302 to /once/KEY/NAME, a URL that works for one request only
+    /overlong/NAME        Range answers that claim 100 bytes (Content-Range) and send 200
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -123,6 +125,9 @@ class Handler(RangeRequestHandler):
                 self.end_headers()
                 return
             self.path = "/" + segments[2]
+        elif segments[0] == "overlong" and len(segments) == 2 and self.headers.get("Range"):
+            self._overlong(segments[1])
+            return
         elif segments[0] == "norange" and len(segments) == 2:
             self._trickle("whole", 0, segments[1])
             return
@@ -145,6 +150,21 @@ class Handler(RangeRequestHandler):
     def _sent(self, key: str, n: int) -> None:
         with self.lock:
             self.sent[key] = self.sent.get(key, 0) + n
+
+    def _overlong(self, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        size = os.path.getsize(path)
+        match = _RANGE.match(self.headers["Range"].strip())
+        first = int(match.group(1) or 0) if match else 0
+        with open(path, "rb") as fh:
+            fh.seek(first)
+            data = fh.read(200)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{min(first + 99, size - 1)}/{size}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(data)
 
     def _break_range(self, kind: str, name: str) -> None:
         """A 206 that promises the range asked for and breaks its promise."""

@@ -13,6 +13,7 @@ import base64
 import http.client
 import os
 import subprocess
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -203,6 +204,18 @@ def test_the_relay_passes_ranges_on_and_serves_nothing_else(env):
         assert r.bytes_in == 1000 + 10
 
 
+def test_the_relay_sends_ffmpeg_exactly_the_bytes_it_announced(env, media_dir):
+    # Given a source whose range answers carry more than their Content-Range says
+    with open(os.path.join(media_dir, "ten.mp4"), "rb") as fh:
+        data = fh.read()
+    with _relay(env, "overlong/ten.mp4") as r:
+        path = r.url[len(f"http://{r.address}"):]
+        status, headers, body = _get(r, path, {"Range": "bytes=0-999"})
+    # Then ffmpeg gets the bytes announced, in order, asked again 100 at a time
+    assert (status, headers["Content-Length"]) == (206, "1000")
+    assert body == data[:1000] and r.requests == 10 and r.error is None
+
+
 def test_the_relay_applies_the_address_guard_to_every_request(env):
     # Given a relay for a source on loopback, with private addresses not allowed
     with _relay(env, allow_private=False) as r:
@@ -232,3 +245,28 @@ def test_ffmpeg_sends_every_http_request_through_the_relay(env):
         for src in (os.path.join(env.http.directory, "ten.mp4"), "https://127.0.0.1:1/x"):
             out = clip(src)
             assert out.returncode != 0 and "not on whitelist" in out.stderr, out.stderr
+
+
+def test_closing_the_relay_cuts_a_source_that_dribbles_its_headers(env):
+    # Given ffmpeg's request forwarded to a source that sends its headers a byte at a time
+    with _relay(env, "dribble") as r:
+        path = r.url[len(f"http://{r.address}"):]
+        answer: list[object] = []
+
+        def ask() -> None:
+            try:
+                answer.append(_get(r, path, {"Range": "bytes=0-"})[0])
+            except (OSError, http.client.HTTPException) as exc:
+                answer.append(exc)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        wait_for(lambda: r.requests == 1, 5, what="the request to the source")
+        time.sleep(0.3)  # well into the dribble
+    # When the relay closes (ffmpeg gone, job over), nothing of it lingers until the deadline
+    wait_for(lambda: not [t for t in threading.enumerate()
+                          if t.name.startswith("relay") and t.is_alive()], 3,
+             what="the relay's threads to end")
+    asking.join(3)
+    assert answer and answer[0] != 206, answer
+    assert r.error is None  # the job was over: nothing recorded after close

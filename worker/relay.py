@@ -43,7 +43,7 @@ CHUNK = 32 * 1024
 SEND_BUFFER = 16 * 1024
 MAX_HEAD = 16 * 1024  # ffmpeg's requests are a few hundred bytes
 REREAD_SLACK = 1 << 20
-MAX_CONNECTIONS = 8  # sockets at once, ffmpeg's and the source's: ffmpeg needs 2 or 4
+MAX_REQUESTS = 4  # at once; ffmpeg makes one, two while it seeks
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy",
                     "NO_PROXY", "all_proxy", "ALL_PROXY")
@@ -77,6 +77,7 @@ class Relay:
         self._credentials = b"Basic " + base64.b64encode(f"relay:{self._token}".encode())
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
+        self._active = 0  # requests being answered
         self._closed = False
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=16)
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -144,10 +145,9 @@ class Relay:
                              daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with self._track(conn) as active:
+        with self._track(conn):
             try:
-                if active > MAX_CONNECTIONS:  # ffmpeg has one or two open: not ffmpeg
-                    _Client(conn).reply(503)
+                if self._closed:
                     return
                 conn.settimeout(self.limits.stall_timeout)
                 # Little read-ahead on loopback: what ffmpeg has not read yet stays at the
@@ -168,15 +168,14 @@ class Relay:
 
     @contextlib.contextmanager
     def _track(self, sock: socket.socket | None):  # type: ignore[no-untyped-def]
-        """Keep ``sock`` where close() can shut it down; yields how many are tracked."""
+        """Keep ``sock`` where close() can shut it down."""
         if sock is None:
-            yield len(self._sockets)
+            yield
             return
         with self._lock:
             self._sockets.add(sock)
-            tracked = len(self._sockets)
         try:
-            yield tracked
+            yield
         finally:
             with self._lock:
                 self._sockets.discard(sock)
@@ -188,6 +187,19 @@ class Relay:
         if not hmac.compare_digest(client.proxy_authorization.encode(), self._credentials):
             client.reply(407, {"Proxy-Authenticate": 'Basic realm="clip-supervisor relay"'})
             return
+        with self._lock:
+            self._active += 1
+            busy = self._active > MAX_REQUESTS
+        try:
+            if busy:  # ffmpeg has one request open, two while it seeks
+                client.reply(503)
+                return
+            self._authorized(client)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _authorized(self, client: _Client) -> None:
         if not self.is_ours(client.target):
             with self._lock:
                 self.refused += 1
@@ -237,20 +249,37 @@ class Relay:
             if self._closed:
                 return None
             self.requests += 1
+        connected: list[socket.socket] = []
+
+        def on_connect(sock: socket.socket) -> None:
+            # close() must be able to cut a source that dribbles its headers
+            connected.append(sock)
+            with self._lock:
+                self._sockets.add(sock)
+                closed = self._closed
+            if closed:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        url = self.source_url
         try:
-            opened = source.open_url(self.source_url, self.limits, self.deadline, None,
-                                     headers)
-            if opened[1].status in (401, 403, 404, 410) and self.source_url != self.origin:
+            opened = source.open_url(url, self.limits, self.deadline, None, headers,
+                                     on_connect)
+            if opened[1].status in (401, 403, 404, 410) and url != self.origin:
                 # A redirect's target can expire (signed CDN links): ask the job's URL again
                 source.discard(*opened[:2])
-                opened = source.open_url(self.origin, self.limits, self.deadline, None,
-                                         headers)
+                url = self.origin
+                opened = source.open_url(url, self.limits, self.deadline, None, headers,
+                                         on_connect)
                 self.source_url = opened[2]
             return opened
         except JobFailed as exc:
             self.fail(exc)
         except (OSError, http.client.HTTPException) as exc:
-            self.fail(Transient("fetch_failed", f"cannot fetch {self.source_url}: {exc}"))
+            self.fail(Transient("fetch_failed", f"cannot fetch {url}: {exc}"))
+        finally:
+            with self._lock:  # from here on, _pass_on tracks the socket it reads
+                self._sockets.difference_update(connected)
         return None
 
     def _first_answer(self, conn: source.PinnedConnection, resp: http.client.HTTPResponse,
@@ -299,19 +328,17 @@ class Relay:
                     if conn.live_sock is not None:
                         conn.live_sock.settimeout(self.limits.stall_timeout)
                     span = self._span(resp, pos, last)
-                    if span is None and not answered:  # 416: nothing there
-                        out.reply(416, {"Content-Range": f"bytes */{size}"})
-                        return
-                    if span is None:
+                    if span is None:  # 416, though pos < size (serve saw to that)
                         raise Transient("source_changed", f"{self.source_url} has no bytes "
                                         f"from {pos} any more; it had {size}")
                     if not answered:
                         out.reply(206, {"Content-Range": f"bytes {first}-{end}/{size}"},
                                   end - first + 1)
                         answered = True
+                    stop = min(span[1], end)  # never more than ffmpeg was promised
                     with _HangUpWatch(out.connection, conn.live_sock) as hung_up:
-                        finished = self._pump(resp, out, pos, span[1] - pos + 1, hung_up)
-                    if not finished and conn.live_sock is not None:
+                        finished = self._pump(resp, out, pos, stop - pos + 1, hung_up)
+                    if (not finished or stop < span[1]) and conn.live_sock is not None:
                         # stop the source sending (see _HangUpWatch)
                         with contextlib.suppress(OSError):
                             conn.live_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -326,8 +353,8 @@ class Relay:
                 conn.close()
                 if conn.live_sock is not None:
                     conn.live_sock.close()
-            pos = span[1] + 1
-            if not finished or pos > end:
+            pos = stop + 1
+            if not finished or pos > end or _gone(out.connection):
                 return
             opened = self._request(pos, last)  # the rest of what ffmpeg asked for
             if opened is None:
@@ -346,7 +373,7 @@ class Relay:
                 self.fail(Transient("timeout", f"reading {url} exceeded the job timeout"))
                 return False
             try:
-                chunk = resp.read1(CHUNK)
+                chunk = resp.read1(min(CHUNK, length - passed))
             except TimeoutError:
                 self.fail(Transient("stalled", f"no bytes from {url} for "
                                     f"{self.limits.stall_timeout:g} s"))
@@ -431,19 +458,14 @@ class _HangUpWatch:
         self._done_w.close()
 
     def _watch(self) -> None:
+        poller = select.poll()  # not select(): it fails on descriptors past 1023
+        poller.register(self.client, select.POLLIN)
+        poller.register(self._done_r, select.POLLIN)
         try:
-            ready, _, _ = select.select([self.client, self._done_r], [], [])
-            if self._done_r in ready or self.client not in ready:
-                return
-            try:
-                peek = self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                peek = b""
+            ready = {fd for fd, _ in poller.poll()}
         except (OSError, ValueError):
             return
-        if peek:  # ffmpeg said something more (it does not): nothing to do
+        if self._done_r.fileno() in ready or not _gone(self.client):
             return
         self.hung_up.set()
         if self.upstream is not None:
@@ -452,6 +474,20 @@ class _HangUpWatch:
                 # (one more write succeeds before it learns); a reset stops it at once.
                 self.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, source.RESET)
                 self.upstream.shutdown(socket.SHUT_RDWR)
+
+
+def _gone(sock: socket.socket) -> bool:
+    """True when ffmpeg has closed its side (it sends nothing else on this connection)."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
 
 
 class _Client:

@@ -109,9 +109,11 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
 
 def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
              waker: Waker | None = None, headers: dict[str, str] | None = None,
+             on_connect: Callable[[socket.socket], None] | None = None,
              ) -> tuple[PinnedConnection, http.client.HTTPResponse, str]:
     """GET ``url``, following redirects, each hop checked by the address guard and connected
-    to the checked address; return the connection, the response and the final url."""
+    to the checked address; return the connection, the response and the final url.
+    ``on_connect`` is told of each hop's socket once connected (to shut it from outside)."""
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -122,7 +124,7 @@ def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
         cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
         conn = cls(parts.hostname or "", port, address, limits.connect_timeout)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        resp = _exchange(conn, target, deadline, waker, headers)
+        resp = _exchange(conn, target, deadline, waker, headers, on_connect)
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             url = urljoin(url, resp.getheader("Location"))
             conn.close()
@@ -133,6 +135,7 @@ def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
 
 def _exchange(conn: http.client.HTTPConnection, target: str, deadline: float | None,
               waker: Waker | None, headers: dict[str, str] | None = None,
+              on_connect: Callable[[socket.socket], None] | None = None,
               ) -> http.client.HTTPResponse:
     """Send the request and read the status line and headers, within the job's deadline.
 
@@ -140,6 +143,8 @@ def _exchange(conn: http.client.HTTPConnection, target: str, deadline: float | N
     timer shuts the socket down at the deadline, and a QUIT wakes it (worker.wake).
     """
     conn.connect()
+    if on_connect is not None and conn.sock is not None:
+        on_connect(conn.sock)
     timer = None
     if deadline is not None:
         remaining = deadline - time.monotonic()
