@@ -44,6 +44,14 @@ class Handler(RangeRequestHandler):
     lock: threading.Lock
     _paced: tuple[float, str] | None = None
 
+    def _empty(self, status: int, **headers: str) -> None:
+        """An answer with no body."""
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _count(self, key: str) -> int:
         """How many requests KEY had before this one (and count this one)."""
         with self.lock:
@@ -56,9 +64,7 @@ class Handler(RangeRequestHandler):
         parts = urlsplit(self.path)
         segments = parts.path.strip("/").split("/")
         if segments[0] == "status" and len(segments) == 2:
-            self.send_response(int(segments[1]))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._empty(int(segments[1]))
             return
         if segments[0] == "dribble":
             try:
@@ -71,19 +77,14 @@ class Handler(RangeRequestHandler):
                 pass
             return
         if segments[0] == "redirect":
-            self.send_response(302)
-            self.send_header("Location", parse_qs(parts.query)["to"][0])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._empty(302, Location=parse_qs(parts.query)["to"][0])
             return
         if segments[0] == "flaky" and len(segments) == 4:
             with self.lock:
                 seen = self.counts.get(segments[2], 0)
                 self.counts[segments[2]] = seen + 1
             if seen < int(segments[1]):
-                self.send_response(503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self._empty(503)
                 return
             self.path = "/" + segments[3]
         elif segments[0] == "paced" and len(segments) == 4:
@@ -92,9 +93,7 @@ class Handler(RangeRequestHandler):
             self.path = "/" + segments[3]
         elif segments[0] == "vanish" and len(segments) == 3:
             if self._count(segments[1]):
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self._empty(404)
                 return
             self.path = "/" + segments[2]
         elif segments[0] in ("cut", "stallrange") and len(segments) == 3:
@@ -112,17 +111,12 @@ class Handler(RangeRequestHandler):
                 self.headers["Range"] = f"bytes={first}-{min(last, first + int(segments[1]) - 1)}"
             self.path = "/" + segments[2]
         elif segments[0] == "expiring" and len(segments) == 3:
-            self.send_response(302)
-            self.send_header("Location", f"/once/{segments[1]}-{self._count(segments[1])}/"
-                             f"{segments[2]}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._empty(302, Location=f"/once/{segments[1]}-{self._count(segments[1])}/"
+                                      f"{segments[2]}")
             return
         elif segments[0] == "once" and len(segments) == 3:
             if self._count(segments[1]):
-                self.send_response(403)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self._empty(403)
                 return
             self.path = "/" + segments[2]
         elif segments[0] == "overlong" and len(segments) == 2 and self.headers.get("Range"):
