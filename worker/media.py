@@ -72,11 +72,23 @@ def _setpriv() -> str | None:
     return _SETPRIV if _setpriv_works else None
 
 
+_programs: dict[str, str] = {}  # name -> path found on PATH
+
+
+def _program(name: str) -> str:
+    """``name``'s path, searched for on PATH once and checked (one stat) at each start."""
+    path = _programs.get(name)
+    if path is None or not os.access(path, os.X_OK):
+        path = shutil.which(name)
+        if path is None:
+            raise Transient("ffmpeg_missing", f"cannot run {name!r}: not found")
+        _programs[name] = path
+    return path
+
+
 def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     """The argument list and preexec_fn that start ``cmd`` so that it dies with us."""
-    program = shutil.which(cmd[0])
-    if program is None:
-        raise Transient("ffmpeg_missing", f"cannot run {cmd[0]!r}: not found")
+    program = _program(cmd[0])
     setpriv = _setpriv()
     if setpriv is None:
         return [program, *cmd[1:]], _die_with_parent

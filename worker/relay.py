@@ -323,6 +323,7 @@ class Relay:
         end = size - 1 if last is None else min(last, size - 1)
         pos, answered = first, False
         while True:
+            span, finished, stop = None, False, pos
             try:
                 with self._track(conn.live_sock):
                     if conn.live_sock is not None:
@@ -338,21 +339,14 @@ class Relay:
                     stop = min(span[1], end)  # never more than ffmpeg was promised
                     with _HangUpWatch(out.connection, conn.live_sock) as hung_up:
                         finished = self._pump(resp, out, pos, stop - pos + 1, hung_up)
-                    if (not finished or stop < span[1]) and conn.live_sock is not None:
-                        # stop the source sending (see _HangUpWatch)
-                        with contextlib.suppress(OSError):
-                            conn.live_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                                      source.RESET)
             except JobFailed as exc:
                 self.fail(exc)
                 if not answered:
                     out.reply(502)
                 return
             finally:
-                resp.close()
-                conn.close()
-                if conn.live_sock is not None:
-                    conn.live_sock.close()
+                # whatever the source has not sent yet is not wanted: stop it (_HangUpWatch)
+                source.close(conn, resp, reset=not (span and finished and stop == span[1]))
             pos = stop + 1
             if not finished or pos > end or _gone(out.connection):
                 return

@@ -191,17 +191,23 @@ def check_status(resp: http.client.HTTPResponse, url: str,
     raise Permanent("http_error", text)
 
 
-def discard(conn: PinnedConnection, resp: http.client.HTTPResponse) -> None:
-    """Drop a connection whose answer is not wanted (any more), with a reset: a plain close
-    lets the server go on sending into the void for a while."""
+def close(conn: PinnedConnection, resp: http.client.HTTPResponse, reset: bool = False) -> None:
+    """Close an answer and its connection (the socket too: http.client may have let go of
+    it). ``reset``: the rest of the answer is not wanted; a plain close would let the
+    server go on sending into the void for a while."""
     sock = conn.live_sock
-    if sock is not None:
+    if reset and sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
     resp.close()
     conn.close()
     if sock is not None:
         sock.close()
+
+
+def discard(conn: PinnedConnection, resp: http.client.HTTPResponse) -> None:
+    """Drop a connection whose answer is not wanted (any more), with a reset."""
+    close(conn, resp, reset=True)
 
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)$")
@@ -276,10 +282,7 @@ def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
             raise Aborted() from None
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
     finally:
-        resp.close()
-        conn.close()
-        if conn.live_sock is not None:
-            conn.live_sock.close()
+        close(conn, resp)
 
 
 def local_path(url: str, max_bytes: int) -> str:
