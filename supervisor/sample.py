@@ -107,6 +107,9 @@ class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(end - start + 1))
+        # as real servers do: what caches and If-Range compare
+        modified = int(os.fstat(fh.fileno()).st_mtime)
+        self.send_header("Last-Modified", self.date_time_string(modified))
         self.end_headers()
         return fh
 

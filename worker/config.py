@@ -74,6 +74,10 @@ def _size(raw: str) -> int:
     return value
 
 
+def _size_or_zero(raw: str) -> int:
+    return 0 if raw.strip() == "0" else _size(raw)
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -233,6 +237,9 @@ class JobConfig:
     connect_timeout: float = _opt(_positive_float, "10")
     range_requests: bool = _opt(_bool, "true", "read http(s) sources in place with Range "
                                 "requests when their server supports them")
+    cache_max_bytes: int = _opt(_size_or_zero, "2GiB",
+                                "whole sources kept on this host for more clips; 0 = off")
+    cache_dir: str = _opt(_optional_path, "", "empty = <work_dir>/cache")
     job_ttl: float = _opt(_positive_float, "604800", "seconds {prefix}:job:<id> hashes live")
     done_max: int = _opt(_positive_int, "10000", "length cap of the {prefix}:done list")
 

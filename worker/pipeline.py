@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from . import media, relay, source
+from .cache import Identity, SourceCache
 from .config import Config
 from .errors import JobFailed, Permanent, Transient
 from .job import Job
@@ -39,7 +40,7 @@ class Result:
     out_time: float = 0.0
     size: int = 0
     bytes_in: int = 0
-    read: str = ""  # how the source was read: "ranges", "download" or "local"
+    read: str = ""  # how the source was read: "ranges", "download", "cache" or "local"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -54,6 +55,10 @@ class Pipeline:
         self.should_abort = should_abort
         self.on_stage = on_stage
         self.on_progress = on_progress
+        cfg = config.job
+        self.cache = SourceCache(cfg.cache_dir or os.path.join(cfg.work_dir, "cache"),
+                                 cfg.cache_max_bytes, keep_free=self._free_needed()
+                                 ) if cfg.cache_max_bytes else None
 
     def already_stored(self, job: Job) -> bool:
         """True when an earlier attempt of this job stored its output (by this job id)."""
@@ -85,8 +90,10 @@ class Pipeline:
         scheme = urlsplit(job.url).scheme.lower()
         if scheme in ("http", "https", "gs"):
             self._check_disk(job_dir)  # for the source, or a clip as large as the source
-        outcome, whole = None, None
-        if self.config.job.range_requests and scheme in ("http", "https"):
+        outcome, whole, local = None, None, None
+        if self.cache is not None and scheme in ("http", "https"):
+            local = self._cached(self.cache, job, job_dir, deadline, result)
+        if local is None and self.config.job.range_requests and scheme in ("http", "https"):
             # "fetch" until ffmpeg has read the source's index through the relay, then "clip"
             def opened() -> None:
                 nonlocal started
@@ -94,8 +101,9 @@ class Pipeline:
                 self.on_stage("clip")
 
             outcome, whole = self._clip_in_place(job, clip_path, deadline, result, opened)
-        if outcome is None:  # a local copy first: not http(s), or a server that cannot seek
-            local = self._fetch(job, job_dir, deadline, result, whole)
+        if outcome is None:  # a local copy first: cached, not http(s), or no seeking
+            if local is None:
+                local = self._fetch(job, job_dir, deadline, result, whole)
             started = self._stage(result, "fetch", started)
             self.on_stage("clip")
             outcome = self._clip(job, local, clip_path, deadline)
@@ -167,6 +175,8 @@ class Pipeline:
         if read.error is not None:  # the clip may look fine, but a read failed
             raise read.error
         result.bytes_in, result.read = read.bytes_in, "ranges"
+        if self.cache is not None and read.size:
+            self.cache.rent(job.url, Identity(read.size, read.validator), read.bytes_in)
         log.debug("job %s: read %d of %s bytes in %d range requests", job.id, read.bytes_in,
                   read.size, read.requests)
         return outcome, None
@@ -185,12 +195,15 @@ class Pipeline:
         if scheme in ("http", "https"):
             dest = os.path.join(job_dir, "source")
             if whole is None:
-                result.bytes_in = source.fetch_http(job.url, dest, self._limits(), deadline,
-                                                    self.should_abort, self.waker)
+                result.bytes_in, identity = source.fetch_http(
+                    job.url, dest, self._limits(), deadline, self.should_abort, self.waker)
             else:
-                result.bytes_in = source.download(*whole, job.url, dest, self._limits(),
-                                                  deadline, self.should_abort, self.waker)
+                result.bytes_in, identity = source.download(
+                    *whole, job.url, dest, self._limits(), deadline, self.should_abort,
+                    self.waker)
             result.read = "download"
+            if self.cache is not None and self.cache.keep(job.url, dest, identity):
+                log.debug("job %s: %s kept in the source cache", job.id, job.url)
             return dest
         if scheme == "gs":
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
@@ -202,10 +215,47 @@ class Pipeline:
             return dest
         raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported")
 
+    def _cached(self, cache: SourceCache, job: Job, job_dir: str, deadline: float,
+                result: Result) -> str | None:
+        """The source from the host's cache (see worker.cache): its kept copy once the source
+        confirms it is unchanged, or a whole download that is kept, once reading it in
+        place has cost its size. None: read it as usual."""
+        local = self._from_cache(cache, job, job_dir, deadline, result)
+        if local is None and cache.worth_buying(job.url):
+            with cache.buying(job.url) as mine:  # one worker downloads; the others go on
+                if mine:
+                    local = self._from_cache(cache, job, job_dir, deadline, result) or \
+                        self._fetch(job, job_dir, deadline, result)
+        return local
+
+    def _from_cache(self, cache: SourceCache, job: Job, job_dir: str, deadline: float,
+                    result: Result) -> str | None:
+        entry = cache.lookup(job.url)
+        if entry is None or entry.identity.size > self.config.job.max_source_bytes:
+            return None
+        now = source.identify(job.url, self._limits(), deadline, self.should_abort,
+                              self.waker)
+        if now != entry.identity:
+            log.info("job %s: %s changed since it was kept: reading it afresh", job.id,
+                     job.url)
+            cache.forget(job.url)
+            return None
+        dest = os.path.join(job_dir, "source")
+        if not cache.use(entry, dest):
+            return None
+        result.bytes_in, result.read = 0, "cache"
+        return dest
+
+    def _free_needed(self) -> int:
+        # The source plus a clip at most as large: refuse to start what cannot finish.
+        return min(self.config.job.max_source_bytes, 1 << 40)
+
     def _check_disk(self, job_dir: str) -> None:
         free = shutil.disk_usage(job_dir).free
-        # The source plus a clip at most as large: refuse to start what cannot finish.
-        if free < min(self.config.job.max_source_bytes, 1 << 40):
+        if free < self._free_needed() and self.cache is not None:
+            self.cache.make_room(self._free_needed(), job_dir)  # the cache gives way first
+            free = shutil.disk_usage(job_dir).free
+        if free < self._free_needed():
             raise Transient("disk_full", f"{free} bytes free in work_dir, less than "
                             f"max_source_bytes {self.config.job.max_source_bytes}")
 

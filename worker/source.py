@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from .cache import Identity
 from .errors import Aborted, Permanent, Transient
 from .wake import Waker
 
@@ -226,9 +227,40 @@ def validator(resp: http.client.HTTPResponse) -> str:
     return resp.getheader("Last-Modified") or ""
 
 
+def identify(url: str, limits: FetchLimits, deadline: float, should_abort: Callable[[], bool],
+             waker: Waker) -> Identity | None:
+    """Ask the source what it is now, with a one-byte range request: its size and validator
+    (None if it does not tell both). Failures are the job's, as for a download."""
+    try:
+        conn, resp, final = open_url(url, limits, deadline, waker, {"Range": "bytes=0-0"})
+    except (OSError, http.client.HTTPException) as exc:
+        if should_abort():
+            raise Aborted() from None
+        raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
+    try:
+        check_status(resp, final, ok=(200, 206, 416))
+        size: int | None = None
+        if resp.status == 206:
+            got = content_range(resp)
+            size = None if got is None else got[2]
+        elif resp.status == 200:
+            length = resp.getheader("Content-Length") or ""
+            size = int(length) if length.isdigit() else None
+        tag = validator(resp)
+        return Identity(size, tag) if size is not None and tag else None
+    finally:
+        discard(conn, resp)
+
+
+def _identity(resp: http.client.HTTPResponse, total: int) -> Identity | None:
+    tag = validator(resp)
+    return Identity(total, tag) if tag and resp.getheader("Content-Length") else None
+
+
 def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
-               should_abort: Callable[[], bool], waker: Waker) -> int:
-    """Download ``url`` into ``dest``; return the number of bytes."""
+               should_abort: Callable[[], bool], waker: Waker) -> tuple[int, Identity | None]:
+    """Download ``url`` into ``dest``; return the number of bytes, and what the source said
+    it is (if it told a validator and a length, which the download matched)."""
     try:
         conn, resp, _ = open_url(url, limits, deadline, waker)
     except (Permanent, Transient):
@@ -242,9 +274,9 @@ def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
 
 def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
              dest: str, limits: FetchLimits, deadline: float,
-             should_abort: Callable[[], bool], waker: Waker) -> int:
-    """Write the body of ``resp`` (a 200 answer) into ``dest``; return the number of bytes.
-    The connection is closed in the end."""
+             should_abort: Callable[[], bool], waker: Waker) -> tuple[int, Identity | None]:
+    """Write the body of ``resp`` (a 200 answer) into ``dest``; return the number of bytes
+    and the source's identity (see fetch_http). The connection is closed in the end."""
     try:
         check_status(resp, url)
         length = resp.getheader("Content-Length")
@@ -276,7 +308,7 @@ def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
             raise Aborted()
         if length and length.isdigit() and total != int(length):
             raise Transient("fetch_failed", f"{url}: got {total} of {length} bytes")
-        return total
+        return total, _identity(resp, total)
     except (OSError, http.client.HTTPException) as exc:
         if should_abort():
             raise Aborted() from None
