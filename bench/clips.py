@@ -127,12 +127,11 @@ def cpu_split(sup: h.Supervisor, http: h.HttpServer,
 
 
 def run_ours(sup: h.Supervisor, http: h.HttpServer, redis_server: h.RedisServer,
-             starts: list[float], mode: str, tag: str) -> tuple[float, dict[str, Any]]:
+             url: str, starts: list[float], mode: str, tag: str) -> tuple[float, dict[str, Any]]:
     """LPUSH the jobs, wait for all their done events; returns (seconds, details), the
     details with the CPU seconds of the master, the workers and their ffmpeg/ffprobe, the
-    HTTP server and redis-server."""
+    HTTP server and redis-server, and how the jobs read the source."""
     k = sup.keys
-    url = http.url("src.mp4")
     messages = [json.dumps({"id": f"r{tag}-c{i}", "url": url, "start": s,
                             "duration": CLIP_SECONDS, "mode": mode,
                             "output": f"r{tag}/c{i}.mp4"}) for i, s in enumerate(starts)]
@@ -151,12 +150,15 @@ def run_ours(sup: h.Supervisor, http: h.HttpServer, redis_server: h.RedisServer,
     split = {part: seconds - split[part]
              for part, seconds in cpu_split(sup, http, redis_server).items()}
     stages: dict[str, float] = {}
+    reads: dict[str, int] = {}
     for event in events:
         for stage, seconds in (event.get("timings") or {}).items():
             stages[stage] = stages.get(stage, 0.0) + seconds
+        read = event.get("source_read", "?")
+        reads[read] = reads.get(read, 0) + 1
     served = http.stats()
     return elapsed, {"seconds": elapsed, "cpu_seconds": cpu, "cpu_split": split,
-                     "stage_seconds_sum": stages,
+                     "stage_seconds_sum": stages, "reads": reads,
                      "bytes_served": served["bytes"], "requests": len(served["requests"])}
 
 
@@ -204,6 +206,9 @@ def main() -> None:
     what_if_wall: dict[str, list[float]] = {}  # what-if time / clip-supervisor time, per round
     chunks = [starts[i:i + chunk] for i in range(0, len(starts), chunk)]
     for r in range(rounds):
+        # Each round starts with a cold source cache: its own URL (the query is ignored by
+        # the server, not by the cache's key). Inside a round, the cache works as it would.
+        url = http.url("src.mp4") + f"?round={r}"
         # The machine is shared and its load drifts: the two sides take turns (chunk by
         # chunk, the first side alternating) and each round's ratio compares neighbours.
         floor_sum = ours_sum = floor_cpu = ours_cpu = 0.0
@@ -214,7 +219,7 @@ def main() -> None:
                                           args.workers)
                     floor_sum, floor_cpu = floor_sum + took, floor_cpu + cpu
                 else:
-                    took, info = run_ours(sup, http, redis_server, part, args.mode,
+                    took, info = run_ours(sup, http, redis_server, url, part, args.mode,
                                           f"{r}-{c}")
                     ours_sum, ours_cpu = ours_sum + took, ours_cpu + info["cpu_seconds"]
                     details.append(info)
@@ -226,11 +231,17 @@ def main() -> None:
             for stage, secs in info["stage_seconds_sum"].items():
                 stages[stage] = stages.get(stage, 0.0) + secs
         fetched = sum(i["bytes_served"] for i in details[-len(chunks):])
+        reads: dict[str, int] = {}
+        for info in details[-len(chunks):]:
+            for read, n in info["reads"].items():
+                reads[read] = reads.get(read, 0) + n
         per_job = {part: sum(i["cpu_split"][part] for i in details[-len(chunks):])
                    / len(starts) * 1000 for part in details[-1]["cpu_split"]}
         h.note(f"round {r + 1}/{rounds}: floor {floor_sum:.2f} s ({floor_cpu:.2f} s CPU), "
                f"clip-supervisor {ours_sum:.2f} s ({ours_cpu:.2f} s CPU; {fetched / 1e6:.1f} "
-               f"MB fetched; stage sums over the jobs: {_stages(stages)}; CPU per job: "
+               f"MB fetched; source read: "
+               + ", ".join(f"{n} {read}" for read, n in reads.items())
+               + f"; stage sums over the jobs: {_stages(stages)}; CPU per job: "
                + ", ".join(f"{part} {ms:.1f} ms" for part, ms in per_job.items()) + ")")
         if args.what_if:
             for label, script in WHAT_IF.items():

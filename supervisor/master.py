@@ -136,6 +136,7 @@ class Master:
             log.info("removed %d work folder(s) of dead workers", removed)
         log.info("master started (pid %d, %d workers, redis %s, prefix %s)", self.pid,
                  self.target, _safe_url(self.config.redis.url), self.config.redis.prefix)
+        self._title()  # before the first fork: ps names the master as soon as it has workers
         while True:
             self.last_tick = self.system.monotonic()
             self.dispatch_signals()

@@ -229,6 +229,15 @@ class Env:
             proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout)
 
+    def work_leftovers(self) -> list[str]:
+        """What is left in work_dir but the host's source cache (kept on purpose), and in the
+        cache any file still on its way in."""
+        names = [n for n in os.listdir(self.work) if n != "cache"]
+        cache = os.path.join(self.work, "cache")
+        if os.path.isdir(cache):
+            names += [f"cache/{n}" for n in os.listdir(cache) if n.startswith(".tmp-")]
+        return names
+
     def log_text(self) -> str:
         try:
             with open(self.log) as fh:

@@ -110,7 +110,7 @@ def test_chaos_soak(env, kill_supervisor):
     assert all(not items for items in env.processing_lists().values())
     # Outputs: one per done job, no partial or temporary file anywhere
     assert sorted(os.listdir(env.out)) == sorted(f"{i}.mp4" for i in done_ids)
-    assert os.listdir(env.work) == []
+    assert env.work_leftovers() == []
     # No worker or ffmpeg process of ours is left
     for master in masters:
         assert master.poll() is not None

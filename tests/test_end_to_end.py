@@ -51,7 +51,7 @@ def test_twenty_mixed_jobs_through_two_workers(env):
     assert len({e["worker"] for e in events}) == 2
     assert env.r.llen(env.keys.queue) == 0
     assert all(not items for items in env.processing_lists().values())
-    assert os.listdir(env.work) == []
+    assert env.work_leftovers() == []
     # One log line per finished job, naming its id
     log = env.log_text()
     for job_id in expected:

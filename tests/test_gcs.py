@@ -126,7 +126,7 @@ def test_mixed_jobs_are_stored_in_gcs_as_valid_clips_with_type_and_metadata(env,
     log = env.log_text()
     for job_id in jobs:
         assert sum(f"job {job_id} done" in line for line in log.splitlines()) == 1
-    assert os.listdir(env.work) == []
+    assert env.work_leftovers() == []
 
 
 @pytest.mark.settings(_gcs_settings(upload_chunk_size="256KiB"))

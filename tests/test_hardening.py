@@ -48,7 +48,7 @@ def test_stalling_and_trickling_sources_are_cut_off_and_others_flow(env, big_vid
     assert (letters["trickles"]["reason"], letters["trickles"]["attempts"]) == ("timeout", 2)
     assert sorted(e["id"] for e in env.done_events()) == [f"fine{i}" for i in range(4)]
     assert env.stop(proc) == 0
-    assert _no_ffmpeg_left(env) and os.listdir(env.work) == []
+    assert _no_ffmpeg_left(env) and env.work_leftovers() == []
 
 
 @pytest.mark.settings({"job": {"allow_private_networks": "false",

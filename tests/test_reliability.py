@@ -274,7 +274,7 @@ def test_supervisor_recovers_processing_list_of_a_worker_killed_with_it(env):
     _assert_nothing_in_flight(env)
     assert env.stop(proc2) == 0
     # and it removed the dead worker's temporary folder
-    assert os.listdir(env.work) == []
+    assert env.work_leftovers() == []
 
 
 @pytest.mark.settings({"supervisor": {"workers": 1, "restart_backoff_max": 2}})
