@@ -176,6 +176,13 @@ def main() -> None:
                         help="clips per alternation inside a round (default: all for copy, "
                         "4 for encode)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="bytes/s of each of the HTTP server's answers, paced like a "
+                        "remote link (default: unpaced loopback)")
+    parser.add_argument("--cache", choices=("cold", "warm", "off"), default="cold",
+                        help="the host's source cache: cold = empty at each round's start "
+                        "(a URL per round), warm = the source already kept (one URL, a "
+                        "first untimed clip keeps it), off = cache_max_bytes 0")
     parser.add_argument("--what-if", action="store_true",
                         help="also time shell pipelines over the same URL in each round: "
                         + ", ".join(WHAT_IF))
@@ -194,10 +201,16 @@ def main() -> None:
     starts = clip_starts(args.clips, seconds)
 
     redis_server = h.RedisServer(os.path.join(tmp, "redis"))
-    http = h.HttpServer(www)
-    sup = h.Supervisor(os.path.join(tmp, "sup"), redis_server.url, args.workers,
-                       job={"mode": args.mode, "timeout": 900, "stall_timeout": 120})
+    http = h.HttpServer(www, rate=args.rate)
+    job = {"mode": args.mode, "timeout": 900, "stall_timeout": 120}
+    if args.cache != "cold":
+        job["cache_max_bytes"] = "0" if args.cache == "off" else "2GiB"
+    if args.cache == "warm":
+        job["range_requests"] = "false"  # the untimed first clip downloads and keeps it
+    sup = h.Supervisor(os.path.join(tmp, "sup"), redis_server.url, args.workers, job=job)
     sup.start()
+    if args.cache == "warm":
+        run_ours(sup, http, redis_server, http.url("src.mp4"), [0.0], args.mode, "warm-up")
     floors: list[float] = []
     ours: list[float] = []
     cpu_ratios: list[float] = []
@@ -208,7 +221,7 @@ def main() -> None:
     for r in range(rounds):
         # Each round starts with a cold source cache: its own URL (the query is ignored by
         # the server, not by the cache's key). Inside a round, the cache works as it would.
-        url = http.url("src.mp4") + f"?round={r}"
+        url = http.url("src.mp4") + ("" if args.cache == "warm" else f"?round={r}")
         # The machine is shared and its load drifts: the two sides take turns (chunk by
         # chunk, the first side alternating) and each round's ratio compares neighbours.
         floor_sum = ours_sum = floor_cpu = ours_cpu = 0.0
@@ -255,18 +268,23 @@ def main() -> None:
 
     ratios = [f / o for f, o in zip(floors, ours, strict=True)]
     ratio = h.median(ratios)
+    name = f"clips-{args.mode}" + ("" if args.cache == "cold" else f"-cache-{args.cache}") \
+        + (f"-paced-{args.rate * 8 / 1e6:g}mbit" if args.rate else "")
     floor_s, ours_s = h.median(floors), h.median(ours)
     cpu_ratio = h.median(cpu_ratios)
-    line = (f"clips-{args.mode}: ratio {ratio:.2f} (floor {floor_s:.2f} s / clip-supervisor "
+    line = (f"{name}: ratio {ratio:.2f} (floor {floor_s:.2f} s / clip-supervisor "
             f"{ours_s:.2f} s; CPU-time ratio {cpu_ratio:.2f}; {args.clips} x {CLIP_SECONDS:g} s"
             f" clips of a {seconds} s "
             f"{size.split('x')[1]}p source over loopback HTTP, {args.workers} workers, "
-            f"median of {rounds} paired round(s))"
+            f"source cache {args.cache}, "
+            + (f"server paced to {args.rate * 8 / 1e6:g} Mbit/s, " if args.rate else "")
+            + f"median of {rounds} paired round(s))"
             + "".join(f"; what-if {k}: CPU-time ratio {h.median(v):.2f}, wall ratio "
                       f"{h.median(what_if_wall[k]):.2f}" for k, v in what_if.items())
             + f" | target >= {TARGET}: {h.verdict(ratio >= TARGET)}")
-    h.emit(f"clips-{args.mode}", line, {
-        "mode": args.mode, "clips": args.clips, "workers": args.workers, "rounds": rounds,
+    h.emit(name, line, {
+        "mode": args.mode, "cache": args.cache, "rate": args.rate, "clips": args.clips,
+        "workers": args.workers, "rounds": rounds,
         "chunk": chunk, "ratio": ratio, "round_ratios": ratios, "cpu_ratio": cpu_ratio,
         "round_cpu_ratios": cpu_ratios, "floor_seconds": floors,
         "ours_seconds": ours, "target": TARGET, "met": ratio >= TARGET,
