@@ -12,6 +12,7 @@ import filecmp
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -157,6 +158,19 @@ def test_cache_max_bytes_0_turns_the_cache_off(env):
     assert not os.path.exists(os.path.join(env.work, "cache"))
 
 
+def test_a_broken_cache_dir_costs_a_warning_not_a_job(env):
+    # Given a cache_dir that cannot be made (its parent is a file)
+    blocker = os.path.join(env.tmp, "not-a-folder")
+    open(blocker, "w").close()
+    env.settings["supervisor"]["workers"] = 1
+    env.settings["job"].update(range_requests="false", cache_dir=f"{blocker}/cache")
+    url = f"http://127.0.0.1:{env.http.port}/ten.mp4"
+    # Then the jobs are done as without a cache, and the worker says why once
+    events = _run(env, *({"id": f"b{i}", "url": url, "duration": 1} for i in range(3)))
+    assert [e["source_read"] for e in events] == ["download"] * 3
+    assert env.log_text().count("is off for this worker") == 1
+
+
 # --- the cache's rules, on a real folder ----------------------------------------------
 
 
@@ -167,17 +181,31 @@ def _file(folder, name: str, size: int) -> str:
     return path
 
 
+def _keep(c: SourceCache, folder, name: str, size: int = 3000) -> bool:
+    """Keep a download of ``size`` bytes as source ``name``; its job then ends (the job's
+    folder goes, so the kept file is the only name left of it)."""
+    src = _file(folder, name, size)
+    kept = c.keep(name, src, Identity(size, f'"{name}"'))
+    os.unlink(src)
+    return kept
+
+
 def test_renting_adds_up_per_version_and_says_when_to_buy(tmp_path):
     c = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
     v1, v2 = Identity(1000, '"v1"'), Identity(1000, '"v2"')
-    assert not c.rent("u", v1, 600) and not c.worth_buying("u")
-    assert c.rent("u", v1, 400) and c.worth_buying("u")  # 1000 of 1000: buy
-    assert not c.rent("u", v2, 600) and not c.worth_buying("u")  # a new version starts over
-    assert not c.rent("other", v1, 600)  # each URL has its own account
+    c.rent("u", v1, 600)
+    assert not c.worth_buying("u")
+    c.rent("u", v1, 400)
+    assert c.worth_buying("u")  # 1000 of 1000: buy
+    c.rent("u", v2, 600)
+    assert not c.worth_buying("u")  # a new version starts over
+    c.rent("other", v1, 600)
+    assert not c.worth_buying("other")  # each URL has its own account
     # no validator, or a source over the cache's size: never bought
-    assert not c.rent("u2", Identity(1000, ""), 5000) and not c.worth_buying("u2")
-    assert not c.rent("big", Identity(20_000, '"b"'), 50_000) and not c.worth_buying("big")
-    assert not c.rent("u3", None, 5000)
+    c.rent("u2", Identity(1000, ""), 5000)
+    c.rent("big", Identity(20_000, '"b"'), 50_000)
+    c.rent("u3", None, 5000)
+    assert not any(c.worth_buying(u) for u in ("u2", "big", "u3"))
 
 
 def test_a_kept_file_is_linked_checked_and_forgotten(tmp_path):
@@ -196,47 +224,145 @@ def test_a_kept_file_is_linked_checked_and_forgotten(tmp_path):
     # a download without validator or over the cap is not kept
     assert not c.keep("v", src, Identity(3000, "")) and not c.keep("v", src, None)
     assert not c.keep("w", _file(tmp_path, "big", 20_000), Identity(20_000, '"b"'))
+    # private files in a private folder, nothing left on its way in
+    assert c.keep("u", src, Identity(3000, '"e"'))
     assert os.stat(c.directory).st_mode & 0o777 == 0o700
+    for name in os.listdir(c.directory):
+        assert os.stat(os.path.join(c.directory, name)).st_mode & 0o077 == 0, name
     assert not [n for n in os.listdir(c.directory) if n.startswith(".tmp-")]
+
+
+def test_a_replaced_or_damaged_kept_file_is_not_used(tmp_path):
+    c = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
+    assert _keep(c, tmp_path, "u")
+    old = c.lookup("u")
+    assert c.keep("u", _file(tmp_path, "u2", 2000), Identity(2000, '"new"'))
+    assert not c.use(old, str(tmp_path / "a"))  # the entry looked up is another version
+    new = c.lookup("u")
+    with open(new.path, "r+b") as fh:  # cut short (say, by a crash before it was synced)
+        fh.truncate(100)
+    assert not c.use(new, str(tmp_path / "b")) and c.lookup("u") is None
+    assert _keep(c, tmp_path, "x")
+    os.unlink(c.lookup("x").path)  # removed from outside: the record goes too
+    assert not c.use(c.lookup("x"), str(tmp_path / "c2")) and c.lookup("x") is None
 
 
 def test_the_least_recently_used_file_goes_first(tmp_path):
     c = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
     for name in "abc":
-        assert c.keep(name, _file(tmp_path, name, 3000), Identity(3000, f'"{name}"'))
+        assert _keep(c, tmp_path, name)
         os.utime(c.lookup(name).path, (0, {"a": 100, "b": 200, "c": 300}[name]))
     assert c.use(c.lookup("a"), str(tmp_path / "use-a"))  # a is now the most recent
-    assert c.keep("d", _file(tmp_path, "d", 3000), Identity(3000, '"d"'))
+    assert _keep(c, tmp_path, "d")
     assert [n for n in "abcd" if c.lookup(n)] == ["a", "c", "d"]
 
 
 def test_the_cache_gives_way_when_the_work_folder_runs_short(tmp_path, monkeypatch):
-    c = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
-    for name in "ab":
-        assert c.keep(name, _file(tmp_path, name, 3000), Identity(3000, f'"{name}"'))
-    os.utime(c.lookup("a").path, (0, 100))
+    c = SourceCache(str(tmp_path / "c"), max_bytes=20_000, keep_free=0)
+    for name in "abc":
+        assert _keep(c, tmp_path, name)
+        os.utime(c.lookup(name).path, (0, {"a": 100, "b": 200, "c": 300}[name]))
+    busy = str(tmp_path / "job-c")
+    assert c.use(c.lookup("c"), busy)  # a job reads c: evicting it would free nothing
     # pure logic from here: the file system reports what the kept files leave free
-    free = {"bytes": 1000}
     real = shutil.disk_usage
+    base = {"free": 1000}
 
     def usage(path):
-        kept = sum(3000 for n in "ab" if c.lookup(n))
-        return real(path)._replace(free=free["bytes"] + 6000 - kept)
+        on_disk = sum(3000 for n in "abc" if c.lookup(n)) + (3000 if os.path.exists(busy)
+                                                            and not c.lookup("c") else 0)
+        return real(path)._replace(free=base["free"] + 9000 - on_disk)
 
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", usage)
-    c.make_room(4000, str(tmp_path))  # one eviction frees enough: the older one goes
-    assert [n for n in "ab" if c.lookup(n)] == ["b"]
-    c.keep_free = 10_000  # and a new file is not kept if it would leave too little free
-    assert not c.keep("e", _file(tmp_path, "e", 3000), Identity(3000, '"e"'))
+    c.make_room(4000, str(tmp_path))  # one eviction frees enough: the oldest goes
+    assert [n for n in "abc" if c.lookup(n)] == ["b", "c"]
+    c.make_room(20_000, str(tmp_path))  # out of reach, even with b gone: nothing evicted
+    assert [n for n in "abc" if c.lookup(n)] == ["b", "c"]
+    # a file that would leave the work folder short is not kept, and evicts nothing
+    c.keep_free = 50_000
+    c.rent("e", Identity(3000, '"e"'), 3000)
+    assert c.worth_buying("e")
+    assert not _keep(c, tmp_path, "e")
+    assert [n for n in "abce" if c.lookup(n)] == ["b", "c"]
+    assert not c.worth_buying("e")  # and its reads start over: no download per clip
+
+
+def test_old_records_and_files_of_dead_workers_are_swept(tmp_path):
+    c = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
+    assert _keep(c, tmp_path, "kept")
+    c.rent("rented", Identity(5000, '"r"'), 100)
+    folder = c.directory
+    dead = subprocess_pid_gone()
+    left = _file(folder, "x", 10)
+    os.rename(left, os.path.join(folder, f".tmp-{dead}-abc.data"))  # a worker's SIGKILL
+    with c.buying("held"), c.buying("free"):
+        pass
+    old = time.time() - 2 * cache_mod.RECORD_TTL
+    for name in os.listdir(folder):
+        if not name.startswith(".lock"):
+            os.utime(os.path.join(folder, name), (old, old))
+    with c.buying("held") as mine:  # held by a worker now: its lock file must stay
+        assert mine
+        c.rent("another", Identity(5000, '"a"'), 1)  # any change sweeps, once in a while
+    names = set(os.listdir(folder))
+    assert f".tmp-{dead}-abc.data" not in names
+    assert f"{c.key('rented')}.json" not in names  # a day without use
+    assert f"{c.key('held')}.buy" in names and f"{c.key('free')}.buy" not in names
+    assert c.lookup("kept") is not None  # kept files are evicted by size, not age
+    # and not again before PRUNE_EVERY
+    os.utime(os.path.join(folder, f"{c.key('another')}.json"), (old, old))
+    c.rent("yet-another", Identity(5000, '"y"'), 1)
+    assert f"{c.key('another')}.json" in os.listdir(folder)
+
+
+def subprocess_pid_gone() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_cache_that_fails_is_off_and_never_fails_a_job(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    c = SourceCache(str(blocker / "cache"), max_bytes=10_000, keep_free=0)
+    src = _file(tmp_path, "s", 100)
+    c.rent("u", Identity(100, '"v"'), 100)
+    assert c.off and "source cache" in caplog.text and "is off" in caplog.text
+    assert c.lookup("u") is None and not c.worth_buying("u")
+    assert not c.keep("u", src, Identity(100, '"v"'))
+    with c.buying("u") as mine:
+        assert not mine
+    c.make_room(10, str(tmp_path))
+    assert caplog.text.count("is off") == 1  # said once
+
+
+def test_a_cache_dir_on_another_file_system_is_refused(tmp_path):
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here")
+    folder = os.path.join(shm, f"clip-cache-test-{os.getpid()}")
+    try:
+        c = SourceCache(folder, max_bytes=10_000, keep_free=0, work_dir=str(tmp_path))
+        assert not c.keep("u", _file(tmp_path, "s", 100), Identity(100, '"v"'))
+        assert c.off
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_one_worker_at_a_time_downloads_a_source_for_the_cache(tmp_path):
     c = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
     other = SourceCache(str(tmp_path / "c"), max_bytes=10_000, keep_free=0)
     got: list[bool] = []
+
+    def try_other() -> None:
+        with other.buying("u") as theirs:
+            got.append(theirs)
+
     with c.buying("u") as mine:
         assert mine
-        thread = threading.Thread(target=lambda: got.append(other.buying("u").__enter__()))
+        thread = threading.Thread(target=try_other)
         thread.start()
         thread.join()
         with other.buying("v") as theirs:

@@ -44,6 +44,24 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+_caches: dict[tuple[str, int, int, str], SourceCache] = {}
+
+
+def _source_cache(config: Config) -> SourceCache:
+    """The worker's one SourceCache for this configuration (a pipeline is made per job)."""
+    cfg = config.job
+    key = (cfg.cache_dir or os.path.join(cfg.work_dir, "cache"), cfg.cache_max_bytes,
+           _free_needed(config), cfg.work_dir)
+    if key not in _caches:
+        _caches[key] = SourceCache(key[0], key[1], keep_free=key[2], work_dir=key[3])
+    return _caches[key]
+
+
+def _free_needed(config: Config) -> int:
+    # The source plus a clip at most as large: refuse to start what cannot finish.
+    return min(config.job.max_source_bytes, 1 << 40)
+
+
 class Pipeline:
     def __init__(self, config: Config, worker_dir: str, waker: Waker,
                  should_abort: Callable[[], bool],
@@ -55,10 +73,7 @@ class Pipeline:
         self.should_abort = should_abort
         self.on_stage = on_stage
         self.on_progress = on_progress
-        cfg = config.job
-        self.cache = SourceCache(cfg.cache_dir or os.path.join(cfg.work_dir, "cache"),
-                                 cfg.cache_max_bytes, keep_free=self._free_needed()
-                                 ) if cfg.cache_max_bytes else None
+        self.cache = _source_cache(config) if config.job.cache_max_bytes else None
 
     def already_stored(self, job: Job) -> bool:
         """True when an earlier attempt of this job stored its output (by this job id)."""
@@ -246,16 +261,12 @@ class Pipeline:
         result.bytes_in, result.read = 0, "cache"
         return dest
 
-    def _free_needed(self) -> int:
-        # The source plus a clip at most as large: refuse to start what cannot finish.
-        return min(self.config.job.max_source_bytes, 1 << 40)
-
     def _check_disk(self, job_dir: str) -> None:
-        free = shutil.disk_usage(job_dir).free
-        if free < self._free_needed() and self.cache is not None:
-            self.cache.make_room(self._free_needed(), job_dir)  # the cache gives way first
+        free, needed = shutil.disk_usage(job_dir).free, _free_needed(self.config)
+        if free < needed and self.cache is not None:
+            self.cache.make_room(needed, job_dir)  # the cache gives way first
             free = shutil.disk_usage(job_dir).free
-        if free < self._free_needed():
+        if free < needed:
             raise Transient("disk_full", f"{free} bytes free in work_dir, less than "
                             f"max_source_bytes {self.config.job.max_source_bytes}")
 
