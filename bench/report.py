@@ -29,7 +29,9 @@ def clips(d: dict[str, Any]) -> list[Row]:
     flo = sorted(d["floor_seconds"])[len(d["floor_seconds"]) // 2]
     cpu = f" (CPU-time ratio {d['cpu_ratio']:.2f})" if "cpu_ratio" in d else ""
     rows: list[Row] = [
-        (f"clip throughput, {d['mode']} ({d['clips']} clips, {d['workers']} workers)",
+        (f"clip throughput, {d['mode']} ({d['clips']} clips, {d['workers']} workers"
+         + ("" if d.get("cache", "cold") == "cold" else f", source cache {d['cache']}")
+         + ")",
          f"{med:.2f} s", f"{flo:.2f} s (ffmpeg, xargs -P2, local file)",
          f"{d['ratio']:.2f}{cpu}", ">= 0.95 x floor", _ok(d["met"]))]
     walls = d.get("what_if_wall_ratios", {})
@@ -147,7 +149,8 @@ def long_source(d: dict[str, Any]) -> list[Row]:
 
 
 KINDS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
-    "clips-copy": clips, "clips-encode": clips, "queue-noop": queue, "latency": latency,
+    "clips-copy": clips, "clips-copy-cache-off": clips, "clips-copy-cache-warm": clips,
+    "clips-encode": clips, "queue-noop": queue, "latency": latency,
     "shutdown": shutdown, "requeue": requeue, "footprint": footprint,
     "long-source": long_source}
 

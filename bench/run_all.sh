@@ -41,6 +41,8 @@ if [ $quick -eq 1 ]; then
   run bench.pipeline_cpu --clips 10
 else
   run bench.clips --mode copy --what-if
+  run bench.clips --mode copy --cache off
+  run bench.clips --mode copy --cache warm
   run bench.clips --mode encode
   run bench.queue_overhead
   run bench.latency
