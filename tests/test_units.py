@@ -224,3 +224,19 @@ def test_run_refuses_to_start_without_ffmpeg(tmp_path):
     assert done.returncode == 1
     assert "[job] ffmpeg = '/nonexistent/ffmpeg'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_workers_client_keeps_one_connection_or_falls_back_to_the_pool(redis_server):
+    from tests.conftest import free_port
+    from worker.queue import connect
+
+    up = config_mod.load(None, env={}, overrides={"redis.url": redis_server.url})
+    client = connect(up, single=True)
+    assert client.connection is not None and client.ping()
+    assert client.connection is not None  # still the same one: no pool checkout per call
+    # Redis down when the worker starts: a pooled client, which connects once it can
+    down = config_mod.load(None, env={}, overrides={
+        "redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    lazy = connect(down, single=True)
+    assert lazy.connection is None
+    assert connect(up).connection is None  # the master's: pooled

@@ -137,7 +137,7 @@ class Worker:
         except OSError as exc:
             log.error("cannot create work folder %s: %s", self.dir, exc.strerror)
             return EXIT_BOOT_ERROR
-        self.client = connect(self.config)
+        self.client = connect(self.config, single=True)
         self.queue = JobQueue(self.client, self.config)
         code = EXIT_OK
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
