@@ -109,8 +109,11 @@ def parse(raw: bytes, config: Config) -> Job:
                format=fmt, raw=raw, warnings=warnings)
 
 
+_SPACE = re.compile(r"\s")  # what str.isspace() calls whitespace, Unicode included
+
+
 def _check_source_url(url: str, config: Config) -> None:
-    if any(ch.isspace() for ch in url) or len(url) > 8192:
+    if len(url) > 8192 or _SPACE.search(url):
         raise Permanent("bad_url", "the url is malformed")
     try:
         parts = urlsplit(url)
