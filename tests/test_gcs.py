@@ -261,6 +261,37 @@ def test_gs_source_clips_like_http_and_storage_errors_are_dead_lettered(env, emu
     assert "Traceback" not in env.log_text()
 
 
+@pytest.mark.settings({"supervisor": {"workers": 1}})
+def test_a_gs_source_is_downloaded_once_and_read_again_only_when_it_changes(env, emulator,
+                                                                           media_dir):
+    # Given a source in a bucket, clipped three times
+    sources = emulator.client().create_bucket("sources")
+    sources.blob("v.mp4").upload_from_filename(os.path.join(media_dir, "ten.mp4"))
+    url = "gs://sources/v.mp4"
+    env.push(*({"id": f"g{i}", "url": url, "start": i, "duration": 3} for i in range(3)))
+    proc = _run(env, emulator)
+    env.wait_finished(3, timeout=60)
+    assert env.stop(proc) == 0
+    events = {e["id"]: e for e in env.done_events()}
+    # Then it was downloaded once; the other clips were cut from the kept copy, after one
+    # metadata request each said it is the same object (size and generation)
+    assert [events[f"g{i}"]["source_read"] for i in range(3)] == ["download", "cache", "cache"]
+    assert [events[f"g{i}"]["source_bytes"] for i in range(3)] == [
+        os.path.getsize(os.path.join(media_dir, "ten.mp4")), 0, 0]
+
+    # When the object is replaced (a new generation), the next clip reads the new one
+    sources.blob("v.mp4").upload_from_filename(os.path.join(media_dir, "twenty.mp4"))
+    env.r.delete(env.keys.done)
+    env.push({"id": "after", "url": url, "start": 15, "duration": 3})
+    proc = _run(env, emulator)
+    env.wait_finished(1, timeout=60)
+    assert env.stop(proc) == 0
+    (event,) = env.done_events()
+    assert event["source_read"] == "download", env.dead_letters()
+    assert abs(ffprobe_duration(os.path.join(env.out, "after.mp4")) - 3) <= 1.0
+    assert "changed since it was kept" in env.log_text()
+
+
 # --- the store on its own, against the emulator -------------------------------------------
 
 

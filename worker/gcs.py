@@ -35,6 +35,7 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from .cache import Identity
 from .config import StorageConfig
 from .errors import Aborted, JobFailed, Permanent, Transient
 
@@ -278,9 +279,31 @@ class _CappedSink:
         return position
 
 
+def _identity(blob: Any) -> Identity | None:
+    """An object's size and generation (a new upload under the same name is another one)."""
+    if blob.size is None or blob.generation is None:
+        return None
+    return Identity(int(blob.size), f"generation {blob.generation}")
+
+
+def identify(url: str, cfg: StorageConfig) -> Identity | None:
+    """What ``gs://bucket/key`` is now (one metadata request); failures as for a download."""
+    bucket, key = split_url(url)
+    timeout = (cfg.gcs_connect_timeout, cfg.gcs_timeout)
+    retry = DEFAULT_RETRY.with_timeout(cfg.gcs_retry_deadline)
+    try:
+        blob = client_for(cfg).bucket(bucket).get_blob(key, timeout=timeout, retry=retry)
+    except STORAGE_ERRORS as exc:
+        raise failure(exc, url, reading=True) from None
+    if blob is None:
+        raise Permanent("not_found", f"{url}: no such object or bucket")
+    return _identity(blob)
+
+
 def download(url: str, dest: str, cfg: StorageConfig, max_bytes: int, deadline: float,
-             should_abort: Callable[[], bool]) -> int:
-    """Stream ``gs://bucket/key`` into ``dest``, crc32c-checked; return the byte count."""
+             should_abort: Callable[[], bool]) -> tuple[int, Identity | None]:
+    """Stream ``gs://bucket/key`` into ``dest``, crc32c-checked; return the byte count and
+    the object's identity (for the source cache)."""
     bucket, key = split_url(url)
     timeout = (cfg.gcs_connect_timeout, cfg.gcs_timeout)
     retry = DEFAULT_RETRY.with_timeout(cfg.gcs_retry_deadline)
@@ -294,7 +317,9 @@ def download(url: str, dest: str, cfg: StorageConfig, max_bytes: int, deadline: 
         raise Permanent("source_too_large",
                         f"{url} is {blob.size} bytes > max_source_bytes {max_bytes}")
     # ``blob`` carries the generation just read, so every request of the download (the
-    # client resumes a broken one with a Range request) reads those same bytes.
+    # client resumes a broken one with a Range request) reads those same bytes. Taken now:
+    # the download rewrites the blob's properties from its answer's headers.
+    identity = _identity(blob)
     with open(dest, "wb") as fh:
         sink = _CappedSink(fh, url, max_bytes, deadline, should_abort)
         try:
@@ -305,5 +330,5 @@ def download(url: str, dest: str, cfg: StorageConfig, max_bytes: int, deadline: 
             raise failure(exc, url, reading=True) from None
     if blob.size is not None and sink.written != blob.size:
         raise Transient("fetch_failed", f"{url}: got {sink.written} of {blob.size} bytes")
-    return sink.written
+    return sink.written, identity
 

@@ -106,7 +106,7 @@ class Pipeline:
         if scheme in ("http", "https", "gs"):
             self._check_disk(job_dir)  # for the source, or a clip as large as the source
         outcome, whole, local = None, None, None
-        if self.cache is not None and scheme in ("http", "https"):
+        if self.cache is not None and scheme in ("http", "https", "gs"):
             local = self._cached(self.cache, job, job_dir, deadline, result)
         if local is None and self.config.job.range_requests and scheme in ("http", "https"):
             # "fetch" until ffmpeg has read the source's index through the relay, then "clip"
@@ -224,9 +224,12 @@ class Pipeline:
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
 
             dest = os.path.join(job_dir, "source")
-            result.bytes_in = gcs.download(job.url, dest, self.config.storage,
-                                           cfg.max_source_bytes, deadline, self.should_abort)
+            result.bytes_in, identity = gcs.download(job.url, dest, self.config.storage,
+                                                     cfg.max_source_bytes, deadline,
+                                                     self.should_abort)
             result.read = "download"
+            if self.cache is not None and self.cache.keep(job.url, dest, identity):
+                log.debug("job %s: %s kept in the source cache", job.id, job.url)
             return dest
         raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported")
 
@@ -248,8 +251,13 @@ class Pipeline:
         entry = cache.lookup(job.url)
         if entry is None or entry.identity.size > self.config.job.max_source_bytes:
             return None
-        now = source.identify(job.url, self._limits(), deadline, self.should_abort,
-                              self.waker)
+        if urlsplit(job.url).scheme.lower() == "gs":
+            from . import gcs  # lazily, as in _fetch
+
+            now = gcs.identify(job.url, self.config.storage)
+        else:
+            now = source.identify(job.url, self._limits(), deadline, self.should_abort,
+                                  self.waker)
         if now != entry.identity:
             log.info("job %s: %s changed since it was kept: reading it afresh", job.id,
                      job.url)
