@@ -126,22 +126,22 @@ def long_source(d: dict[str, Any]) -> list[Row]:
         return (f"{res[key + '_bytes'] / 1e6:.2f} MB ({res[key + '_bytes'] / share:.1f}x share)"
                 f" in {res[key + '_seconds']:.2f} s")
 
+    def ranges_row(res: dict[str, Any], what: str, ours: str, direct: str,
+                   remote: bool) -> Row:
+        return (what, f"{part(res, ours)} (ranges)",
+                f"{part(res, direct)} (ffmpeg -ss on the URL)",
+                f"{res[direct + '_seconds'] / res[ours + '_seconds']:.2f}",
+                "bytes <= 2 x share" if remote else "-",
+                _ok(res[ours + "_bytes"] <= 2 * share) if remote else "-")
+
     for label, res in d["results"].items():
         speed = f"{res['rate'] * 8 / 1e6:g} Mbit/s" if res["rate"] else "unpaced"
         remote = label == "remote"
-        rows.append((f"10 s from a 10 min source, {label} ({speed}), index at the front",
-                     f"{part(res, 'ours')} (ranges)",
-                     f"{part(res, 'direct')} (ffmpeg -ss on the URL)",
-                     f"{res['direct_seconds'] / res['ours_seconds']:.2f}",
-                     "bytes <= 2 x share" if remote else "-",
-                     _ok(res["ours_bytes"] <= 2 * share) if remote else "-"))
+        rows.append(ranges_row(res, f"10 s from a 10 min source, {label} ({speed}), index at "
+                               "the front", "ours", "direct", remote))
         if "ours_tail_bytes" in res:
-            rows.append((f"the same, index at the end ({speed})",
-                         f"{part(res, 'ours_tail')} (ranges)",
-                         f"{part(res, 'tail')} (ffmpeg -ss on the URL)",
-                         f"{res['tail_seconds'] / res['ours_tail_seconds']:.2f}",
-                         "bytes <= 2 x share" if remote else "-",
-                         _ok(res["ours_tail_bytes"] <= 2 * share) if remote else "-"))
+            rows.append(ranges_row(res, f"the same, index at the end ({speed})", "ours_tail",
+                                   "tail", remote))
         if "download_bytes" in res:
             rows.append((f"the same, range_requests = false ({speed})",
                          f"{part(res, 'download')} (whole download)", "-", "-", "-", "-"))

@@ -286,8 +286,9 @@ def _identity(blob: Any) -> Identity | None:
     return Identity(int(blob.size), f"generation {blob.generation}")
 
 
-def identify(url: str, cfg: StorageConfig) -> Identity | None:
-    """What ``gs://bucket/key`` is now (one metadata request); failures as for a download."""
+def _source_blob(url: str, cfg: StorageConfig) -> tuple[Any, tuple[float, float], Any]:
+    """The metadata of the source object ``url`` (one request), with the timeout and retry
+    its reads use; failures are the job's."""
     bucket, key = split_url(url)
     timeout = (cfg.gcs_connect_timeout, cfg.gcs_timeout)
     retry = DEFAULT_RETRY.with_timeout(cfg.gcs_retry_deadline)
@@ -297,22 +298,19 @@ def identify(url: str, cfg: StorageConfig) -> Identity | None:
         raise failure(exc, url, reading=True) from None
     if blob is None:
         raise Permanent("not_found", f"{url}: no such object or bucket")
-    return _identity(blob)
+    return blob, timeout, retry
+
+
+def identify(url: str, cfg: StorageConfig) -> Identity | None:
+    """What ``gs://bucket/key`` is now (one metadata request); failures as for a download."""
+    return _identity(_source_blob(url, cfg)[0])
 
 
 def download(url: str, dest: str, cfg: StorageConfig, max_bytes: int, deadline: float,
              should_abort: Callable[[], bool]) -> tuple[int, Identity | None]:
     """Stream ``gs://bucket/key`` into ``dest``, crc32c-checked; return the byte count and
     the object's identity (for the source cache)."""
-    bucket, key = split_url(url)
-    timeout = (cfg.gcs_connect_timeout, cfg.gcs_timeout)
-    retry = DEFAULT_RETRY.with_timeout(cfg.gcs_retry_deadline)
-    try:
-        blob = client_for(cfg).bucket(bucket).get_blob(key, timeout=timeout, retry=retry)
-    except STORAGE_ERRORS as exc:
-        raise failure(exc, url, reading=True) from None
-    if blob is None:
-        raise Permanent("not_found", f"{url}: no such object or bucket")
+    blob, timeout, retry = _source_blob(url, cfg)
     if blob.size is not None and blob.size > max_bytes:
         raise Permanent("source_too_large",
                         f"{url} is {blob.size} bytes > max_source_bytes {max_bytes}")
