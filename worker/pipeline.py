@@ -217,8 +217,7 @@ class Pipeline:
                     *whole, job.url, dest, self._limits(), deadline, self.should_abort,
                     self.waker)
             result.read = "download"
-            if self.cache is not None and self.cache.keep(job.url, dest, identity):
-                log.debug("job %s: %s kept in the source cache", job.id, job.url)
+            self._keep(job, dest, identity)
             return dest
         if scheme == "gs":
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
@@ -228,10 +227,13 @@ class Pipeline:
                                                      cfg.max_source_bytes, deadline,
                                                      self.should_abort)
             result.read = "download"
-            if self.cache is not None and self.cache.keep(job.url, dest, identity):
-                log.debug("job %s: %s kept in the source cache", job.id, job.url)
+            self._keep(job, dest, identity)
             return dest
         raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported")
+
+    def _keep(self, job: Job, path: str, identity: Identity | None) -> None:
+        if self.cache is not None and self.cache.keep(job.url, path, identity):
+            log.debug("job %s: %s kept in the source cache", job.id, job.url)
 
     def _cached(self, cache: SourceCache, job: Job, job_dir: str, deadline: float,
                 result: Result) -> str | None:
