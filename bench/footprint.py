@@ -121,9 +121,7 @@ def main() -> None:
     name, seconds, size, bitrate = h.SOURCE_720P
     source = h.media(name, seconds, size, bitrate)
     tmp = h.tmpdir("footprint")
-    www = os.path.join(tmp, "www")
-    os.makedirs(www)
-    os.symlink(source, os.path.join(www, "src.mp4"))
+    www = h.site(tmp, {"src.mp4": source})
     server = h.RedisServer(os.path.join(tmp, "redis"))
     http = h.HttpServer(www)
     r = redis.Redis.from_url(server.url, socket_timeout=30)

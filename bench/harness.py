@@ -81,6 +81,15 @@ def tmpdir(tag: str) -> str:
     return path
 
 
+def site(tmp: str, files: dict[str, str]) -> str:
+    """``tmp/www``, serving ``files`` (name in the URL -> file, linked): for HttpServer."""
+    www = os.path.join(tmp, "www")
+    os.makedirs(www)
+    for name, path in files.items():
+        os.symlink(path, os.path.join(www, name))
+    return www
+
+
 def spawn(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str = ROOT,
           log: str | None = None, stdout: Any = None) -> subprocess.Popen:
     """Start a process in its own session (so its whole group can be killed) and track it.

@@ -136,9 +136,7 @@ def main() -> None:
     else:
         name, length, size, bitrate = h.SOURCE_720P
         source = h.media(name, length, size, bitrate)
-        www = os.path.join(tmp, "www")
-        os.makedirs(www)
-        os.symlink(source, os.path.join(www, "src.mp4"))
+        www = h.site(tmp, {"src.mp4": source})
         http = h.HttpServer(www)
         count = 20
         messages = [json.dumps({"id": f"c{i}", "url": http.url("src.mp4"),

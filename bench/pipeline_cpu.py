@@ -62,9 +62,7 @@ def main() -> None:
     name, seconds, size, bitrate = h.SOURCE_720P
     source = h.media(name, seconds, size, bitrate)
     tmp = h.tmpdir("pipeline-cpu")
-    www = os.path.join(tmp, "www")
-    os.makedirs(www)
-    os.symlink(source, os.path.join(www, "src.mp4"))
+    www = h.site(tmp, {"src.mp4": source})
     http = h.HttpServer(www)
     starts = clip_starts(args.clips, seconds)
 
