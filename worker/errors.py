@@ -27,5 +27,12 @@ class Transient(JobFailed):
     permanent = False
 
 
+class HostFault(Transient):
+    """A fault of this host, not of the job: work_dir or the output folder full or read-only,
+    ffmpeg missing. The worker gives the message back uncounted (another host, or this one
+    once the fault clears, runs it) and pauses fetching with backoff until a job gets past
+    the fault again."""
+
+
 class Aborted(Exception):
     """The job was abandoned on purpose (QUIT/INT, parent gone): requeue without counting."""
