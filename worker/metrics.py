@@ -9,7 +9,7 @@ counters that nobody reads, which costs next to nothing.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 
@@ -24,3 +24,8 @@ BYTES_IN = Counter("clip_source_bytes_total", "Bytes of sources fetched.")
 BYTES_OUT = Counter("clip_output_bytes_total", "Bytes of clips stored.")
 REDIS_ERRORS = Counter("clip_redis_errors_total", "Redis operations that failed and were "
                        "retried, by process role.", ["role"])
+HOST_FAULTS = Counter("clip_host_faults_total", "Times a worker paused fetching for a fault "
+                      "of its host (work_dir or output folder full or read-only, ffmpeg "
+                      "missing), by reason.", ["reason"])
+PAUSED = Gauge("clip_workers_paused", "Workers paused by a fault of their host.",
+               multiprocess_mode="livesum")
