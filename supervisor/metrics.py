@@ -98,6 +98,7 @@ class MetricsServer:
 
         host, _, port = config.metrics.listen.rpartition(":")
         self.queue = JobQueue(connect(config, socket_timeout=2.0), config)
+        self.host_id = config.host_id
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         registry.register(_QueueCollector(self.queue, live_workers))  # type: ignore[arg-type]
@@ -177,9 +178,30 @@ class MetricsServer:
             return False, f"master loop stalled for {age:.1f} s"
         try:
             self.queue.client.ping()
+            paused = self.paused_workers()
         except REDIS_ERRORS as exc:
             return False, f"redis unreachable: {exc}"
+        if paused:
+            # A host that cannot run jobs (full or read-only disk, no ffmpeg) is unhealthy
+            # even though it runs: its workers take nothing until the fault clears.
+            info = paused[0]
+            return False, f"paused: {info.get('fault')} ({info.get('fault_error') or ''})"
         return True, "ok"
+
+    def paused_workers(self) -> list[dict[str, Any]]:
+        """The registry entries of this host's live workers that report a host fault,
+        oldest fault first."""
+        registry = self.queue.registered_workers()
+        mine = [(wid, info) for wid, info in sorted(registry.items())
+                if info.get("host") == self.host_id and info.get("fault")]
+        if not mine:
+            return []
+        pipe = self.queue.client.pipeline(transaction=False)
+        for wid, _ in mine:
+            pipe.exists(self.queue.keys.heartbeat(wid))  # gone: a dead worker's last words
+        alive = pipe.execute()
+        paused = [info for (_, info), live in zip(mine, alive, strict=True) if live]
+        return sorted(paused, key=lambda info: float(info.get("fault_since") or 0))
 
     def close_in_child(self) -> None:
         """A forked worker must not keep the listening socket open."""

@@ -7,6 +7,7 @@ progress through callbacks, and either returns a result or raises a JobFailed/Ab
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import os
@@ -20,6 +21,7 @@ from . import media, relay, source
 from .cache import Identity, SourceCache
 from .config import Config
 from .errors import JobFailed, Permanent, Transient
+from .health import MIN_FREE_BYTES, is_disk_error, work_dir_failure
 from .job import Job
 from .storage import store_for
 from .wake import Waker
@@ -58,7 +60,7 @@ def _source_cache(config: Config) -> SourceCache:
 
 
 def _free_needed(config: Config) -> int:
-    # The source plus a clip at most as large: refuse to start what cannot finish.
+    # What the cache leaves free for the jobs: room for one source of the largest size.
     return min(config.job.max_source_bytes, 1 << 40)
 
 
@@ -83,7 +85,10 @@ class Pipeline:
     def run(self, job: Job, deadline: float) -> Result:
         job_dir = os.path.join(self.worker_dir, "job")
         shutil.rmtree(job_dir, ignore_errors=True)
-        os.makedirs(job_dir)
+        try:
+            os.makedirs(job_dir)
+        except OSError as exc:  # the host's fault: the worker then probes it (worker.health)
+            raise work_dir_failure(exc, f"cannot create {job_dir}") from None
         try:
             return self._run(job, job_dir, deadline)
         finally:
@@ -103,8 +108,9 @@ class Pipeline:
         # video stream, start before the end), which saves a process per job (~0.14 s here).
         self.on_stage("fetch")
         scheme = urlsplit(job.url).scheme.lower()
-        if scheme in ("http", "https", "gs"):
-            self._check_disk(job_dir)  # for the source, or a clip as large as the source
+        # Only the floor up front (for the clip): what a download needs is checked against
+        # the source's own size once its server or bucket has told it (_room_for).
+        self._room_for(0, job_dir)
         outcome, whole, local = None, None, None
         if self.cache is not None and scheme in ("http", "https", "gs"):
             local = self._cached(self.cache, job, job_dir, deadline, result)
@@ -209,13 +215,15 @@ class Pipeline:
             return path
         if scheme in ("http", "https"):
             dest = os.path.join(job_dir, "source")
+            room = functools.partial(self._room_for, job_dir=job_dir)
             if whole is None:
                 result.bytes_in, identity = source.fetch_http(
-                    job.url, dest, self._limits(), deadline, self.should_abort, self.waker)
+                    job.url, dest, self._limits(), deadline, self.should_abort, self.waker,
+                    room=room)
             else:
                 result.bytes_in, identity = source.download(
                     *whole, job.url, dest, self._limits(), deadline, self.should_abort,
-                    self.waker)
+                    self.waker, room=room)
             result.read = "download"
             self._keep(job, dest, identity)
             return dest
@@ -223,9 +231,19 @@ class Pipeline:
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
 
             dest = os.path.join(job_dir, "source")
-            result.bytes_in, identity = gcs.download(job.url, dest, self.config.storage,
-                                                     cfg.max_source_bytes, deadline,
-                                                     self.should_abort)
+            # The object's size first (one metadata request), so that a download that cannot
+            # fit is not started: filling the disk would fail the other workers' jobs too.
+            now = gcs.identify(job.url, self.config.storage)
+            if now is not None and now.size <= cfg.max_source_bytes:
+                self._room_for(now.size, job_dir)
+            try:
+                result.bytes_in, identity = gcs.download(job.url, dest, self.config.storage,
+                                                         cfg.max_source_bytes, deadline,
+                                                         self.should_abort)
+            except OSError as exc:
+                if not is_disk_error(exc):
+                    raise
+                raise work_dir_failure(exc, f"writing {job.url} into {dest}") from None
             result.read = "download"
             self._keep(job, dest, identity)
             return dest
@@ -271,14 +289,26 @@ class Pipeline:
         result.bytes_in, result.read = 0, "cache"
         return dest
 
-    def _check_disk(self, job_dir: str) -> None:
-        free, needed = shutil.disk_usage(job_dir).free, _free_needed(self.config)
-        if free < needed and self.cache is not None:
+    def _room_for(self, size: int, job_dir: str) -> None:
+        """Room in work_dir for a source of ``size`` bytes about to be written (0: none, the
+        check every job passes first), plus MIN_FREE_BYTES for the clip and the other
+        workers; the source cache gives way first. Measured against the source's real size:
+        a small source runs on a nearly full disk, a large one waits for room."""
+        needed = size + MIN_FREE_BYTES
+        usage = shutil.disk_usage(job_dir)
+        if size and needed > usage.total:
+            # No amount of waiting makes it fit here: the job's problem, retried (another
+            # host may have a larger disk) and counted.
+            raise Transient("source_too_large_for_disk",
+                            f"the source is {size} bytes; work_dir's file system holds "
+                            f"{usage.total} bytes in all, and jobs keep {MIN_FREE_BYTES} free")
+        if usage.free < needed and self.cache is not None:
             self.cache.make_room(needed, job_dir)  # the cache gives way first
-            free = shutil.disk_usage(job_dir).free
-        if free < needed:
-            raise Transient("disk_full", f"{free} bytes free in work_dir, less than "
-                            f"max_source_bytes {self.config.job.max_source_bytes}")
+            usage = shutil.disk_usage(job_dir)
+        if usage.free < needed:
+            wanted = (f"{needed} needed ({size} for the source, {MIN_FREE_BYTES} besides)"
+                      if size else f"less than the {MIN_FREE_BYTES} every job needs")
+            raise Transient("disk_full", f"{usage.free} bytes free in work_dir, {wanted}")
 
     @staticmethod
     def _verify(clip: media.ClipResult, path: str, expected: float) -> None:

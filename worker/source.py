@@ -25,6 +25,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .cache import Identity
 from .errors import Aborted, Permanent, Transient
+from .health import is_disk_error, work_dir_failure
 from .wake import Waker
 
 CHUNK = 256 * 1024
@@ -258,9 +259,12 @@ def _identity(resp: http.client.HTTPResponse, total: int) -> Identity | None:
 
 
 def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
-               should_abort: Callable[[], bool], waker: Waker) -> tuple[int, Identity | None]:
+               should_abort: Callable[[], bool], waker: Waker,
+               room: Callable[[int], None] | None = None) -> tuple[int, Identity | None]:
     """Download ``url`` into ``dest``; return the number of bytes, and what the source said
-    it is (if it told a validator and a length, which the download matched)."""
+    it is (if it told a validator and a length, which the download matched). ``room`` is
+    asked for room for the source's announced length before its first byte is written
+    (it raises the job failure when there is none)."""
     try:
         conn, resp, _ = open_url(url, limits, deadline, waker)
     except (Permanent, Transient):
@@ -269,20 +273,26 @@ def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
         if should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
-    return download(conn, resp, url, dest, limits, deadline, should_abort, waker)
+    return download(conn, resp, url, dest, limits, deadline, should_abort, waker, room)
 
 
 def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
              dest: str, limits: FetchLimits, deadline: float,
-             should_abort: Callable[[], bool], waker: Waker) -> tuple[int, Identity | None]:
+             should_abort: Callable[[], bool], waker: Waker,
+             room: Callable[[int], None] | None = None) -> tuple[int, Identity | None]:
     """Write the body of ``resp`` (a 200 answer) into ``dest``; return the number of bytes
-    and the source's identity (see fetch_http). The connection is closed in the end."""
+    and the source's identity (see fetch_http). The connection is closed in the end.
+
+    A write that fails (a full or read-only work_dir) is the host's failure, not a failed
+    fetch: ``disk_full`` or ``work_dir_not_writable`` (see worker.health)."""
     try:
         check_status(resp, url)
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > limits.max_bytes:
             raise Permanent("source_too_large",
                             f"Content-Length {length} > max_source_bytes {limits.max_bytes}")
+        if room is not None and length and length.isdigit():
+            room(int(length))
         if conn.live_sock is not None:
             conn.live_sock.settimeout(limits.stall_timeout)
         total = 0
@@ -312,6 +322,8 @@ def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
     except (OSError, http.client.HTTPException) as exc:
         if should_abort():
             raise Aborted() from None
+        if isinstance(exc, OSError) and is_disk_error(exc):  # the file's: not a socket errno
+            raise work_dir_failure(exc, f"writing {url} into {dest}") from None
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
     finally:
         close(conn, resp)

@@ -163,8 +163,37 @@
 
   // --- overview ---------------------------------------------------------------------------
 
+  // One banner per host whose live workers report a host fault (a full or read-only disk,
+  // ffmpeg missing): that host takes no jobs until the fault clears.
+  function drawFaults(data) {
+    const hosts = new Map();
+    for (const w of data.workers || []) {
+      if (!w.alive || !w.fault) continue;
+      const host = String(w.host ?? "?");
+      const since = Number(w.fault_since) || data.time;
+      const known = hosts.get(host);
+      if (!known || since < known.since) {
+        hosts.set(host, { since, reason: String(w.fault), error: String(w.fault_error || ""),
+                          workers: (known ? known.workers : 0) + 1 });
+      } else {
+        known.workers += 1;
+      }
+    }
+    const box = $("faults");
+    box.replaceChildren(...[...hosts.entries()].sort().map(([host, f]) => el("div",
+      { class: "fault", role: "alert", "data-host": host },
+      el("strong", { text: host }),
+      " paused since " + new Date(f.since * 1000).toLocaleTimeString() +
+        " (" + duration(data.time - f.since) + "): ",
+      badge(f.reason, "reason"),
+      " " + f.error + " · " + f.workers + " worker" + (f.workers === 1 ? "" : "s") +
+        " waiting; it resumes by itself once the fault is fixed.")));
+    box.hidden = hosts.size === 0;
+  }
+
   function drawStats(data) {
     $("prefix").textContent = "prefix " + data.prefix;
+    drawFaults(data);
     for (const name of ["queue", "retry", "delayed", "dead", "done"]) {
       $("q-" + name).textContent = String(data.queues[name]);
     }
@@ -173,7 +202,7 @@
     $("workers-count").textContent = "(" + workers.length + ", all hosts)";
     if (!workers.length) return emptyRow(tbody, 8, "no workers registered");
     tbody.replaceChildren(...workers.map((w) => {
-      const stage = w.alive ? (w.stage || "idle") : "expired";
+      const stage = !w.alive ? "expired" : w.fault && !w.job ? "paused" : (w.stage || "idle");
       const row = el("tr", { "data-worker": String(w.id) },
         el("td", { text: String(w.host ?? "?") }),
         el("td", { text: String(w.pid ?? "") }),
