@@ -26,7 +26,6 @@ from worker import logs
 from .pidfile import holder
 
 READY_TIMEOUT = 30.0
-LOG_MODE = 0o640
 
 
 class StartFailed(Exception):
@@ -68,8 +67,7 @@ def preflight(pidfile: str, logfile: str) -> None:
             raise StartFailed(f"already running (pid {pid})" if pid > 0 else "already running")
     if logfile:
         try:
-            os.close(os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                             LOG_MODE))
+            os.close(logs.open_log(logfile))  # never through a symbolic link
         except OSError as exc:
             raise StartFailed(f"cannot open log file {logfile}: {exc.strerror}") from exc
 
@@ -151,7 +149,7 @@ def redirect_streams(logfile: str) -> None:
     os.dup2(null, 0)
     out = null
     if logfile:
-        out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
+        out = logs.open_log(logfile)
     logs.streams_follow(logfile)
     os.dup2(out, 1)
     os.dup2(out, 2)
@@ -168,7 +166,12 @@ def daemonize(logfile: str) -> int:
     set_umask()
     change_directory()
     close_inherited_fds(report_fd)
-    redirect_streams(logfile)
+    try:
+        redirect_streams(logfile)
+    except OSError as exc:  # the log path changed since preflight (a link planted there)
+        ReadyPipe(report_fd).failed(f"clip-supervisor: cannot open log file {logfile}: "
+                                    f"{exc.strerror}")
+        os._exit(1)
     return report_fd
 
 

@@ -13,6 +13,10 @@ masters starting at once cannot both believe they won.
 fcntl locks belong to a process, and closing *any* fd of the file drops them (fcntl(2)):
 the master must never call ``holder``, ``read_pid`` or ``remove_stale`` on its own pid file.
 Forked workers inherit the fd but not the lock, so they cannot drop or keep it.
+
+The path is never followed through a symbolic link (O_NOFOLLOW): the pid file's folder may
+belong to the service's user while the master runs as root, and a link planted there would
+have us lock, or ``stop`` signal the pid named in, a file of the attacker's choosing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import fcntl
 import os
 import tempfile
 import time
+
+from worker.fsafe import open_nofollow
 
 DEFAULT_PIDFILE = "/run/clip-supervisor.pid"
 
@@ -72,7 +78,7 @@ class PidFile:
         except FileExistsError:
             pass
         try:
-            old = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            old = _open(self.path, os.O_RDWR)
         except FileNotFoundError:
             return False  # its master just removed it
         try:
@@ -109,9 +115,14 @@ def _lock(fd: int) -> bool:
     return False
 
 
+def _open(path: str, flags: int) -> int:
+    """Open the pid file, never through a symbolic link (UnsafePath, an OSError)."""
+    return open_nofollow(path, flags, what="pid file")
+
+
 def _same_file(fd: int, path: str) -> bool:
     try:
-        here, there = os.fstat(fd), os.stat(path)
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
@@ -131,10 +142,13 @@ def _read(fd: int) -> int | None:
 
 def read_pid(path: str) -> int | None:
     try:
-        with open(path, "rb") as fh:
-            return _parse(fh.read(64))
+        fd = _open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+    try:
+        return _read(fd)
+    finally:
+        os.close(fd)
 
 
 def holder(path: str) -> tuple[bool, int | None]:
@@ -144,7 +158,7 @@ def holder(path: str) -> tuple[bool, int | None]:
     never signal that number. Only read access is needed (a shared lock probes), so any user
     may ask; PermissionError when even that is refused."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False, None
     try:
@@ -164,7 +178,7 @@ def remove_stale(path: str) -> bool:
     The lock is taken first, so a master that is starting right now (and renames its own
     file over this one) is never robbed of its file."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = _open(path, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:

@@ -23,6 +23,12 @@ Keys are SHA-256 digests of the URL: no URL (it may hold a token) is written dow
 job's folder, so eviction never pulls it from under ffmpeg); if it is not, or the cache
 fails in any way (a full or read-only disk), the cache is off for that worker and says so
 once: a cache error never fails a job.
+
+Nothing in the folder is trusted by its path alone: the folder is opened once, without
+following a symbolic link, and must be ours and writable by nobody else (worker.fsafe);
+every file in it is opened or linked relative to that descriptor with O_NOFOLLOW. A
+symbolic link, or a file of another user, found in it is damage: the cache turns off, as
+for any other cache error, and never reads or writes through it.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from .fsafe import UnsafePath, open_nofollow, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +96,7 @@ class SourceCache:
         self.keep_free = keep_free  # bytes the work folder needs free for a job
         self.work_dir = work_dir  # where jobs link kept files to: the same file system
         self.off = False
-        self._ready = False
+        self._fd: int | None = None  # the folder, opened once it was checked
 
     @staticmethod
     def key(url: str) -> str:
@@ -95,29 +104,65 @@ class SourceCache:
 
     def turn_off(self, exc: BaseException) -> None:
         if not self.off:
-            log.warning("source cache %s is off for this worker: %s", self.directory,
-                        getattr(exc, "strerror", None) or exc)
+            why = str(exc) if isinstance(exc, UnsafePath) else \
+                getattr(exc, "strerror", None) or exc
+            log.warning("source cache %s is off for this worker: %s", self.directory, why)
         self.off = True
 
     def _path(self, key: str, suffix: str) -> str:
         return os.path.join(self.directory, f"{key}{suffix}")
 
-    def _prepare(self) -> None:
-        """The folder: private to us, and on the work folder's file system."""
-        if self._ready:
-            return
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        st = os.stat(self.directory)
-        if st.st_mode & 0o777 != 0o700:
-            os.chmod(self.directory, 0o700)
-        if self.work_dir is not None and os.stat(self.work_dir).st_dev != st.st_dev:
-            raise ValueError(f"cache_dir is not on work_dir's file system ({self.work_dir})")
-        self._ready = True
+    def _prepare(self) -> int:
+        """The folder's descriptor: private to us, and on the work folder's file system."""
+        if self._fd is not None:
+            return self._fd
+        fd = private_dir(self.directory, "cache_dir")
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o777 != 0o700:
+                os.fchmod(fd, 0o700)
+            if self.work_dir is not None and os.stat(self.work_dir).st_dev != st.st_dev:
+                raise ValueError(f"cache_dir is not on work_dir's file system ({self.work_dir})")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return fd
+
+    def _open(self, name: str, flags: int) -> int:
+        """Open the folder's file ``name``: never through a symbolic link, never one of
+        another user's (either is damage: UnsafePath, and the cache turns off)."""
+        fd = open_nofollow(name, flags, 0o600, dir_fd=self._prepare(), what="cache file",
+                           shown=os.path.join(self.directory, name))
+        try:
+            self._check_owner(os.fstat(fd), name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _lstat(self, name: str) -> os.stat_result:
+        """stat of ``name`` in the folder (FileNotFoundError if absent); UnsafePath for a
+        symbolic link or a file of another user."""
+        st = os.stat(name, dir_fd=self._prepare(), follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePath("cache file", os.path.join(self.directory, name),
+                             "is a symbolic link (not followed)")
+        self._check_owner(st, name)
+        return st
+
+    def _check_owner(self, st: os.stat_result, name: str) -> None:
+        if st.st_uid != os.geteuid():
+            raise UnsafePath("cache file", os.path.join(self.directory, name),
+                             f"owned by uid {st.st_uid}, not by us")
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self._prepare())  # removes a link itself, never its target
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self._prepare()
-        fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._open(".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -126,8 +171,10 @@ class SourceCache:
 
     def _read(self, key: str) -> dict | None:
         try:
-            with open(self._path(key, ".json")) as f:
+            with open(self._open(f"{key}.json", os.O_RDONLY)) as f:
                 record = json.load(f)
+        except UnsafePath:
+            raise  # damage, not absence: the cache turns off
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or not isinstance(record.get("size"), int) or \
@@ -137,16 +184,16 @@ class SourceCache:
         return record
 
     def _write(self, key: str, record: dict) -> None:
-        tmp = self._path(f".tmp-{os.getpid()}-{key}", ".json")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = f".tmp-{os.getpid()}-{key}.json"
+        fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with open(fd, "w") as f:
             json.dump(record, f)
-        os.replace(tmp, self._path(key, ".json"))
+        dfd = self._prepare()
+        os.replace(tmp, f"{key}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def _drop(self, key: str) -> None:
         for suffix in (".json", ".data"):  # the record first: never "kept" without a file
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(key, suffix))
+            self._unlink(f"{key}{suffix}")
 
     # --- using a kept file -------------------------------------------------------------
 
@@ -169,16 +216,20 @@ class SourceCache:
             if not record or not record.get("kept") or \
                     Identity(record["size"], record["validator"]) != entry.identity:
                 return False
+            name = f"{entry.key}.data"
             try:
-                size = os.stat(entry.path).st_size
+                st = self._lstat(name)
+                size = st.st_size if stat.S_ISREG(st.st_mode) else -1
             except FileNotFoundError:
                 size = -1
             if size != entry.identity.size:  # removed from outside, or cut short
                 log.warning("source cache: %s is missing or damaged: dropped", entry.key)
                 self._drop(entry.key)
                 return False
-            os.link(entry.path, dest)
-            os.utime(entry.path)  # recently used: evicted last
+            # linkat(2) without AT_SYMLINK_FOLLOW, of the regular file just checked (nobody
+            # else can swap it: the folder is ours alone)
+            os.link(name, dest, src_dir_fd=self._prepare(), follow_symlinks=False)
+            os.utime(name, dir_fd=self._prepare(), follow_symlinks=False)  # evicted last
             return True
 
     @_tolerant(None)
@@ -222,8 +273,7 @@ class SourceCache:
         fd = None
         try:
             if not self.off:
-                self._prepare()
-                fd = os.open(self._path(self.key(url), ".buy"), os.O_RDWR | os.O_CREAT, 0o600)
+                fd = self._open(f"{self.key(url)}.buy", os.O_RDWR | os.O_CREAT)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pass
@@ -250,27 +300,25 @@ class SourceCache:
             with self._locked():
                 self._drop(key)
             return False
-        self._prepare()
-        tmp = self._path(f".tmp-{os.getpid()}-{key}", ".data")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.link(path, tmp)  # the same file system (checked): no copy, no extra space
+        dfd = self._prepare()
+        tmp = f".tmp-{os.getpid()}-{key}.data"
+        self._unlink(tmp)
+        os.chmod(path, 0o600)  # the job's own download, which becomes the kept file
+        os.link(path, tmp, dst_dir_fd=dfd)  # the same file system (checked): no copy
         try:
-            os.chmod(tmp, 0o600)
             with self._locked():
                 self._drop(key)  # the record first: a kill from here on leaves nothing kept
                 if not self._make_room(identity.size, path):
                     log.info("source cache: no room for %d bytes: %s not kept", identity.size,
                              key)
                     return False
-                os.replace(tmp, self._path(key, ".data"))
+                os.replace(tmp, f"{key}.data", src_dir_fd=dfd, dst_dir_fd=dfd)
                 self._write(key, {"size": identity.size, "validator": identity.validator,
                                   "rent": 0, "kept": True})
                 self._prune()
             return True
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            self._unlink(tmp)
 
     # --- room --------------------------------------------------------------------------
 
@@ -278,7 +326,7 @@ class SourceCache:
     def make_room(self, free_needed: int, path: str) -> None:
         """Evict kept files, least recently used first, until the file system of ``path``
         has ``free_needed`` bytes free, if evicting can get there."""
-        if not os.path.isdir(self.directory):
+        if self._fd is None and not os.path.isdir(self.directory):
             return
         with self._locked():
             free = shutil.disk_usage(path).free
@@ -296,10 +344,10 @@ class SourceCache:
         """(key, last use, size, frees space when evicted: no job links it) of the kept
         files, least recently used first."""
         kept = []
-        for name in os.listdir(self.directory):
+        for name in os.listdir(self._prepare()):
             if name.endswith(".data") and not name.startswith("."):
                 with contextlib.suppress(FileNotFoundError):
-                    st = os.stat(os.path.join(self.directory, name))
+                    st = self._lstat(name)
                     kept.append((name[:-5], st.st_mtime, st.st_size, st.st_nlink == 1))
         return sorted(kept, key=lambda k: k[1])
 
@@ -327,38 +375,50 @@ class SourceCache:
     def _prune(self) -> None:
         """Under the lock, every PRUNE_EVERY seconds in all: forget old rent records, and
         files left on their way in by workers that died."""
-        stamp = os.path.join(self.directory, ".pruned")
         now = time.time()
         with contextlib.suppress(FileNotFoundError):
-            if now - os.stat(stamp).st_mtime < PRUNE_EVERY:
+            if now - self._lstat(".pruned").st_mtime < PRUNE_EVERY:
                 return
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
-        os.utime(stamp)
-        for name in os.listdir(self.directory):
-            path = os.path.join(self.directory, name)
+        fd = self._open(".pruned", os.O_WRONLY | os.O_CREAT)
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+        dfd = self._prepare()
+        for name in os.listdir(dfd):
             with contextlib.suppress(OSError):
-                age = now - os.stat(path).st_mtime
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                age = now - st.st_mtime
                 if name.startswith(".tmp-"):
                     pid = name.split("-")[1]
                     if age > 3600 or (pid.isdigit() and not _alive(int(pid))):
-                        os.unlink(path)
+                        os.unlink(name, dir_fd=dfd)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.unlink(name, dir_fd=dfd)  # planted: removed, never followed
                 elif name.endswith(".json") and age > RECORD_TTL and \
-                        not os.path.exists(path[:-5] + ".data"):
-                    os.unlink(path)
+                        not _exists(name[:-5] + ".data", dfd):
+                    os.unlink(name, dir_fd=dfd)
                 elif name.endswith(".buy") and age > RECORD_TTL:
-                    _unlink_lock(path)
+                    self._unlink_lock(name)
+
+    def _unlink_lock(self, name: str) -> None:
+        """Remove a ``.buy`` lock file unless a worker holds it."""
+        fd = self._open(name, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._unlink(name)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
 
-def _unlink_lock(path: str) -> None:
-    """Remove a ``.buy`` lock file unless a worker holds it."""
-    fd = os.open(path, os.O_RDWR)
+def _exists(name: str, dir_fd: int) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.unlink(path)
-    except BlockingIOError:
-        pass
-    finally:
-        os.close(fd)
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .fsafe import default_work_dir
+
 DEFAULT_PATH = "/etc/clip-supervisor.conf"
 ENV_PREFIX = "CLIP_SUPERVISOR_"
 
@@ -150,6 +152,10 @@ def _abs_path(raw: str) -> str:
     return os.path.normpath(raw)
 
 
+def _work_dir(raw: str) -> str:
+    return default_work_dir() if raw.strip() == "" else _abs_path(raw)
+
+
 def _optional_path(raw: str) -> str:
     return "" if raw.strip() == "" else _abs_path(raw)
 
@@ -218,7 +224,8 @@ class RedisConfig:
 
 @dataclass
 class JobConfig:
-    work_dir: str = _opt(_abs_path, "/var/tmp/clip-supervisor")
+    work_dir: str = _opt(_work_dir, "", "empty = /var/lib/clip-supervisor/work as root, else "
+                         "$XDG_CACHE_HOME/clip-supervisor or ~/.cache/clip-supervisor")
     timeout: float = _opt(_positive_float, "900")
     stall_timeout: float = _opt(_positive_float, "60")
     max_attempts: int = _opt(_positive_int, "3")
@@ -248,7 +255,7 @@ class JobConfig:
                                    "(its size and SHA-1 are always kept)")
 
 
-# Google Cloud Storage constraints that the client library imposes (see FIELD-NOTES).
+# Google Cloud Storage constraints that the client library imposes.
 GCS_CHUNK_QUANTUM = 256 * 1024  # a resumable chunk must be a multiple of this
 GCS_MULTIPART_MAX = 8 * 1024 * 1024  # the client makes every larger upload resumable
 
@@ -393,5 +400,6 @@ def _check_consistency(config: Config) -> None:
                           f"({sup.heartbeat_ttl} <= {sup.heartbeat_interval})")
     if config.redis.socket_timeout <= config.redis.block_timeout:
         # A blocking read must time out on the server before the socket gives up on it,
-        # or a dead connection and an empty queue look alike (see FIELD-NOTES, Redis).
+        # or a dead connection and an empty queue look alike (redis-py can otherwise hang
+        # for ever on a blocking call after a network fault).
         raise ConfigError("[redis] socket_timeout must be greater than block_timeout")

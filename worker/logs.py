@@ -3,16 +3,23 @@
 All processes append to one file (O_APPEND keeps each line whole), and every line names the
 process role and pid, so one file tells the story of the whole pool. ``reopen()`` follows a
 logrotate rename (the master calls it on USR1 and passes USR1 on to its workers).
+
+The log is opened with O_NOFOLLOW: the daemon may run as root, and a symbolic link planted
+at the log's path (its folder may be writable by the service's user) would otherwise have
+root append to any file on the host. Such a link stops the start; on a reopen, the old
+file is kept and the refusal logged.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import logging
 import os
 import sys
 import time
+
+from .fsafe import open_nofollow
 
 LOG = "clip-supervisor"
 LOG_MODE = 0o640
@@ -44,6 +51,24 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(role)s[%(process)d] %(message)s"
 
 
+def open_log(path: str) -> int:
+    """An fd appending to the log file ``path``, created 0640 if missing; UnsafePath (an
+    OSError) when ``path`` is a symbolic link."""
+    return open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE,
+                         what="log file")
+
+
+class LogFile(logging.FileHandler):
+    """A FileHandler that never follows a symbolic link at its path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+
+    def _open(self) -> io.TextIOWrapper:
+        return open(self.baseFilename, self.mode, encoding=self.encoding,  # noqa: SIM115
+                    errors=self.errors, opener=lambda path, _flags: open_log(path))
+
+
 def setup(role: str, logfile: str = "", level: str = "INFO", fmt: str = "text") -> None:
     _state["role"] = role
     _state["format"] = fmt
@@ -51,11 +76,7 @@ def setup(role: str, logfile: str = "", level: str = "INFO", fmt: str = "text") 
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    handler: logging.Handler
-    if logfile:
-        handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = LogFile(logfile) if logfile else logging.StreamHandler(sys.stderr)
     handler.addFilter(_RoleFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
@@ -88,14 +109,18 @@ def reopen_streams(path: str | None = None) -> None:
     target = path if path is not None else _streams.get("path", "")
     if "path" not in _streams or not target:
         return
-    with contextlib.suppress(OSError):  # keep the old target rather than fail on a signal
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(out)
-        _streams["path"] = target
+    try:
+        out = open_log(target)
+    except OSError as exc:  # keep the old target rather than fail on a signal
+        logging.getLogger(LOG).error("cannot reopen the log file %s for stdout and stderr: "
+                                     "%s; keeping the old one", target, exc.strerror)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    _streams["path"] = target
 
 
 def reopen() -> None:
@@ -105,10 +130,23 @@ def reopen() -> None:
     reopen_streams()
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                if handler.stream:
-                    handler.stream.close()
-                handler.stream = handler._open()
-            finally:
-                handler.release()
+            failed = _reopen_handler(handler)
+            if failed is not None:  # logged once the handler's lock is released
+                logging.getLogger(LOG).error("cannot reopen the log file %s: %s; keeping the "
+                                             "old one", handler.baseFilename, failed.strerror)
+
+
+def _reopen_handler(handler: logging.FileHandler) -> OSError | None:
+    """Point ``handler`` at its path's current file; on failure keep the old stream."""
+    handler.acquire()
+    try:
+        new = handler._open()
+    except OSError as exc:
+        return exc
+    else:
+        if handler.stream:
+            handler.stream.close()
+        handler.stream = new
+        return None
+    finally:
+        handler.release()

@@ -16,12 +16,15 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import uuid
+from collections.abc import Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from .config import StorageConfig
-from .errors import Permanent, Transient
+from .errors import JobFailed, Permanent, Transient
+from .fsafe import UnsafePath, open_subdir
 
 PENDING_FILE = "pending-output"
 
@@ -42,58 +45,141 @@ class LocalStore:
     another filesystem the rename cannot cross it: the clip is then copied to a hidden
     ``.name.<token>.part`` beside the target and renamed; the part file's path is recorded in
     the worker's folder first, so the supervisor can delete it if the worker is killed midway.
+
+    The configured roots (``output_base``, ``allowed_outputs``) are trusted as the operator
+    wrote them; below a root, nothing is followed through a symbolic link. The path is walked
+    from the root one folder at a time (openat(2) with O_NOFOLLOW, mkdirat(2) for a missing
+    one) and the clip is renamed relative to the last folder's descriptor, so a link planted
+    in a shared output tree cannot send a clip (written by root, perhaps) anywhere else: a
+    linked folder, or a link at the final name, fails the job as ``output_not_allowed``.
+
+    A folder that refuses the write (permissions, a read-only or full file system) is the
+    host's fault, not the job's: ``output_not_writable`` or ``disk_full``, both transient.
     """
 
-    def __init__(self, worker_dir: str) -> None:
+    def __init__(self, worker_dir: str, roots: Sequence[str] = ()) -> None:
         self.worker_dir = worker_dir
+        self.roots = tuple(os.path.normpath(root) for root in roots)
 
     def exists(self, url: str, job_id: str) -> bool:
         # A file has no metadata to name its job; the path is derived from the job (its id
         # by default), and put() renames atomically, so a file there is a finished output.
-        return os.path.isfile(urlsplit(url).path)
+        target = urlsplit(url).path
+        try:
+            folder_fd, name = self._walk(target, create=False)
+        except (OSError, JobFailed):
+            return False  # absent, or not reachable without following a link: not stored
+        try:
+            st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        finally:
+            os.close(folder_fd)
+        return stat.S_ISREG(st.st_mode)
 
     def put(self, local_path: str, url: str, metadata: dict[str, str]) -> None:
         target = urlsplit(url).path
-        folder = os.path.dirname(target)
         try:
-            os.makedirs(folder, exist_ok=True)
+            folder_fd, name = self._walk(target, create=True)
             try:
-                os.replace(local_path, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                self._copy_across(local_path, target)
-            _fsync_dir(folder)
+                self._check_name(folder_fd, name, target)
+                try:
+                    os.replace(local_path, name, dst_dir_fd=folder_fd)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    self._copy_across(local_path, folder_fd, target)
+                os.fsync(folder_fd)  # the rename itself survives a crash
+            finally:
+                os.close(folder_fd)
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
-                             errno.EISDIR):
-                raise Permanent("output_not_writable", f"{target}: {exc.strerror}") from None
-            raise Transient("storage_error", f"{target}: {exc.strerror}") from None
+            raise _failure(exc, target) from None
 
-    def _copy_across(self, local_path: str, target: str) -> None:
-        folder, name = os.path.split(target)
-        part = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.part")
+    def _root_of(self, target: str) -> tuple[str, list[str]]:
+        """The longest configured root above ``target``, and the names below it."""
+        for root in sorted(self.roots, key=len, reverse=True):
+            prefix = root.rstrip("/") + "/"
+            if target.startswith(prefix) and len(target) > len(prefix):
+                names = target[len(prefix):].split("/")
+                if any(n in ("", ".", "..") for n in names):
+                    break
+                return root, names
+        raise Permanent("output_not_allowed",
+                        f"{target} is not under output_base or allowed_outputs")
+
+    def _walk(self, target: str, create: bool) -> tuple[int, str]:
+        """(fd of the folder that holds ``target``, its file name), every folder below the
+        root opened without following a link (and made with ``create``)."""
+        root, names = self._root_of(target)
+        if create:
+            os.makedirs(root, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        shown = root
+        try:
+            for name in names[:-1]:
+                shown = os.path.join(shown, name)
+                try:
+                    sub = open_subdir(fd, name, "output folder", shown, create, mode=0o777)
+                except UnsafePath as exc:
+                    raise Permanent("output_not_allowed", str(exc)) from None
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, names[-1]
+
+    @staticmethod
+    def _check_name(folder_fd: int, name: str, target: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise Permanent("output_not_allowed", f"{target} is a symbolic link (not replaced "
+                            "or followed: it was not made by clip-supervisor)")
+        if stat.S_ISDIR(st.st_mode):
+            raise Permanent("output_not_allowed", f"{target} is a folder")
+
+    def _copy_across(self, local_path: str, folder_fd: int, target: str) -> None:
+        name = os.path.basename(target)
+        part_name = f".{name}.{uuid.uuid4().hex[:12]}.part"
+        part = os.path.join(os.path.dirname(target), part_name)
         marker = os.path.join(self.worker_dir, PENDING_FILE)
         with open(marker, "w") as fh:
             fh.write(part)
         try:
-            with open(local_path, "rb") as src, open(part, "wb") as dst:
+            out = os.open(part_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
+            with open(local_path, "rb") as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1024 * 1024)
                 dst.flush()
                 os.fsync(dst.fileno())
-            os.replace(part, target)
+            os.replace(part_name, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         finally:
-            if os.path.exists(part):
-                os.unlink(part)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part_name, dir_fd=folder_fd)
             os.unlink(marker)
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# errno of a failed store that are the output folder's (its permissions, its disk): the
+# host's fault, so transient; the worker checks the host before it counts them on the job.
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _failure(exc: OSError, target: str) -> JobFailed:
+    if exc.errno in _NOT_WRITABLE:
+        return Transient("output_not_writable", f"{target}: {exc.strerror}")
+    if exc.errno in _FULL:
+        return Transient("disk_full", f"{target}: {exc.strerror}")
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+        # The job's output name collides with what is there (a file where its folder
+        # goes): running it again cannot help.
+        return Permanent("output_not_allowed", f"{target}: {exc.strerror}")
+    if exc.errno == errno.ENAMETOOLONG:
+        return Permanent("output_not_allowed", f"{target}: {exc.strerror}")
+    return Transient("storage_error", f"{target}: {exc.strerror}")
 
 
 def remove_pending(worker_dir: str) -> None:
@@ -112,7 +198,9 @@ def remove_pending(worker_dir: str) -> None:
 def store_for(url: str, worker_dir: str, storage: StorageConfig) -> Store:
     scheme = urlsplit(url).scheme
     if scheme == "file":
-        return LocalStore(worker_dir)
+        roots = [urlsplit(root).path for root in (storage.output_base, *storage.allowed_outputs)
+                 if urlsplit(root).scheme == "file"]
+        return LocalStore(worker_dir, roots)
     if scheme == "gs":
         # Imported here: the Cloud Storage library costs ~0.5 s to import, and neither the
         # master nor a worker that only writes files needs it.
