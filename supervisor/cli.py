@@ -1,4 +1,4 @@
-"""The ``clip-supervisor`` command (SPEC section 7).
+"""The ``clip-supervisor`` command: run, stop, status, reload and the queue tools.
 
 Every command reads the same configuration (``--config``, else /etc/clip-supervisor.conf
 when it exists, else the built-in defaults, then ``CLIP_SUPERVISOR_*`` variables). Errors
@@ -24,6 +24,7 @@ from worker import config as config_mod
 from worker import logs
 from worker.config import Config, ConfigError
 from worker.errors import Permanent
+from worker.fsafe import UnsafePath, prepare_work_dir
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 
 from . import admin
@@ -145,6 +146,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         return _fail(f"config error: [job] ffmpeg = {config.job.ffmpeg!r}: no such program "
                      "(apt-get install ffmpeg, or set the path)")
     if args.check_config:  # a bad configuration never gets here: main() reports it
+        problem = _work_dir_problem(config, create=False)
+        if problem:
+            return _fail(problem)
         print(f"configuration ok ({config.path or 'built-in defaults'})")
         return 0
     daemonize.ensure_standard_fds()
@@ -185,10 +189,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     except OSError as exc:
         return cannot_start(f"cannot create pid file {path}: {exc.strerror}")
     try:
-        try:
-            os.makedirs(config.job.work_dir, exist_ok=True)
-        except OSError as exc:
-            return cannot_start(f"cannot create work_dir {config.job.work_dir}: {exc.strerror}")
+        problem = _work_dir_problem(config, create=True)
+        if problem:
+            return cannot_start(problem)
         metrics.prepare(config)  # before prometheus-client is imported (with the worker code)
         from .master import Master
 
@@ -207,6 +210,19 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     finally:
         if pidfile is not None:
             pidfile.release()
+
+
+def _work_dir_problem(config: Config, create: bool) -> str:
+    """Make work_dir and the cache's folder (or, without ``create``, check what exists of
+    them); empty when all is well, else one line for the operator."""
+    try:
+        prepare_work_dir(config, create=create)
+    except UnsafePath as exc:
+        return str(exc)
+    except OSError as exc:
+        verb = "create" if create else "use"
+        return f"cannot {verb} work_dir {config.job.work_dir}: {exc.strerror}"
+    return ""
 
 
 def _holder_or_fail(path: str) -> tuple[bool, int | None] | None:
