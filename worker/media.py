@@ -9,6 +9,26 @@ ffmpeg runs in its own session so that a timeout or an abort kills its whole pro
 and with a parent-death signal so that it dies with its worker even after a SIGKILL. Its two
 pipes are drained with a selector while it runs, whatever it prints (the seed's Popen pipe
 deadlock cannot happen), and its ``-progress`` report is parsed as it arrives.
+
+A failed run is classified by its cause (``failure``), so that a crashing ffmpeg never blames
+the input. Only what ffmpeg says about the input itself is permanent; everything else is
+retried. The reasons, first match wins:
+
+- ``ffmpeg_crashed`` (retried): ffmpeg died of a signal (a crash, the OOM killer, a kill from
+  outside), seen directly, or as a wrapper shell's exit status 128 + N.
+- ``ffmpeg_missing`` (retried, a host fault): the program could not be started.
+- ``out_of_memory`` (retried): ffmpeg could not allocate memory.
+- ``disk_full`` (retried, a host fault): no space left for the clip in work_dir.
+- ``fetch_failed`` (retried): reading the input failed (connection refused, reset or timed
+  out, an I/O error, an HTTP error answer, or, over HTTP, an end of file before ffmpeg could
+  describe the input).
+- ``not_video`` (permanent): ffmpeg said the input is not a format it reads (invalid data,
+  no ``moov`` atom, a demuxer off the whitelist), or it has no video stream.
+- ``past_end`` (permanent): the clip starts at or past the end the input reports.
+- ``media_error`` (permanent): after describing its input, ffmpeg failed with an error about
+  it (a corrupt packet, a decoding error, codecs the chosen format cannot hold).
+- ``ffmpeg_failed`` (retried): any other failure, e.g. an exit with no word on stderr: with
+  no evidence against the input, it is not blamed.
 """
 
 from __future__ import annotations
@@ -27,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import Aborted, Permanent, Transient
+from .errors import Aborted, JobFailed, Permanent, Transient
 from .wake import Waker
 
 log = logging.getLogger(__name__)
@@ -144,6 +164,8 @@ class ClipResult:
 
 _DURATION = re.compile(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
 _VIDEO = re.compile(rb"^\s*Stream #0:\d+.*?: Video: (?!.*attached pic)", re.M)
+_INPUT = re.compile(rb"^Input #0,.*$", re.M)
+_UNINDENTED = re.compile(rb"^\S", re.M)
 
 
 @dataclass
@@ -153,6 +175,10 @@ class InputReport:
     opened: bool  # "Input #0, <demuxer>, from ..." was printed: the input is a known format
     duration: float | None
     has_video: bool
+    # ffmpeg prints the input's description (indented lines under "Input #0") in one go;
+    # the next unindented line means it is all there. A process killed mid-description
+    # leaves a partial one, which proves nothing about the input (no stream listed yet).
+    complete: bool = True
 
     @classmethod
     def parse(cls, head: bytes) -> InputReport:
@@ -161,8 +187,90 @@ class InputReport:
         if match:
             h, m, sec = match.groups()
             duration = int(h) * 3600 + int(m) * 60 + float(sec)
-        return cls(opened=b"Input #0," in head, duration=duration,
-                   has_video=_VIDEO.search(head) is not None)
+        opened = _INPUT.search(head)
+        return cls(opened=opened is not None, duration=duration,
+                   has_video=_VIDEO.search(head) is not None,
+                   complete=opened is not None
+                   and _UNINDENTED.search(head, opened.end() + 1) is not None)
+
+
+# What ffmpeg says when the cause lies outside the input. Matched on the stderr tail, in
+# ffmpeg's own words (strerror texts and its HTTP messages).
+_NO_MEMORY = ("Cannot allocate memory", "Out of memory", "malloc of size")
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")
+_READ_FAILED = ("Connection refused", "Connection reset", "Connection timed out",
+                "Input/output error", "Network is unreachable", "No route to host",
+                "Broken pipe", "Server returned")
+# What ffmpeg says about the input itself: it is not a format it reads (or may read), or
+# it is damaged, or its streams cannot go into the chosen format.
+_NOT_MEDIA = ("Invalid data found when processing input", "moov atom not found",
+              "could not find codec parameters", "not on whitelist")
+_BAD_MEDIA = (*_NOT_MEDIA, "corrupt", "partial file", "Invalid NAL unit",
+              "rror while decoding", "decode_slice_header error", "missing picture",
+              "Could not write header", "incorrect codec parameters",
+              "Could not find tag for codec", "not divisible by")
+_SHELL_SIGNAL = range(129, 129 + 64)  # sh and bash report a child killed by N as 128 + N
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _said(tail: str, phrases: tuple[str, ...]) -> bool:
+    """True when one of ffmpeg's own messages in ``tail`` holds one of ``phrases``. Its
+    messages start at the line's start; indented lines describe the input, whose metadata
+    (a title, a comment) is the input's own text and must not pass for ffmpeg's words."""
+    return any(phrase in line for line in tail.splitlines() if line[:1].strip()
+               for phrase in phrases)
+
+
+def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, start: float,
+            source: str = "", remote: bool = False) -> JobFailed | None:
+    """Why an ffmpeg run failed, or None if it succeeded (see the module docstring).
+
+    ``tail`` is the end of its stderr, ``report`` the description of its input from the head
+    of it, ``ended`` whether it printed ``progress=end``, ``source`` the name it was given
+    for its input (``-i``), ``remote`` whether that input is read over HTTP.
+    """
+    detail = tail or f"ffmpeg exit {returncode}, nothing on stderr"
+    # A death by signal first: a process killed before (or while) it describes its input
+    # leaves no description, which must not pass for an input that is not a video.
+    if returncode < 0 or returncode in _SHELL_SIGNAL:
+        number = -returncode if returncode < 0 else returncode - 128
+        return Transient("ffmpeg_crashed", f"ffmpeg was killed by {_signal_name(number)}: "
+                         f"{detail}")
+    if returncode == 255 and "received signal" in tail:  # it caught SIGTERM/SIGINT and quit
+        return Transient("ffmpeg_crashed", detail)
+    if returncode in (126, 127) and "failed to execute" in tail:  # setpriv could not exec it
+        return Transient("ffmpeg_missing", detail)
+    if returncode != 0 and _said(tail, _NO_MEMORY):
+        return Transient("out_of_memory", detail)
+    if returncode != 0 and _said(tail, _NO_SPACE):
+        return Transient("disk_full", detail)
+    if returncode != 0 and (_said(tail, _READ_FAILED) or (
+            remote and not report.complete and _said(tail, ("End of file",)))):
+        return Transient("fetch_failed", detail)
+    if not report.complete:
+        if returncode != 0 and _said(tail, _NOT_MEDIA):
+            return Permanent("not_video", tail)  # not a format we read (HTML, playlists, ...)
+        return Transient("ffmpeg_failed", f"ffmpeg ended without describing its input: "
+                         f"{detail}")
+    if not report.has_video:
+        return Permanent("not_video", "the source has no video stream")
+    if report.duration is not None and start >= report.duration:
+        # ffmpeg exits 0 here with a bogus clip (see clip_command): refuse it.
+        return Permanent("past_end", f"start {start:g} s is at or past the source's "
+                         f"end ({report.duration:.3f} s)")
+    if returncode == 0 and ended:
+        return None
+    # ffmpeg names the input when reading it fails ("<input>: corrupt input packet ...")
+    if returncode != 0 and (_said(tail, _BAD_MEDIA) or (
+            source and _said(tail, (f"{source}: ",)))):
+        return Permanent("media_error", tail)
+    return Transient("ffmpeg_failed", detail)
 
 
 class FFmpegRun:
@@ -215,22 +323,12 @@ class FFmpegRun:
                 if pipe is not None:
                     pipe.close()
         report = InputReport.parse(self.head)
-        tail = _tail(b"".join(self.stderr)) or f"ffmpeg exit {proc.returncode}"
-        if not report.opened:
-            raise Permanent("not_video", tail)  # not a format we read (HTML, playlists, ...)
-        if not report.has_video:
-            raise Permanent("not_video", "the source has no video stream")
-        if report.duration is not None and self.start >= report.duration:
-            # ffmpeg exits 0 here with a bogus clip (FIELD-NOTES): refuse it.
-            raise Permanent("past_end", f"start {self.start:g} s is at or past the source's "
-                            f"end ({report.duration:.3f} s)")
-        if proc.returncode < 0 or "No space left on device" in tail \
-                or "Cannot allocate memory" in tail:
-            # Killed from outside (the OOM killer) or short of disk or memory: not the
-            # input's fault, so worth another attempt.
-            raise Transient("ffmpeg_failed", tail)
-        if proc.returncode != 0 or not self.ended:
-            raise Permanent("media_error", tail)
+        source = _input_of(self.cmd)
+        failed = failure(proc.returncode, report, _tail(b"".join(self.stderr)),
+                         ended=self.ended, start=self.start, source=source,
+                         remote=source.startswith(("http://", "https://")))
+        if failed is not None:
+            raise failed
         out_time = _out_time(self.report)
         size = int(self.report.get("total_size", "0") or 0)
         return ClipResult(out_time=out_time, size=size, elapsed=time.monotonic() - started,
@@ -305,6 +403,14 @@ class FFmpegRun:
                     99.9, 100.0 * _out_time(self.report) / self.length if self.length else 0)
                 self.on_progress(percent, self.report.get("speed", ""))
         return rest
+
+
+def _input_of(cmd: list[str]) -> str:
+    """The input ffmpeg is given in ``cmd`` (the argument after ``-i``), or ""."""
+    for flag, value in zip(cmd, cmd[1:], strict=False):
+        if flag == "-i":
+            return value
+    return ""
 
 
 def _out_time(report: dict[str, str]) -> float:
