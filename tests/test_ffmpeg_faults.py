@@ -59,6 +59,11 @@ def _classify(returncode: int, stderr: str, ended: bool = False, start: float = 
     (137, COMPLETE + "Killed\n", ("transient", "ffmpeg_crashed")),
     (139, "Segmentation fault\n", ("transient", "ffmpeg_crashed")),
     (255, COMPLETE + "Exiting normally, received signal 15.\n", ("transient", "ffmpeg_crashed")),
+    (134, COMPLETE + "Aborted\n", ("transient", "ffmpeg_crashed")),
+    # an exit status past 128 that no killing signal explains is no crash
+    (145, "http://127.0.0.1:9/source: Connection refused\n", ("transient", "fetch_failed")),
+    (183, COMPLETE + "http://127.0.0.1:9/source: corrupt input packet in stream 0\n",
+     ("permanent", "media_error")),
     # a failure with no word about the input
     (1, "", ("transient", "ffmpeg_failed")),
     (127, "/opt/wrapper: 2: /usr/bin/python9: not found\n", ("transient", "ffmpeg_failed")),
@@ -263,19 +268,19 @@ def test_an_ffmpeg_killed_by_a_signal_before_it_reads_the_input_is_retried(env):
     _run_until_finished(env, *jobs)
     # Then the crashed one is retried and done like the others: nothing is blamed on a video
     _assert_all_done(env, jobs, "ffmpeg_crashed")
-    assert runs(wrapper) == 4
+    assert runs(wrapper) >= 4  # so one run crashed
 
 
 def test_an_ffmpeg_that_crashes_one_run_in_three_fails_no_job(env):
     # Given an ffmpeg that aborts (SIGABRT) on every third run
-    env.settings["job"]["max_attempts"] = 6  # 4 crashes at most in the 12-13 runs below
+    env.settings["job"]["max_attempts"] = 4  # 3 crashes in all (runs 3, 6 and 9 of 11)
     wrapper = _wrapper(env, '[ $((n % 3)) -eq 0 ] && kill -ABRT $$')
     jobs = _jobs(env, 8)
     # When valid jobs are clipped with it
     _run_until_finished(env, *jobs)
     # Then every job is done, the crashed runs retried
     _assert_all_done(env, jobs, "ffmpeg_crashed")
-    assert runs(wrapper) >= len(jobs) + len(jobs) // 3
+    assert runs(wrapper) >= 11  # so 3 runs crashed
 
 
 @pytest.mark.parametrize("misbehave", [

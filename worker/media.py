@@ -15,7 +15,8 @@ the input. Only what ffmpeg says about the input itself is permanent; everything
 retried. The reasons, first match wins:
 
 - ``ffmpeg_crashed`` (retried): ffmpeg died of a signal (a crash, the OOM killer, a kill from
-  outside), seen directly, or as a wrapper shell's exit status 128 + N.
+  outside), seen directly, or as a wrapper shell's exit status 128 + N (read after the
+  messages below, since a later ffmpeg's own exit status may look the same).
 - ``ffmpeg_missing`` (retried, a host fault): the program could not be started.
 - ``out_of_memory`` (retried): ffmpeg could not allocate memory.
 - ``disk_full`` (retried, a host fault): no space left for the clip in work_dir.
@@ -209,7 +210,15 @@ _BAD_MEDIA = (*_NOT_MEDIA, "corrupt", "partial file", "Invalid NAL unit",
               "rror while decoding", "decode_slice_header error", "missing picture",
               "Could not write header", "incorrect codec parameters",
               "Could not find tag for codec", "not divisible by")
-_SHELL_SIGNAL = range(129, 129 + 64)  # sh and bash report a child killed by N as 128 + N
+# sh and bash report a child killed by signal N as exit status 128 + N. Only the signals that
+# kill are read so: ffmpeg 5.1 itself exits 0, 1 or 255, but later ones may exit with an
+# error code's low byte, which can land in 129-192 as well.
+_SHELL_SIGNALS = {128 + s for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT,
+                                    signal.SIGILL, signal.SIGTRAP, signal.SIGABRT,
+                                    signal.SIGBUS, signal.SIGFPE, signal.SIGKILL,
+                                    signal.SIGSEGV, signal.SIGPIPE, signal.SIGALRM,
+                                    signal.SIGTERM, signal.SIGXCPU, signal.SIGXFSZ,
+                                    signal.SIGSYS)}
 
 
 def _signal_name(number: int) -> str:
@@ -237,12 +246,12 @@ def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, sta
     """
     detail = tail or f"ffmpeg exit {returncode}, nothing on stderr"
     # A death by signal first: a process killed before (or while) it describes its input
-    # leaves no description, which must not pass for an input that is not a video.
-    if returncode < 0 or returncode in _SHELL_SIGNAL:
-        number = -returncode if returncode < 0 else returncode - 128
-        return Transient("ffmpeg_crashed", f"ffmpeg was killed by {_signal_name(number)}: "
-                         f"{detail}")
-    if returncode == 255 and "received signal" in tail:  # it caught SIGTERM/SIGINT and quit
+    # leaves no description, which must not pass for an input that is not a video. setpriv
+    # execs ffmpeg, so ffmpeg's own death shows here as a negative return code.
+    if returncode < 0:
+        return Transient("ffmpeg_crashed", f"ffmpeg was killed by "
+                         f"{_signal_name(-returncode)}: {detail}")
+    if returncode == 255 and _said(tail, ("received signal",)):  # it caught one and quit
         return Transient("ffmpeg_crashed", detail)
     if returncode in (126, 127) and "failed to execute" in tail:  # setpriv could not exec it
         return Transient("ffmpeg_missing", detail)
@@ -253,6 +262,9 @@ def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, sta
     if returncode != 0 and (_said(tail, _READ_FAILED) or (
             remote and not report.complete and _said(tail, ("End of file",)))):
         return Transient("fetch_failed", detail)
+    if returncode in _SHELL_SIGNALS:  # a wrapper script's ffmpeg died of a signal
+        return Transient("ffmpeg_crashed", f"ffmpeg was killed by "
+                         f"{_signal_name(returncode - 128)}: {detail}")
     if not report.complete:
         if returncode != 0 and _said(tail, _NOT_MEDIA):
             return Permanent("not_video", tail)  # not a format we read (HTML, playlists, ...)
@@ -261,7 +273,7 @@ def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, sta
     if not report.has_video:
         return Permanent("not_video", "the source has no video stream")
     if report.duration is not None and start >= report.duration:
-        # ffmpeg exits 0 here with a bogus clip (see clip_command): refuse it.
+        # ffmpeg exits 0 here with a bogus clip: refuse it.
         return Permanent("past_end", f"start {start:g} s is at or past the source's "
                          f"end ({report.duration:.3f} s)")
     if returncode == 0 and ended:
