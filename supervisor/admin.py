@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any, TextIO
 
-from worker.job import job_id_of, parse
+from worker.job import Rejected, intake
 from worker.queue import JobQueue, now_iso
 
 
@@ -24,10 +24,15 @@ def build_message(url: str, *, start: float | None = None, end: float | None = N
 
 
 def enqueue(queue: JobQueue, message: bytes, *, validate: bool = True) -> str:
-    """LPUSH one message and return its job id; refuse what a worker would dead-letter."""
-    if validate:
-        parse(message, queue.config)  # raises Permanent with the reason
-    job_id = job_id_of(message)
+    """LPUSH one message and return its job id; refuse (Permanent, with the reason) what a
+    worker would dead-letter: the worker's own intake decides."""
+    job = intake(message, queue.config)
+    if isinstance(job, Rejected):
+        if validate:
+            raise job.error
+        job_id = job.id
+    else:
+        job_id = job.id
     # The job hash says "queued" from the moment the message exists: a watcher (enqueue
     # --wait) never mistakes an earlier run's "done" for this one.
     pipe = queue.client.pipeline(transaction=True)
@@ -108,7 +113,8 @@ def stats(queue: JobQueue) -> dict[str, Any]:
         ttl = next(replies)
         w["alive"] = ttl is not None and ttl > 0
         w["holding"] = next(replies)
-        w["uptime"] = round(now - float(w.get("started", now)), 1)
+        if "uptime" not in w:  # a worker of an older version: its host's clock may differ
+            w["uptime"] = max(0.0, round(now - float(w.get("started", now)), 1))
         if w.get("job"):
             stage, progress = next(replies)
             if stage is not None and stage.decode() in ("done", "dead", "waiting"):
@@ -168,6 +174,10 @@ def dead_letters(queue: JobQueue, limit: int = 0) -> list[tuple[bytes, dict[str,
 
 
 def original_message(letter: dict[str, Any]) -> bytes | None:
+    """The message a dead letter holds, or None when it cannot be replayed (the letter kept
+    only the first ``dead_message_bytes`` of it)."""
+    if letter.get("message_truncated"):
+        return None
     if "message" in letter:
         return str(letter["message"]).encode("utf-8")
     if "message_b64" in letter:
@@ -176,21 +186,23 @@ def original_message(letter: dict[str, Any]) -> bytes | None:
 
 
 def retry_dead(queue: JobQueue, ids: list[str] | None) -> tuple[int, list[str]]:
-    """Replay dead letters (all when ``ids`` is None); returns (count, ids not found)."""
+    """Replay dead letters (all when ``ids`` is None); returns (count, ids not requeued: not
+    found, or whose letter kept only the start of a message too large to replay)."""
     wanted = None if ids is None else set(ids)
-    replayed, seen = 0, set()
+    replayed, seen, partial = 0, set(), []
     for entry, letter in dead_letters(queue):
         job_id = str(letter.get("id", ""))
         if wanted is not None and job_id not in wanted:
             continue
+        seen.add(job_id)
         message = original_message(letter)
         if message is None:
+            partial.append(f"{job_id} (the letter keeps only part of its message)")
             continue
-        seen.add(job_id)
-        if queue.replay_dead(entry, message, job_id_of(message)):
+        if queue.replay_dead(entry, message):
             replayed += 1
     missing = sorted(wanted - seen) if wanted is not None else []
-    return replayed, missing
+    return replayed, [*missing, *partial]
 
 
 def purge_dead(queue: JobQueue) -> int:
@@ -278,8 +290,9 @@ def job_record(queue: JobQueue, job_id: str) -> dict[str, Any] | None:
     pipe = queue.client.pipeline(transaction=False)
     pipe.hgetall(k.job(job_id))
     pipe.ttl(k.job(job_id))
-    pipe.hget(k.attempts, job_id)
-    fields_raw, ttl, attempts = pipe.execute()
+    fields_raw, ttl = pipe.execute()
+    digest = fields_raw.get(b"message_sha1")
+    attempts = queue.client.hget(k.attempts, digest) if digest else None
     letters = [letter for letter in newest_entries(queue, k.dead, id_contains=job_id)
                if letter.get("id") == job_id]
     if not fields_raw and not letters:

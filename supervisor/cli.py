@@ -389,7 +389,7 @@ def cmd_dead(args: argparse.Namespace, config: Config) -> int:
         count, missing = admin.retry_dead(queue, None if args.all else args.ids)
         print(f"requeued {count} dead letter(s)")
         for job_id in missing:
-            print(f"not found: {job_id}", file=sys.stderr)
+            print(f"not requeued: {job_id}", file=sys.stderr)
         return 1 if missing else 0
     count = admin.purge_dead(queue)
     print(f"purged {count} dead letter(s)")

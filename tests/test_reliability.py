@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import gone, kill_tree, wait_for
 from worker import media
+from worker.queue import sha1
 
 
 def _job(env, job_id, slow=0.0, **extra):
@@ -40,7 +41,7 @@ def test_sigkilled_worker_job_is_requeued_within_a_second_and_finished_once(env)
     # When that worker is SIGKILLed in the middle of the job
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: env.r.hget(env.keys.attempts, "victim") == b"1", 2, interval=0.005,
+    wait_for(lambda: env.r.hget(env.keys.attempts, sha1(raw)) == b"1", 2, interval=0.005,
              what="the crash to be counted and the message requeued")
     requeue_s = time.monotonic() - killed_at
     print(f"worker-death-to-requeue: {requeue_s * 1000:.0f} ms")
@@ -134,7 +135,7 @@ def test_sigterm_to_one_worker_finishes_its_job_and_is_replaced(env):
     assert events[0]["id"] == "finish-me" and f":{pid}:" in events[0]["worker"]
     wait_for(lambda: len(env.workers(proc)) == 2 and pid not in env.workers(proc),
              what="the worker to be replaced")
-    assert env.r.hget(env.keys.attempts, "finish-me") is None
+    assert env.r.hget(env.keys.attempts, sha1(raw)) is None
     assert env.stop(proc) == 0
 
 
@@ -195,7 +196,7 @@ def test_poison_message_is_dead_lettered_after_max_attempts_and_others_flow(env)
     assert [(d["id"], d["reason"], d["attempts"]) for d in letters] == [("poison", "poison", 3)]
     assert json.loads(letters[0]["message"])["id"] == "poison"
     assert sorted(e["id"] for e in env.done_events()) == sorted(f"good{i}" for i in range(8))
-    assert env.r.hget(env.keys.attempts, "poison") is None
+    assert env.r.hget(env.keys.attempts, sha1(poison)) is None
     _assert_nothing_in_flight(env)
     assert env.stop(proc) == 0
 

@@ -1,14 +1,19 @@
-"""Parsing a queue message into a job (SPEC section 3).
+"""Turning a queue message into a job, or into a dead letter.
 
-A message is a bare URL (the original producer's format) or a JSON object. Parsing is pure:
-it never touches the network or the disk, so it can be tested on arbitrary bytes. Every way
-a message can be wrong raises ``Permanent`` with a distinct reason; nothing else escapes.
+A message is a bare URL (the original producer's format) or a JSON object. ``intake`` is
+the one place a worker (and ``clip-supervisor enqueue``) turns raw bytes into a ``Job`` or a
+``Rejected`` with a reason, and it never raises, whatever the bytes: a message that could
+crash the worker here would be requeued and crash the next one, for ever. ``parse`` is pure:
+it never touches the network or the disk, so it can be tested on arbitrary bytes; every way
+a message can be wrong raises ``Permanent`` with a distinct reason.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import logging
 import math
 import posixpath
 import re
@@ -18,11 +23,16 @@ from urllib.parse import urlsplit
 from .config import Config
 from .errors import Permanent
 
+log = logging.getLogger(__name__)
+
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 KNOWN_FIELDS = frozenset({"id", "url", "start", "end", "duration", "output", "mode", "format"})
 # container name -> ffmpeg muxer
 FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska", "webm": "webm", "ts": "mpegts"}
 _WHITESPACE = b" \t\n\r\f\v"
+# Linux's NAME_MAX; Cloud Storage's limit on object names (far below Linux's PATH_MAX).
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -42,17 +52,63 @@ class Job:
         return FORMATS[self.format]
 
 
-def job_id_of(raw: bytes) -> str:
-    """The id used for accounting; must agree with the Lua ``job_id`` in worker.scripts."""
-    if raw.lstrip(_WHITESPACE).startswith(b"{"):
+@dataclass(frozen=True)
+class Rejected:
+    """A message that can never become a job: dead-letter it under ``id`` with ``error``."""
+
+    id: str
+    error: Permanent
+
+
+def intake(raw: bytes, config: Config) -> Job | Rejected:
+    """The job a message asks for, or why it cannot be one. Never raises."""
+    try:
+        return parse(raw, config)
+    except Permanent as exc:
+        return Rejected(job_id_of(raw, config.job.max_message_bytes), exc)
+    except Exception as exc:  # a parser bug must cost this message, never the worker
+        log.exception("the parser failed on a message of %d bytes", len(raw))
+        return Rejected(job_id_of(raw, config.job.max_message_bytes),
+                        Permanent("parse_error", f"the message could not be parsed "
+                                  f"({type(exc).__name__}); see the worker's log"))
+
+
+def job_id_of(raw: bytes, max_bytes: int = 1 << 20) -> str:
+    """The id a message is known by: its JSON object's valid ``id``, else the hex SHA-1 of
+    its bytes. Never raises. (Attempts are counted under the SHA-1 in every case, see
+    worker.scripts.)"""
+    if len(raw) <= max_bytes and raw.lstrip(_WHITESPACE).startswith(b"{"):
         try:
-            obj = json.loads(raw)
-        except ValueError:
+            obj = json.loads(raw.decode("utf-8"))
+        except Exception:  # not UTF-8, not JSON, nested too deep, ...
             obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("id"), str) \
-                and ID_RE.fullmatch(obj["id"]):
-            return obj["id"]
+        if isinstance(obj, dict):
+            value = obj.get("id")
+            if isinstance(value, str) and ID_RE.fullmatch(value):
+                return value
     return hashlib.sha1(raw).hexdigest()
+
+
+def dead_letter(raw: bytes, job_id: str, reason: str, error: str, attempts: int,
+                time: str, keep: int) -> dict[str, object]:
+    """The dead-letter record of a message: at most ``keep`` bytes of it (as text, or base64
+    when not UTF-8), with its full size and SHA-1, so a huge message costs Redis a bounded
+    amount however many arrive."""
+    letter: dict[str, object] = {
+        "id": job_id, "reason": reason, "attempts": attempts, "error": error[-4000:],
+        "time": time, "message_bytes": len(raw), "message_sha1": hashlib.sha1(raw).hexdigest()}
+    head = raw[:keep]
+    try:
+        letter["message"] = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(raw) > keep and exc.start >= len(head) - 3 and exc.end == len(head):
+            # cut inside a character: keep the text before it
+            letter["message"] = head[:exc.start].decode("utf-8", "replace")
+        else:
+            letter["message_b64"] = base64.b64encode(head).decode("ascii")
+    if len(raw) > keep:
+        letter["message_truncated"] = True
+    return letter
 
 
 def parse(raw: bytes, config: Config) -> Job:
@@ -65,7 +121,7 @@ def parse(raw: bytes, config: Config) -> Job:
     except UnicodeDecodeError as exc:
         raise Permanent("not_utf8",
                         f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    # ASCII whitespace only, like job_id_of and the Lua scripts: they must agree on the id.
+    # ASCII whitespace only, like job_id_of: they must agree on the id.
     stripped = text.strip(" \t\n\r\f\v")
     if stripped.startswith(("{", "[", '"')):
         try:
@@ -74,6 +130,8 @@ def parse(raw: bytes, config: Config) -> Job:
             raise Permanent("invalid_json", f"message is not valid JSON: {exc}") from None
         except RecursionError:
             raise Permanent("invalid_json", "message nests too deeply") from None
+        if "\\u" in stripped:
+            _check_text(obj)
         if isinstance(obj, str):
             obj = {"url": obj}
         elif not isinstance(obj, dict):
@@ -109,14 +167,26 @@ def parse(raw: bytes, config: Config) -> Job:
                format=fmt, raw=raw, warnings=warnings)
 
 
-_SPACE = re.compile(r"\s")  # what str.isspace() calls whitespace, Unicode included
+def _check_text(obj: object) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"): Python decodes it to a string that
+    cannot be encoded again, which would fail every later step. Refuse it here."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Permanent("invalid_json", "the message holds an unpaired surrogate escape "
+                        "(\\ud800-\\udfff), which is not text") from None
+
+
+# What str.isspace() calls whitespace (Unicode included), and the C0 controls and DEL.
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def _check_source_url(url: str, config: Config) -> None:
     if len(url) > 8192 or _SPACE.search(url):
-        raise Permanent("bad_url", "the url is malformed")
+        raise Permanent("bad_url", "the url is malformed (whitespace or control characters)")
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
     except ValueError as exc:
         raise Permanent("bad_url", f"the url is malformed: {exc}") from None
     scheme = parts.scheme.lower()
@@ -126,6 +196,9 @@ def _check_source_url(url: str, config: Config) -> None:
         raise Permanent("scheme_not_allowed", f"scheme {scheme!r} is not in allowed_schemes")
     if scheme in ("http", "https", "gs") and not parts.hostname:
         raise Permanent("bad_url", "the url has no host")
+    if parts.hostname and not parts.hostname.isascii():
+        raise Permanent("bad_url", "the host name is not ASCII: give its IDNA form "
+                        "(xn--...)")
     if scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path):
         raise Permanent("bad_url", "a file url must be file:///absolute/path")
 
@@ -192,6 +265,11 @@ def resolve_output(output: object, job_id: str, fmt: str, config: Config) -> str
         resolved = f"gs://{parts.netloc}/{key}"
     else:
         raise Permanent("output_not_allowed", f"output scheme {scheme!r} is not supported")
+    path = urlsplit(resolved).path.encode("utf-8", "surrogatepass")
+    if len(path) > MAX_PATH_BYTES or any(len(name) > MAX_NAME_BYTES
+                                         for name in path.split(b"/")):
+        raise Permanent("output_not_allowed", f"output names a path longer than "
+                        f"{MAX_PATH_BYTES} bytes or a name longer than {MAX_NAME_BYTES}")
     if not any(_under(resolved, root) for root in (base, *config.storage.allowed_outputs)):
         raise Permanent("output_not_allowed",
                         "output is outside output_base and allowed_outputs")

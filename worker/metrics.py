@@ -29,3 +29,6 @@ HOST_FAULTS = Counter("clip_host_faults_total", "Times a worker paused fetching 
                       "missing), by reason.", ["reason"])
 PAUSED = Gauge("clip_workers_paused", "Workers paused by a fault of their host.",
                multiprocess_mode="livesum")
+FENCED = Counter("clip_fenced_acks_total", "Outcomes not recorded because the job's message "
+                 "had been requeued while its worker ran it (taken for dead during a stall "
+                 "or partition); the requeued copy decides.")

@@ -7,6 +7,7 @@ inspection, so every writer of a key goes through this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -30,6 +31,20 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, Time
                 redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
 # Error replies of the same nature that redis-py reports as a plain ResponseError.
 TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
+# The same inside a script's error ("ERR Error running script ... OOM command not allowed").
+_TRANSIENT_IN_SCRIPT = ("OOM command not allowed", "READONLY", "You can't write against a "
+                        "read only replica", "-MASTERDOWN", "-LOADING")
+
+
+def outage(exc: BaseException) -> bool:
+    """True when a Redis error means "not serving us right now": retry with backoff."""
+    if isinstance(exc, REDIS_ERRORS):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        text = str(exc)
+        return text.startswith(TRANSIENT_REPLIES) or any(
+            marker in text for marker in _TRANSIENT_IN_SCRIPT)
+    return False
 
 
 def connect(config: Config, *, socket_timeout: float | None = None, single: bool = False) -> Any:
@@ -156,51 +171,60 @@ class JobQueue:
 
     # --- recording --------------------------------------------------------------------------
 
-    def start(self, job_id: str, fields: dict[str, str | int | float]) -> int:
-        """Mark a job running; return the attempts it already used."""
+    def start(self, job_id: str, message_sha1: str,
+               fields: dict[str, str | int | float]) -> int:
+        """Mark a job running; return the attempts its message already used."""
         return int(self._start(
             keys=[self.keys.job(job_id), self.keys.attempts],
-            args=[job_id, int(self.config.job.job_ttl),
-                  json.dumps({key: str(value) for key, value in fields.items()})]))
+            args=[message_sha1, int(self.config.job.job_ttl), *_pairs(fields)]))
 
     def update(self, job_id: str, fields: dict[str, str | int | float]) -> None:
-        self.client.hset(self.keys.job(job_id), mapping=fields)
+        self.client.hset(self.keys.job(job_id), mapping=_safe(fields))
 
     def done(self, worker_id: str, message: bytes, job_id: str, event: dict,
-             fields: dict[str, str | int | float], take_next: bool = False) -> bytes | None:
-        """Ack a finished job; with ``take_next``, the next queued message (or None) is
-        already in this worker's processing list when this returns."""
+             fields: dict[str, str | int | float], take_next: bool = False,
+             token: str = "") -> tuple[bool, bytes | None]:
+        """Ack a finished job: (acked, next message). ``acked`` is False when the message
+        was no longer in this worker's processing list (recovered and requeued while this
+        worker was taken for dead): then nothing was recorded, and the requeued copy
+        decides. With ``take_next``, the next queued message (or None) is already in this
+        worker's processing list when this returns. ``token`` names this ack: a call made
+        again with the same token after a lost reply answers as the first run did."""
         k = self.keys
         reply = self._done(
             keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue],
-            args=[message, job_id, json.dumps(event), int(self.config.job.job_ttl),
-                  self.config.job.done_max,
-                  json.dumps({key: str(value) for key, value in fields.items()}),
-                  "1" if take_next else "0"])
-        return reply[1] if len(reply) > 1 else None
+            args=[message, sha1(message), json.dumps(event), int(self.config.job.job_ttl),
+                  self.config.job.done_max, "1" if take_next else "0",
+                  token or uuid.uuid4().hex,
+                  *_pairs(fields)])
+        return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
 
     def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
              fields: dict[str, str | int | float]) -> int:
+        """Dead-letter the message; 0 when it was no longer ours (fenced)."""
         k = self.keys
         return int(self._dead(
             keys=[k.processing(worker_id), k.job(job_id), k.dead, k.attempts],
-            args=[message, job_id, json.dumps(letter, ensure_ascii=False),
-                  int(self.config.job.job_ttl), *_pairs(fields)]))
+            args=[message, sha1(message), _letter_json(letter),
+                  int(self.config.job.job_ttl), self.config.job.dead_max, *_pairs(fields)]))
 
     def retry(self, worker_id: str, message: bytes, job_id: str, letter: dict,
               fields: dict[str, str | int | float]) -> tuple[int, float | None]:
         """Count a failed attempt; delay the message, or dead-letter it at max_attempts.
 
-        Returns (attempts, due time in epoch seconds or None when dead-lettered).
+        Returns (attempts, seconds until the retry is due, or None when dead-lettered);
+        attempts is -1 when the message was no longer ours (fenced).
         """
         k = self.keys
         cfg = self.config.job
-        attempts, due = self._retry(
+        attempts, delay = self._retry(
             keys=[k.processing(worker_id), k.delayed, k.attempts, k.job(job_id), k.dead],
-            args=[message, job_id, cfg.max_attempts, int(cfg.retry_backoff * 1000),
+            args=[message, sha1(message), cfg.max_attempts, int(cfg.retry_backoff * 1000),
                   int(cfg.retry_backoff_max * 1000), uuid.uuid4().hex,
-                  json.dumps(letter, ensure_ascii=False), int(cfg.job_ttl), *_pairs(fields)])
-        return int(attempts), (None if due < 0 else due / 1000.0)
+                  _letter_json({key: value for key, value in letter.items()
+                                if key != "attempts"}),
+                  int(cfg.job_ttl), cfg.dead_max, *_pairs(fields)])
+        return int(attempts), (None if delay < 0 else delay / 1000.0)
 
     # --- liveness and recovery ----------------------------------------------------------------
 
@@ -245,14 +269,33 @@ class JobQueue:
                 found.append(wid)
         return found
 
-    def replay_dead(self, entry: bytes, message: bytes, job_id: str) -> bool:
+    def replay_dead(self, entry: bytes, message: bytes) -> bool:
         k = self.keys
-        return bool(self._replay(keys=[k.dead, k.queue, k.attempts],
-                                 args=[entry, message, job_id]))
+        return bool(self._replay(keys=[k.dead, k.queue, k.attempts], args=[entry, message]))
 
 
-def _pairs(fields: dict[str, str | int | float]) -> list[str | int | float]:
-    flat: list[str | int | float] = []
+def sha1(message: bytes) -> str:
+    """The key a message's attempts are counted under (``redis.sha1hex`` in the scripts)."""
+    return hashlib.sha1(message).hexdigest()
+
+
+def _letter_json(letter: dict) -> bytes:
+    # UTF-8 as is (a message's text stays one byte a character where it was); a lone
+    # surrogate in an error text becomes its escape instead of failing the dead letter.
+    return json.dumps(letter, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def _text(value: str | int | float) -> bytes:
+    # Any str becomes bytes, a lone surrogate included (redis-py would raise on it).
+    return str(value).encode("utf-8", "backslashreplace")
+
+
+def _safe(fields: dict[str, str | int | float]) -> dict[str, bytes]:
+    return {key: _text(value) for key, value in fields.items()}
+
+
+def _pairs(fields: dict[str, str | int | float]) -> list[bytes]:
+    flat: list[bytes] = []
     for key, value in fields.items():
-        flat += [key, value]
+        flat += [_text(key), _text(value)]
     return flat

@@ -8,9 +8,7 @@ supervisor dies the kernel sends us SIGUSR2 (PR_SET_PDEATHSIG), which aborts lik
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import logging
 import os
 import select
@@ -18,19 +16,20 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from typing import Any
 
 import psutil
 import redis
 import setproctitle
 
-from . import logs, metrics
+from . import health, logs, metrics
 from .config import Config
-from .errors import Aborted, JobFailed, Permanent, Transient
-from .job import ID_RE, Job, job_id_of, parse
+from .errors import Aborted, HostFault, JobFailed, Permanent, Transient
+from .job import Job, Rejected, dead_letter, intake
 from .media import set_parent_death_signal
 from .pipeline import Pipeline, Result
-from .queue import REDIS_ERRORS, TRANSIENT_REPLIES, Fetched, JobQueue, connect, now_iso
+from .queue import REDIS_ERRORS, Fetched, JobQueue, connect, now_iso, outage, sha1
 from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
@@ -44,6 +43,7 @@ EXIT_PARENT_GONE = 6  # the supervisor died: the job was given back
 
 PROGRESS_INTERVAL = 0.5  # seconds between job-hash progress writes
 REDIS_BACKOFF_MAX = 5.0
+PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0  # seconds between probes of a host fault (doubling)
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 
@@ -62,6 +62,7 @@ class Worker:
         self.slot = slot
         self.pid = os.getpid()
         self.started_ms = started_ms if started_ms is not None else int(time.time() * 1000)
+        self._started_mono = time.monotonic()
         self.parent_pid = parent_pid
         self.worker_id = worker_id_for(config.host_id, self.pid, self.started_ms)
         self.dir = os.path.join(config.job.work_dir, worker_dir_name(self.pid, self.started_ms))
@@ -74,6 +75,7 @@ class Worker:
         self.stage = "idle"
         self.progress = 0.0
         self.jobs_done = 0
+        self.fault: tuple[str, str, float] | None = None  # (reason, error, since): paused
         self._last_progress_write = 0.0
         self._fetch_failures = 0
         self._next: bytes | None = None  # taken by the ack of the previous job (DONE script)
@@ -214,9 +216,8 @@ class Worker:
             got = self.queue.fetch_nowait(self.worker_id)
             message = got.message if isinstance(got, Fetched) else \
                 self._block(min(self.config.redis.block_timeout, got))
-        except (*REDIS_ERRORS, redis.ResponseError) as exc:
-            if isinstance(exc, redis.ResponseError) and \
-                    not str(exc).startswith(TRANSIENT_REPLIES):
+        except redis.RedisError as exc:
+            if not outage(exc):
                 raise
             # A connection that died with a restarted server fails once and reconnects on
             # the next call: retry at once the first time, back off after that.
@@ -253,7 +254,7 @@ class Worker:
                     return None
                 if not isinstance(exc, redis.ResponseError):
                     raise
-                if str(exc).startswith(TRANSIENT_REPLIES):  # e.g. UNBLOCKED by a failover
+                if outage(exc):  # UNBLOCKED by a failover, OOM, READONLY, ...
                     raise redis.ConnectionError(str(exc)) from exc
                 if "MOVED" not in str(exc) and "ASK" not in str(exc):
                     raise
@@ -278,6 +279,17 @@ class Worker:
         started = time.monotonic()
         try:
             self._run_job(raw, started)
+        except Aborted:
+            raise
+        except Exception as exc:
+            # A bug outside the pipeline (recording the outcome, say): count an attempt
+            # against this message and go on. Should even that fail, the worker exits and
+            # the supervisor counts the crash under the same message SHA-1, so a message
+            # that always does this ends as poison, never as a crash loop.
+            log.exception("job in message %s: unexpected error", sha1(raw)[:12])
+            job_id = self.current.id if self.current is not None else sha1(raw)
+            self._retry(raw, job_id, Transient("internal_error",
+                                               f"{type(exc).__name__}: {exc}"))
         finally:
             self.current = None
             self.busy = False
@@ -287,13 +299,9 @@ class Worker:
 
     def _run_job(self, raw: bytes, started: float) -> None:
         assert self.queue is not None
-        try:
-            job = parse(raw, self.config)
-        except Permanent as exc:
-            job_id = job_id_of(raw)
-            if not ID_RE.fullmatch(job_id):
-                job_id = hashlib.sha1(raw).hexdigest()  # a safe key in place of a bad id
-            self._dead(raw, job_id, exc, attempts=0)
+        job = intake(raw, self.config)
+        if isinstance(job, Rejected):
+            self._dead(raw, job.id, job.error, attempts=0)
             return
         self.current = job
         for warning in job.warnings:
@@ -301,10 +309,14 @@ class Worker:
         if self.config.job.pipeline == "noop":
             self._done(job, Result(output=job.output), started)
             return
-        attempts = self._persist(lambda: self.queue.start(job.id, {
+        attempts = self._persist(lambda: self.queue.start(job.id, sha1(raw), {
             "state": "running", "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
-            "started": now_iso(), "error": ""}), "start")
+            "started": now_iso(), "error": "", "message_sha1": sha1(raw)}), "start")
+        if attempts >= self.config.job.max_attempts:
+            self._dead(raw, job.id, Permanent(
+                "poison", f"the job crashed its worker {attempts} times"), attempts=attempts)
+            return
         pipeline = Pipeline(self.config, self.dir, self.waker, self._poll, self._on_stage,
                             self._on_progress)
         if attempts > 0 and self._already_stored(pipeline, job):
@@ -312,17 +324,19 @@ class Worker:
                      job.output)
             self._done(job, Result(output=job.output), started, reused=True)
             return
-        if attempts >= self.config.job.max_attempts:
-            self._dead(raw, job.id, Permanent(
-                "poison", f"the job crashed its worker {attempts} times"), attempts=attempts)
-            return
         deadline = started + self.config.job.timeout
         try:
             result = pipeline.run(job, deadline)
         except Permanent as exc:
             self._dead(raw, job.id, exc, attempts=attempts + 1)
         except Transient as exc:
-            self._retry(raw, job.id, exc)
+            fault = self._host_fault(exc)
+            if fault is None:
+                self._retry(raw, job.id, exc)
+            else:
+                given = self._persist(lambda: self.queue.release(self.worker_id), "release")
+                log.info("job %s given back (%d) uncounted: %s", job.id, given, exc)
+                self._pause(*fault)
         except Aborted:
             given = self._persist(lambda: self.queue.release(self.worker_id), "release")
             metrics.JOBS.labels("aborted").inc()
@@ -332,6 +346,46 @@ class Worker:
             self._retry(raw, job.id, Transient("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
             self._done(job, result, started)
+
+    def _host_fault(self, exc: Transient) -> tuple[str, str] | None:
+        """Whether a failure was this host's rather than the job's: (reason, error) or None."""
+        if not isinstance(exc, HostFault) and exc.reason not in health.HOST_REASONS:
+            return None
+        try:
+            return health.probe(self.config, self.dir)
+        except Exception:  # a probe that fails cannot prove a fault: the job pays, counted
+            log.exception("host probe failed")
+            return None
+
+    def _pause(self, reason: str, error: str) -> None:
+        """Stop fetching while this host cannot run jobs; probe it with backoff and resume
+        by ourselves once it can. The heartbeat carries the fault, so /healthz, stats and
+        the dashboard show it."""
+        self.fault = (reason, error, time.time())
+        metrics.HOST_FAULTS.labels(reason).inc()
+        metrics.PAUSED.set(1)
+        log.error("host fault (%s): %s; fetching paused until it clears", reason, error)
+        self._title(f"paused ({reason})")
+        with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
+            self._beat()
+        delay = PAUSE_FIRST
+        while not (self._poll() or self.stopping):
+            self._sleep(delay)
+            if self._poll() or self.stopping:
+                break
+            found = health.probe(self.config, self.dir)
+            if found is None:
+                log.warning("host fault cleared (%s) after %.0f s: fetching again", reason,
+                            time.time() - self.fault[2])
+                break
+            if found[0] != self.fault[0]:
+                log.error("host fault (%s): %s", *found)
+                self.fault = (*found, self.fault[2])
+            delay = min(delay * 2, PAUSE_MAX)
+        self.fault = None
+        metrics.PAUSED.set(0)
+        with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
+            self._beat()
 
     def _already_stored(self, pipeline: Pipeline, job: Job) -> bool:
         try:
@@ -360,8 +414,13 @@ class Worker:
         max_jobs = self.config.supervisor.max_jobs_per_worker
         take_next = not (self.stopping or self.aborting
                          or (max_jobs and self.jobs_done >= max_jobs))
-        self._next = self._persist(lambda: self.queue.done(
-            self.worker_id, job.raw, job.id, event, fields, take_next=take_next), "ack")
+        token = uuid.uuid4().hex  # one per ack, so a retry after a lost reply is recognised
+        acked, self._next = self._persist(lambda: self.queue.done(
+            self.worker_id, job.raw, job.id, event, fields, take_next=take_next, token=token),
+            "ack")
+        if not acked:
+            self._fenced(job.id, "done")
+            return
         metrics.JOBS.labels("done").inc()
         metrics.JOB_SECONDS.observe(elapsed)
         for stage, seconds in result.timings.items():
@@ -373,21 +432,28 @@ class Worker:
                  f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
 
     def _letter(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> dict:
-        letter: dict[str, Any] = {"id": job_id, "reason": exc.reason, "attempts": attempts,
-                                  "error": exc.error, "time": now_iso()}
-        try:
-            letter["message"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            letter["message_b64"] = base64.b64encode(raw).decode("ascii")
-        return letter
+        return dead_letter(raw, job_id, exc.reason, exc.error, attempts, now_iso(),
+                           self.config.job.dead_message_bytes)
+
+    def _fenced(self, job_id: str, outcome: str) -> None:
+        """The message was recovered and requeued while we ran it (this worker was taken for
+        dead: a stall, a partition): our outcome is not recorded; the copy decides."""
+        metrics.FENCED.inc()
+        log.warning("job %s: its message was requeued while this worker ran it (taken for "
+                    "dead); this %s is not recorded, the requeued copy decides", job_id,
+                    outcome)
 
     def _dead(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> None:
         assert self.queue is not None
         letter = self._letter(raw, job_id, exc, attempts)
         fields = {"stage": "dead", "reason": exc.reason, "error": exc.error[-500:],
-                  "finished": letter["time"], "attempts": attempts}
-        self._persist(lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields),
-                      "dead-letter")
+                  "finished": str(letter["time"]), "attempts": attempts}
+        removed = self._persist(
+            lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields),
+            "dead-letter")
+        if not removed:
+            self._fenced(job_id, f"dead letter ({exc.reason})")
+            return
         metrics.JOBS.labels("dead").inc()
         metrics.DEAD.labels(exc.reason).inc()
         log.warning("job %s dead (%s): %s", job_id, exc.reason, _one_line(exc.error))
@@ -396,19 +462,19 @@ class Worker:
         assert self.queue is not None
         letter = self._letter(raw, job_id, exc, attempts=0)
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
-        attempts, due = self._persist(
+        attempts, delay = self._persist(
             lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields), "retry")
-        if attempts < 0:  # no longer ours: a retried call that had run, or recovered elsewhere
-            log.info("job %s: already handed on (%s)", job_id, exc.reason)
+        if attempts < 0:
+            self._fenced(job_id, f"retry ({exc.reason})")
             return
-        metrics.JOBS.labels("retried" if due is not None else "dead").inc()
-        if due is None:
+        metrics.JOBS.labels("retried" if delay is not None else "dead").inc()
+        if delay is None:
             metrics.DEAD.labels(exc.reason).inc()
             log.warning("job %s dead (%s) after %d attempts: %s", job_id, exc.reason, attempts,
                         _one_line(exc.error))
         else:
             log.info("job %s failed (%s), attempt %d, retry in %.1f s: %s", job_id, exc.reason,
-                     attempts, max(0.0, due - time.time()), _one_line(exc.error))
+                     attempts, delay, _one_line(exc.error))
 
     # --- progress and liveness ---------------------------------------------------------------
 
@@ -440,12 +506,17 @@ class Worker:
 
     def _beat(self) -> None:
         assert self.queue is not None
-        job = self.current
+        job, fault = self.current, self.fault
         self.queue.heartbeat(self.worker_id, {
             "host": self.config.host_id, "pid": self.pid, "slot": self.slot,
             "started": self.started_ms / 1000.0, "job": job.id if job else None,
+            # Uptime as this worker measures it: another host's clock may be off.
+            "uptime": round(time.monotonic() - self._started_mono, 1),
             "stage": self.stage, "progress": round(self.progress, 1),
-            "jobs_done": self.jobs_done}, self.config.supervisor.heartbeat_ttl)
+            "jobs_done": self.jobs_done, "fault": fault[0] if fault else None,
+            "fault_error": fault[1] if fault else None,
+            "fault_since": fault[2] if fault else None},
+            self.config.supervisor.heartbeat_ttl)
 
     def _heartbeat_loop(self) -> None:
         interval = self.config.supervisor.heartbeat_interval
@@ -474,7 +545,7 @@ class Worker:
                 try:
                     return operation()
                 except redis.ResponseError as exc:
-                    if str(exc).startswith(TRANSIENT_REPLIES):  # MASTERDOWN, LOADING, ...
+                    if outage(exc):  # MASTERDOWN, LOADING, OOM, READONLY, ...
                         raise redis.ConnectionError(str(exc)) from exc
                     raise
             except REDIS_ERRORS as exc:
@@ -488,9 +559,12 @@ class Worker:
     def _redis_down(self, exc: Exception, what: str, delay: float = 1.0) -> None:
         metrics.REDIS_ERRORS.labels("worker").inc()
         log.warning("Redis unavailable during %s (%s); retrying in %.1f s", what, exc, delay)
-        # Sleep, but wake at once on a signal (the wake-up pipe gets a byte per signal).
+        self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on a signal (the wake-up pipe gets a byte per signal)."""
         with contextlib.suppress(InterruptedError):
-            select.select([self.waker.fileno()], [], [], delay)
+            select.select([self.waker.fileno()], [], [], seconds)
         self.waker.drain()
 
 

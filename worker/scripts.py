@@ -7,6 +7,18 @@ time) so it runs on Redis Cluster, where all our keys share the ``{prefix}`` slo
 
 Scripts use RPOP/RPUSH/RPOPLPUSH rather than LMOVE so they run on Redis < 6.2 as well.
 Time comes from the server (``TIME``), so hosts with skewed clocks agree on due times.
+
+No script decodes JSON. What a producer wrote is never parsed in Lua (cjson refuses what
+Python accepts, such as a lone surrogate escape, and an error there would crash the worker
+before it could count the attempt); job-hash fields travel as flat field/value arguments.
+A message's attempts are counted under its SHA-1 (``redis.sha1hex`` here, hashlib in Python),
+the one key every script, the worker and recovery agree on whatever the message holds.
+
+Fencing: a script that finishes a job (DONE, DEAD, RETRY) first removes the message from the
+worker's processing list. When it is not there any more, recovery gave it to someone else
+(this worker was taken for dead during a stall or a partition): the script then records
+nothing, so the copy that was requeued decides the job's fate and there is never a second
+done event or dead letter.
 """
 
 from __future__ import annotations
@@ -17,20 +29,6 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-# Must agree with worker.job.job_id_of(): a JSON object's valid "id", else SHA-1 of the bytes.
-_JOB_ID = """
-local function job_id(message)
-  if string.match(message, '^%s*{') then
-    local ok, obj = pcall(cjson.decode, message)
-    if ok and type(obj) == 'table' and type(obj.id) == 'string' and #obj.id <= 128
-        and string.match(obj.id, '^[A-Za-z0-9._-]+$') then
-      return obj.id
-    end
-  end
-  return redis.sha1hex(message)
 end
 """
 
@@ -65,18 +63,13 @@ return {0, -1}
 START = """
 -- start: a worker begins a job; mark it running and tell how many attempts it already used.
 -- KEYS[1] job      hash  {prefix}:job:<id>
--- KEYS[2] attempts hash  job id -> failed attempts so far
--- ARGV[1] job id, ARGV[2] job TTL s, ARGV[3] job hash fields as one JSON object of strings
+-- KEYS[2] attempts hash  message SHA-1 -> failed attempts so far
+-- ARGV[1] message SHA-1, ARGV[2] job TTL s, ARGV[3..] field, value pairs for the job hash
 -- A first attempt is a new submission of the job: a completion recorded by an earlier
 -- submission must not swallow this one's done event (see DONE's "completed").
 local attempts = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if attempts == 0 then redis.call('HDEL', KEYS[1], 'completed') end
-local flat = {}
-for field, value in pairs(cjson.decode(ARGV[3])) do
-  flat[#flat + 1] = field
-  flat[#flat + 1] = value
-end
-redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return attempts
 """
@@ -88,48 +81,51 @@ DONE = """
 -- KEYS[1] processing list  the worker's in-flight message (removed here = the ack)
 -- KEYS[2] job        hash  {prefix}:job:<id>, its state becomes done
 -- KEYS[3] done       list  completion events, newest first, capped
--- KEYS[4] attempts   hash  job id -> attempts; the entry is dropped
+-- KEYS[4] attempts   hash  message SHA-1 -> attempts; the entry is dropped
 -- KEYS[5] queue      list  main queue, for the next message
--- ARGV[1] message, ARGV[2] job id, ARGV[3] event JSON, ARGV[4] job TTL s, ARGV[5] done cap,
--- ARGV[6] job hash fields as one JSON object of strings, ARGV[7] '1' = take the next message
+-- ARGV[1] message, ARGV[2] message SHA-1, ARGV[3] event JSON, ARGV[4] job TTL s,
+-- ARGV[5] done cap, ARGV[6] '1' = take the next message, ARGV[7] ack token (unique per
+-- call), ARGV[8..] field, value pairs for the job hash
 -- A job run again after a failed attempt pushes one event: the first ack sets "completed",
 -- which only a new submission (START with no attempts) clears.
--- Returns {removed} or {removed, next message}.
-local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
-local flat = {'state', 'done'}
-for field, value in pairs(cjson.decode(ARGV[6])) do
-  flat[#flat + 1] = field
-  flat[#flat + 1] = value
+-- Returns {acked, next message or nothing}: acked 1 = recorded by this call (or by an earlier
+-- run of this same call whose reply was lost), 0 = fenced: the message had been recovered
+-- and requeued meanwhile, so nothing was recorded.
+local acked = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if acked == 1 then
+  redis.call('HSET', KEYS[2], 'state', 'done', 'ack', ARGV[7], unpack(ARGV, 8))
+  if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
+    redis.call('LPUSH', KEYS[3], ARGV[3])
+    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('HDEL', KEYS[4], ARGV[2])
+elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[7] then
+  acked = 1  -- this call ran before and its reply was lost
 end
-redis.call('HSET', KEYS[2], unpack(flat))
-if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
-  redis.call('LPUSH', KEYS[3], ARGV[3])
-  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
-end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('HDEL', KEYS[4], ARGV[2])
-if ARGV[7] == '1' then
+if ARGV[6] == '1' then
   -- A retried call (lost reply) finds the next message already taken: return it again.
   local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
-  if nxt then return {removed, nxt} end
+  if nxt then return {acked, nxt} end
 end
-return {removed}
+return {acked}
 """
 
 DEAD = """
 -- dead: the job can never succeed; park it in the dead-letter list and acknowledge it.
 -- KEYS[1] processing list  the worker's in-flight message (removed)
 -- KEYS[2] job        hash  its state becomes dead
--- KEYS[3] dead       list  dead letters, newest first
+-- KEYS[3] dead       list  dead letters, newest first, capped
 -- KEYS[4] attempts   hash  the entry is dropped
--- ARGV[1] message, ARGV[2] job id, ARGV[3] dead letter JSON, ARGV[4] job TTL s,
--- ARGV[5..] field, value pairs for the job hash.
+-- ARGV[1] message, ARGV[2] message SHA-1, ARGV[3] dead letter JSON, ARGV[4] job TTL s,
+-- ARGV[5] dead cap, ARGV[6..] field, value pairs for the job hash.
 local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
 -- Not ours any more (a retried call whose first run succeeded, or recovered by another
 -- host meanwhile): whoever holds it now decides its fate; never two dead letters.
 if removed == 0 then return 0 end
 redis.call('LPUSH', KEYS[3], ARGV[3])
-redis.call('HSET', KEYS[2], 'state', 'dead', unpack(ARGV, 5))
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+redis.call('HSET', KEYS[2], 'state', 'dead', unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('HDEL', KEYS[4], ARGV[2])
 return removed
@@ -140,32 +136,35 @@ RETRY = _NOW_MS + """
 -- dead-letter it.
 -- KEYS[1] processing list  the worker's in-flight message (removed)
 -- KEYS[2] delayed    zset  member "<token>\\n<message>", score = due time in ms
--- KEYS[3] attempts   hash  job id -> attempts so far
+-- KEYS[3] attempts   hash  message SHA-1 -> attempts so far
 -- KEYS[4] job        hash  state becomes failed (waiting) or dead
--- KEYS[5] dead       list  dead letters
--- ARGV[1] message, ARGV[2] job id, ARGV[3] max attempts, ARGV[4] backoff base ms,
--- ARGV[5] backoff cap ms, ARGV[6] unique token, ARGV[7] dead letter JSON (attempts filled
--- in here), ARGV[8] job TTL s, ARGV[9..] field, value pairs for the job hash.
--- Returns {attempts, due ms} or {attempts, -1} when dead-lettered.
+-- KEYS[5] dead       list  dead letters, capped
+-- ARGV[1] message, ARGV[2] message SHA-1, ARGV[3] max attempts, ARGV[4] backoff base ms,
+-- ARGV[5] backoff cap ms, ARGV[6] unique token, ARGV[7] the dead letter as a JSON object
+-- without its "attempts" (filled in here, as text: no JSON is decoded), ARGV[8] job TTL s,
+-- ARGV[9] dead cap, ARGV[10..] field, value pairs for the job hash.
+-- Returns {attempts, delay ms} or {attempts, -1} when dead-lettered, {-1, -1} when fenced.
 local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
 if removed == 0 then return {-1, -1} end
 local attempts = redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 if attempts >= tonumber(ARGV[3]) then
-  local letter = cjson.decode(ARGV[7])
-  letter['attempts'] = attempts
-  redis.call('LPUSH', KEYS[5], cjson.encode(letter))
+  local letter = '{"attempts": ' .. attempts
+  if #ARGV[7] > 2 then letter = letter .. ', ' .. string.sub(ARGV[7], 2) else
+    letter = letter .. '}' end
+  redis.call('LPUSH', KEYS[5], letter)
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[9]) - 1)
   redis.call('HDEL', KEYS[3], ARGV[2])
-  redis.call('HSET', KEYS[4], 'state', 'dead', 'attempts', attempts, unpack(ARGV, 9))
+  redis.call('HSET', KEYS[4], 'state', 'dead', 'attempts', attempts, unpack(ARGV, 10))
   redis.call('EXPIRE', KEYS[4], ARGV[8])
   return {attempts, -1}
 end
-local delay = math.min(tonumber(ARGV[4]) * 2 ^ (attempts - 1), tonumber(ARGV[5]))
-local due = now_ms() + math.floor(delay)
+local delay = math.floor(math.min(tonumber(ARGV[4]) * 2 ^ (attempts - 1), tonumber(ARGV[5])))
+local due = now_ms() + delay
 redis.call('ZADD', KEYS[2], due, ARGV[6] .. '\\n' .. ARGV[1])
 redis.call('HSET', KEYS[4], 'state', 'failed', 'attempts', attempts, 'retry_at_ms', due,
-           unpack(ARGV, 9))
+           unpack(ARGV, 10))
 redis.call('EXPIRE', KEYS[4], ARGV[8])
-return {attempts, due}
+return {attempts, delay}
 """
 
 RELEASE = """
@@ -183,11 +182,11 @@ end
 return n
 """
 
-RECOVER = _JOB_ID + """
+RECOVER = """
 -- recover: requeue what a dead worker held, exactly once however many supervisors race.
 -- KEYS[1] processing list    the dead worker's in-flight messages
 -- KEYS[2] queue      list    main queue; RPUSH puts them next in line
--- KEYS[3] attempts   hash    job id -> attempts; a crash counts as one
+-- KEYS[3] attempts   hash    message SHA-1 -> attempts; a crash counts as one
 -- KEYS[4] heartbeat  string  the worker's liveness key (deleted here)
 -- KEYS[5] workers    hash    registry of live workers (the entry is deleted here)
 -- ARGV[1] worker id, ARGV[2] '1' = only if the heartbeat has expired (another host's worker),
@@ -198,7 +197,7 @@ local n = 0
 while true do
   local message = redis.call('RPOP', KEYS[1])
   if not message then break end
-  if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[3], job_id(message), 1) end
+  if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[3], redis.sha1hex(message), 1) end
   redis.call('RPUSH', KEYS[2], message)
   n = n + 1
 end
@@ -211,10 +210,10 @@ REPLAY_DEAD = """
 -- replay_dead: put one dead letter's message back on the queue, once.
 -- KEYS[1] dead     list  dead letters (the exact entry is removed)
 -- KEYS[2] queue    list  main queue (LPUSH: back of the line, like a producer)
--- KEYS[3] attempts hash  the job's count starts again
--- ARGV[1] dead letter entry, ARGV[2] original message, ARGV[3] job id
+-- KEYS[3] attempts hash  the message's count starts again
+-- ARGV[1] dead letter entry, ARGV[2] original message
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('HDEL', KEYS[3], ARGV[3])
+redis.call('HDEL', KEYS[3], redis.sha1hex(ARGV[2]))
 return 1
 """
