@@ -8,6 +8,7 @@ same message and crashed too).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -156,4 +157,30 @@ def test_a_redis_that_refuses_writes_pauses_the_workers_without_a_crash(env, how
     env.wait_finished(2, timeout=30)
     assert sorted(e["id"] for e in env.done_events()) == ["good0", "good1"]
     assert env.workers(proc) == pids and _crashes(env) == 0
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"supervisor": {"workers": 1},
+                       "job": {"retry_backoff": 3, "max_attempts": 2}})
+def test_a_host_whose_clock_is_an_hour_ahead_reports_true_uptimes_and_delays(env):
+    # Given a supervisor whose host clock runs an hour ahead of Redis's and of ours
+    libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    assert libs, "libfaketime is required (scripts/test.sh installs the faketime package)"
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", env.conf],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "LD_PRELOAD": libs[0], "FAKETIME": "+1h"})
+    env.procs.append(proc)
+    wait_for(lambda: env.r.hlen(env.keys.workers) == 1, 20, what="the worker to register")
+    # When a job fails for a transient reason (a 503), and stats is read from here
+    env.push({"id": "flaky", "url": f"{env.http.url('ten.mp4').rsplit('/', 1)[0]}/status/503",
+              "duration": 1})
+    wait_for(lambda: "retry in" in env.log_text(), 20, what="the retry log line")
+    stats = json.loads(env.cli("stats", "--json").stdout)
+    # Then the delay logged is the backoff (the due time is Redis's, the wait is counted
+    # there too), and the worker's uptime is its own, not our clock minus its clock
+    assert re.search(r"job flaky failed \(source_unavailable\), attempt 1, retry in 3\.0 s",
+                     env.log_text()), env.log_text()[-2000:]
+    (worker,) = stats["workers"]
+    assert 0 <= worker["uptime"] < 120, worker
     assert env.stop(proc) == 0
