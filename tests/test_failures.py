@@ -87,7 +87,7 @@ def test_an_idle_supervisor_stops_at_once_even_while_redis_is_down(env):
     assert elapsed < 2.0, f"stop took {elapsed:.2f} s with Redis down"
 
 
-def test_an_ffmpeg_gone_after_start_is_named_not_blamed_on_the_video(env):
+def test_an_ffmpeg_gone_after_start_pauses_the_host_not_the_video(env):
     # Given a supervisor started with an ffmpeg that then disappears (an upgrade, say)
     program = os.path.join(env.tmp, "ffmpeg")
     os.symlink(shutil.which("ffmpeg"), program)
@@ -95,9 +95,14 @@ def test_an_ffmpeg_gone_after_start_is_named_not_blamed_on_the_video(env):
     proc = env.start()
     env.wait_workers(proc, 2)
     os.unlink(program)
-    # Then a job fails saying so, instead of calling the video broken
+    # Then a job is neither blamed on the video nor dead-lettered: the host says why it
+    # pauses, and gives the message back
     env.push({"id": "noffmpeg", "url": env.url("ten.mp4"), "duration": 1})
-    env.wait_finished(1)
+    wait_for(lambda: "host fault (ffmpeg_missing)" in env.log_text(), 20,
+             what="the host to pause")
+    assert program in env.log_text() and env.dead_letters() == []
+    # And once ffmpeg is back the host resumes by itself and the job is done
+    os.symlink(shutil.which("ffmpeg"), program)
+    env.wait_finished(1, timeout=60)
+    assert [e["id"] for e in env.done_events()] == ["noffmpeg"]
     assert env.stop(proc) == 0
-    (letter,) = env.dead_letters()
-    assert letter["reason"] == "ffmpeg_missing" and program in letter["error"], letter
