@@ -9,6 +9,7 @@ remount read-only, and an ffmpeg that disappears from under a running supervisor
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -237,6 +239,23 @@ def _healthz(port: int) -> tuple[int, str]:
         return 0, str(exc)
 
 
+@contextlib.contextmanager
+def _browser() -> Iterator[Any]:
+    """A page in Debian's headless Chromium (as tests/test_dashboard.py drives it)."""
+    from playwright.sync_api import sync_playwright  # the test extra (setup.cfg)
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = chromium.new_page()
+            page.set_default_timeout(15000)
+            yield page
+        finally:
+            chromium.close()
+
+
 def _listen(env: Env) -> int:
     port = free_port()
     env.settings["metrics"] = {"listen": f"127.0.0.1:{port}"}
@@ -289,9 +308,21 @@ def test_a_full_work_dir_pauses_the_host_until_space_is_freed(tmpfs, env):
     assert env.r.llen(env.keys.queue) + env.r.llen(env.keys.retry) + \
         env.r.zcard(env.keys.delayed) >= 4  # at most one in each worker's hands
     assert "fetching paused" in env.log_text()
-    # When the space is freed, the host resumes by itself and every job ends done
-    os.unlink(filler)
-    _resumed(env, port, 8)
+    # And the dashboard names the host, the reason and since when, until the fault clears
+    with _browser() as page:
+        page.goto(f"http://127.0.0.1:{port}/")
+        banner = page.locator("#faults .fault")
+        banner.wait_for()
+        text = banner.first.text_content() or ""
+        host = env.r.hvals(env.keys.workers)[0]
+        assert f"{json.loads(host)['host']} paused since" in text and "disk_full" in text
+        assert work in text  # the error names the folder
+        states = page.locator("#workers tbody td:nth-child(5)")
+        wait_for(lambda: "paused" in states.all_text_contents(), 10, what="a paused worker")
+        # When the space is freed, the host resumes by itself and every job ends done
+        os.unlink(filler)
+        _resumed(env, port, 8)
+        page.locator("#faults").wait_for(state="hidden")
     assert "host fault cleared (disk_full)" in env.log_text()
     assert env.stop(proc) == 0
 

@@ -202,15 +202,18 @@
     $("workers-count").textContent = "(" + workers.length + ", all hosts)";
     if (!workers.length) return emptyRow(tbody, 8, "no workers registered");
     tbody.replaceChildren(...workers.map((w) => {
-      const stage = !w.alive ? "expired" : w.fault && !w.job ? "paused" : (w.stage || "idle");
+      // A paused worker holds no job (it gave it back), whatever its last beat named.
+      const paused = Boolean(w.alive && w.fault);
+      const job = paused ? null : w.job;
+      const stage = !w.alive ? "expired" : paused ? "paused" : (w.stage || "idle");
       const row = el("tr", { "data-worker": String(w.id) },
         el("td", { text: String(w.host ?? "?") }),
         el("td", { text: String(w.pid ?? "") }),
         el("td", { text: String(w.slot ?? "") }),
         el("td", { text: duration(w.uptime) }),
         el("td", {}, badge(stage)),
-        el("td", { class: "id" }, jobLink(w.job)),
-        el("td", {}, w.job ? progressBar(w.progress) : ""),
+        el("td", { class: "id" }, jobLink(job)),
+        el("td", {}, job ? progressBar(w.progress) : ""),
         el("td", { text: String(w.jobs_done ?? 0) }));
       return row;
     }));
