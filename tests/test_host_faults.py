@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, free_port, wait_for
+from tests.conftest import Env, GcsEmulator, free_port, wait_for
 from tests.httpd import TestServer
 from worker import config as config_mod
 from worker import source
@@ -199,6 +199,27 @@ def test_a_small_source_runs_on_a_nearly_full_disk_a_large_one_waits(tmpfs, http
         _run(cfg, sources.url("forty.bin"))
     assert failed.value.reason == "source_too_large_for_disk"
     assert os.listdir(os.path.join(work, "w-test")) == []  # the job's folder went
+
+
+def test_a_gs_source_is_measured_by_its_object_size_before_the_download(
+        tmpfs, tmp_path, monkeypatch):
+    # Given a 6 MiB object in a bucket, and a work_dir with 20 MiB free
+    emulator = GcsEmulator(str(tmp_path / "gcs"), in_memory=True).start()
+    try:
+        emulator.create_bucket("sources")
+        emulator.client().bucket("sources").blob("six.bin").upload_from_string(
+            b"\0" * (6 * MiB))
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+        work = tmpfs("work", 48 * MiB)
+        cfg = make_config(work, str(tmp_path / "out"), cache_max_bytes="0")
+        fill(work, 20 * MiB)
+        # When a job reads it: disk_full from the object's size, before a byte is written
+        with pytest.raises(Transient) as failed:
+            _run(cfg, "gs://sources/six.bin")
+        assert failed.value.reason == "disk_full"
+        assert f"{6 * MiB + MIN_FREE_BYTES} needed" in failed.value.error
+    finally:
+        emulator.stop()
 
 
 def test_a_disk_that_fills_during_a_download_is_disk_full_not_a_failed_fetch(tmpfs, sources):
