@@ -55,3 +55,18 @@ def test_sample_config_shows_the_built_in_defaults():
     for section, key, default, _ in config_mod.options():
         assert getattr(getattr(sample, section), key) == getattr(getattr(builtin, section), key), \
             f"[{section}] {key}: the sample does not show the default {default!r}"
+
+
+def test_the_default_work_dir_is_in_no_folder_every_user_can_write():
+    # Given the sample (which leaves work_dir to the built-in default)
+    work_dir = config_mod.load(SAMPLE, env={}).job.work_dir
+
+    # Then no folder above it lets every user make entries (as /var/tmp and /tmp do): none
+    # of them could make work_dir first, or swap it for a link
+    folder = os.path.dirname(work_dir)
+    while True:
+        if os.path.isdir(folder):
+            assert not os.stat(folder).st_mode & 0o002, f"{folder} (above {work_dir})"
+        if folder == "/":
+            break
+        folder = os.path.dirname(folder)

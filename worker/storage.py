@@ -148,6 +148,7 @@ class LocalStore:
         marker = os.path.join(self.worker_dir, PENDING_FILE)
         with open(marker, "w") as fh:
             fh.write(part)
+        out = None
         try:
             out = os.open(part_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
@@ -157,8 +158,9 @@ class LocalStore:
                 os.fsync(dst.fileno())
             os.replace(part_name, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part_name, dir_fd=folder_fd)
+            if out is not None:  # made by us: gone after the rename, else removed here
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(part_name, dir_fd=folder_fd)
             os.unlink(marker)
 
 
