@@ -142,6 +142,8 @@ def format_stats(data: dict[str, Any]) -> str:
     lines.append(header)
     for w in data["workers"]:
         state = w.get("stage", "idle") if w.get("alive") else "expired"
+        if w.get("alive") and w.get("fault"):
+            state = f"paused ({w['fault']})"
         job = w.get("job") or "-"
         if w.get("job"):
             job = f"{job[:24]} {w.get('progress', 0):.0f}%"

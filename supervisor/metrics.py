@@ -3,7 +3,10 @@ dashboard (``supervisor.dashboard``) on every other path.
 
 Counters live in the processes that count (workers count jobs, the master counts restarts)
 and are summed here at scrape time by prometheus-client's multiprocess collector, from
-memory-mapped files under ``<work_dir>/metrics``. That folder must be named in
+memory-mapped files in a private folder in memory (``/dev/shm``): never on work_dir's disk,
+where a full file system would make the first write to a new page of such a file kill its
+process with SIGBUS, a worker included, at the very moment the host should pause calmly.
+That folder must be named in
 ``PROMETHEUS_MULTIPROC_DIR`` before prometheus-client is first imported, so ``prepare()``
 runs before the master (and through it the worker code) is imported, and this module
 imports prometheus-client only inside functions.
@@ -14,9 +17,13 @@ server runs in a thread of the master; the master loop never waits on it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import shutil
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,15 +40,48 @@ LOOP_STALE_AFTER = 5.0  # seconds without a master loop turn before /healthz say
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
 
 
+METRICS_PREFIX = "clip-supervisor-metrics-"
+
+
 def prepare(config: Config) -> str | None:
-    """Start with an empty multiprocess folder; returns it, or None when metrics are off."""
+    """Make this master's multiprocess folder and name it in the environment; returns it,
+    or None when metrics are off. The folder is made by ``mkdtemp`` (a fresh name, mode
+    0700: nobody can plant it beforehand even in a world-writable place), removed at exit;
+    those of masters that died without removing theirs are swept first."""
     if not config.metrics.listen:
         return None
-    folder = os.path.join(config.job.work_dir, "metrics")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder, exist_ok=True)
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+        else tempfile.gettempdir()
+    _sweep(base)
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=base)
+    me = os.getpid()
+    # Only the master removes it: a forked worker inherits this hook but leaves by _exit.
+    atexit.register(lambda: os.getpid() == me and shutil.rmtree(folder, ignore_errors=True))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     return folder
+
+
+def _sweep(base: str) -> None:
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            if not entry.name.startswith(METRICS_PREFIX):
+                continue
+            pid = entry.name[len(METRICS_PREFIX):].partition("-")[0]
+            with contextlib.suppress(OSError, ValueError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() \
+                        and not _alive(int(pid)):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def worker_exited(pid: int) -> None:

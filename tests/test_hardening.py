@@ -152,16 +152,6 @@ def test_a_worker_above_its_memory_limit_is_replaced_after_its_job(env):
     assert env.stop(proc) == 0
 
 
-@pytest.mark.settings({"job": {"max_source_bytes": "100000GiB", "max_attempts": 1}})
-def test_no_job_starts_without_room_for_its_source(env):
-    env.push({"id": "roomless", "url": env.url("ten.mp4")})
-    proc = env.start()
-    env.wait_finished(1, timeout=30)
-    (letter,) = env.dead_letters()
-    assert letter["reason"] == "disk_full"
-    assert env.stop(proc) == 0
-
-
 def test_redis_with_a_password(env):
     env.r.config_set("requirepass", "s3cret pass")
     env.r = env.redis.client(password="s3cret pass")

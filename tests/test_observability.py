@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -148,7 +149,14 @@ def test_metrics_and_health_after_real_jobs(env):
     env.redis.start()
     env.r = env.redis.client()
     wait_for(lambda: _get(base + "/healthz")[0] == 200, 10, what="healthz back to 200")
+    # The workers' counter files live in a private folder in memory, not on work_dir's
+    # disk (where a full file system turns a write to them into SIGBUS); gone after a stop
+    (folder,) = glob.glob(f"/dev/shm/clip-supervisor-metrics-{proc.pid}-*")
+    assert os.stat(folder).st_mode & 0o777 == 0o700 and not os.path.exists(
+        os.path.join(env.work, "metrics"))
+    assert os.listdir(folder)
     assert env.stop(proc) == 0
+    assert not os.path.exists(folder)
 
 
 def test_enqueue_wait_follows_the_job_to_its_end(env):

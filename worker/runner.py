@@ -335,7 +335,13 @@ class Worker:
                 self._retry(raw, job.id, exc)
             else:
                 given = self._persist(lambda: self.queue.release(self.worker_id), "release")
+                with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
+                    self.queue.update(job.id, {"state": "queued", "stage": "", "progress": 0,
+                                               "worker": "", "reason": exc.reason,
+                                               "error": f"given back by a paused host: "
+                                                        f"{exc.error[-400:]}"})
                 log.info("job %s given back (%d) uncounted: %s", job.id, given, exc)
+                self.current = None
                 self._pause(*fault)
         except Aborted:
             given = self._persist(lambda: self.queue.release(self.worker_id), "release")
@@ -362,6 +368,7 @@ class Worker:
         by ourselves once it can. The heartbeat carries the fault, so /healthz, stats and
         the dashboard show it."""
         self.fault = (reason, error, time.time())
+        self.stage, self.progress = "paused", 0.0
         metrics.HOST_FAULTS.labels(reason).inc()
         metrics.PAUSED.set(1)
         log.error("host fault (%s): %s; fetching paused until it clears", reason, error)
@@ -383,6 +390,7 @@ class Worker:
                 self.fault = (*found, self.fault[2])
             delay = min(delay * 2, PAUSE_MAX)
         self.fault = None
+        self.stage = "idle"
         metrics.PAUSED.set(0)
         with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
             self._beat()
