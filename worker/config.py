@@ -249,9 +249,9 @@ class JobConfig:
     cache_dir: str = _opt(_optional_path, "", "empty = <work_dir>/cache")
     job_ttl: float = _opt(_positive_float, "604800", "seconds {prefix}:job:<id> hashes live")
     done_max: int = _opt(_positive_int, "10000", "length cap of the {prefix}:done list")
-    dead_max: int = _opt(_positive_int, "100000", "length cap of the {prefix}:dead list "
+    dead_max: int = _opt(_positive_int, "20000", "length cap of the {prefix}:dead list "
                          "(oldest letters dropped)")
-    dead_message_bytes: int = _opt(_size, "4KiB", "how much of a message a dead letter keeps "
+    dead_message_bytes: int = _opt(_size, "16KiB", "how much of a message a dead letter keeps "
                                    "(its size and SHA-1 are always kept)")
 
 
