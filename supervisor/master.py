@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ WORKER_EXITS = Counter("clip_worker_exits_total", "Worker processes that exited,
                        "(stopped, recycled, aborted, parent_gone, boot_error, exit_N, "
                        "sigkill, ..., killed_by_us).", ["cause"])
 FAST_STOP_TIMEOUT = 5.0  # seconds workers get to give back their jobs on a fast stop
+# A start that waits longer than this for another machine's host claim to expire is reported
+# as started (a daemon's launcher gives up after 30 s); it then forks once it holds the claim.
+READY_WAIT = 10.0
 HARD_MEMORY_FACTOR = 2  # × max_worker_memory_mb: the worker is killed mid-job
 
 
@@ -96,6 +100,13 @@ class Master:
         self._pipe: tuple[int, int] | None = None
         self._next_scan = 0.0
         self._started_recovery = False
+        sup = self.config.supervisor
+        self.claim = recovery.HostClaim(self.queue.keys, self.config.host_id,
+                                        sup.heartbeat_ttl, sup.heartbeat_interval)
+        self.guard = recovery.ContactGuard(sup.heartbeat_ttl, sup.heartbeat_interval)
+        self._on_ready: Callable[[], None] | None = None
+        self._on_failed: Callable[[str], None] | None = None
+        self._ready_by = 0.0
         self._redis_failing = False
         self.last_tick = self.system.monotonic()
         self._next_memory_check = 0.0
@@ -126,34 +137,45 @@ class Master:
             live_workers=lambda: sum(1 for slot in self.slots if slot.pid is not None))
         self.metrics.start()
 
-    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+    def run(self, on_ready: Callable[[], None] | None = None,
+            on_failed: Callable[[str], None] | None = None) -> int:
+        """The master's life. ``on_ready`` is called once this start can no longer be refused:
+        the host claim is ours, or Redis is unreachable (retried; the claim comes first when
+        it answers); ``on_failed`` with one line when another supervisor holds the claim."""
         self.install_signals()
         os.makedirs(self.config.job.work_dir, exist_ok=True)
-        if on_ready is not None:
-            on_ready()
-        removed = recovery.clean_stale_dirs(self.config.job.work_dir)
-        if removed:
-            log.info("removed %d work folder(s) of dead workers", removed)
-        log.info("master started (pid %d, %d workers, redis %s, prefix %s)", self.pid,
-                 self.target, _safe_url(self.config.redis.url), self.config.redis.prefix)
+        self._on_ready, self._on_failed = on_ready, on_failed
+        self._ready_by = self.system.monotonic() + READY_WAIT
+        log.info("master started (pid %d, %d workers, redis %s, prefix %s, host_id %s)",
+                 self.pid, self.target, _safe_url(self.config.redis.url),
+                 self.config.redis.prefix, self.config.host_id)
         self._title()  # before the first fork: ps names the master as soon as it has workers
         while True:
             self.last_tick = self.system.monotonic()
             self.dispatch_signals()
             self.reap()
-            if self.state == State.RUNNING:
-                self.spawn_due()
+            # The claim first: nothing is forked or recovered before we know that no other
+            # supervisor runs with our host_id.
             self.redis_housekeeping()
+            if self.state == State.RUNNING and self.claim.held:
+                self.spawn_due()
             self.check_memory()
             if self.state != State.RUNNING and self.stop_progress():
                 break
             self._title()
             self.sleep(self.next_timeout())
         self.finish_pending_recoveries()
+        with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):  # else it expires by itself
+            self.claim.release(self.queue.client)
         if self.metrics is not None:
             self.metrics.stop()
         log.info("master stopped")
         return self.exit_code
+
+    def _ready(self) -> None:
+        if self._on_ready is not None:
+            report, self._on_ready = self._on_ready, None
+            report()
 
     def sleep(self, timeout: float) -> None:
         assert self._pipe is not None
@@ -252,6 +274,10 @@ class Master:
                 setattr(getattr(new, section), key, was)
         if new.redis != old.redis:
             self.queue = JobQueue(connect(new, socket_timeout=1.0), new)
+        ttl, interval = new.supervisor.heartbeat_ttl, new.supervisor.heartbeat_interval
+        if (ttl, interval) != (old.supervisor.heartbeat_ttl, old.supervisor.heartbeat_interval):
+            self.claim.retime(ttl, interval)
+            self.guard = recovery.ContactGuard(ttl, interval)  # and its clock starts again
         if new.supervisor.logfile != old.supervisor.logfile or \
                 new.supervisor.log_level != old.supervisor.log_level:
             try:
@@ -467,25 +493,75 @@ class Master:
             self.pending.pop(0)
 
     def redis_housekeeping(self) -> None:
+        """Every ``heartbeat_interval``: hold the host claim, then recover this host's dead
+        workers (once, at start) and other hosts' expired ones (when the contact guard
+        allows: see supervisor.recovery)."""
         if self.pending:
             self.run_pending_recoveries()
         now = self.system.monotonic()
         if now < self._next_scan:
             return
+        if not self.claim.held and self.state != State.RUNNING:
+            return  # stopping without the claim (never had it, or lost it): hands off
         self._next_scan = now + self.config.supervisor.heartbeat_interval
         try:
+            if not self.hold_claim(now):
+                return
+            self.guard.contact(now, self.system.monotonic())
             if not self._started_recovery:
+                removed = recovery.clean_stale_dirs(self.config.job.work_dir)
+                if removed:
+                    log.info("removed %d work folder(s) of dead workers", removed)
                 n = recovery.recover_at_start(self.queue, self.config.host_id)
                 if n:
                     log.info("recovered %d message(s) left by this host's dead workers", n)
                 self._started_recovery = True
-            live = {slot.worker_id(self.config.host_id) for slot in self.slots if slot.pid}
-            recovery.recover_expired(self.queue, live)
+            if self.guard.trusted(self.system.monotonic()):
+                live = {slot.worker_id(self.config.host_id) for slot in self.slots if slot.pid}
+                recovery.recover_expired(self.queue, live)
             if self._redis_failing:
                 log.info("Redis is reachable again")
                 self._redis_failing = False
         except (*REDIS_ERRORS, redis.RedisError) as exc:
+            self.guard.lost("Redis unavailable")
             self._redis_error(exc)
+            self._ready()  # an unreachable Redis is no reason not to start: we retry
+        finally:
+            took = self.system.monotonic() - now
+            if took > self.guard.stall_limit:
+                self.guard.lost(f"a recovery scan took {took:.1f} s")
+
+    def hold_claim(self, now: float) -> bool:
+        """Claim or refresh our host_id; True while it is ours."""
+        state = self.claim.step(self.queue.client, now)
+        if state is recovery.Claim.HELD:
+            self._ready()
+            return True
+        if state is recovery.Claim.WAITING:
+            if now >= self._ready_by:
+                self._ready()
+            return False
+        message = self.claim.conflict()
+        self.exit_code = 1
+        if state is recovery.Claim.REFUSED:
+            self.refuse_start(message)
+        else:  # LOST: another supervisor took it while we could not refresh it
+            log.error("lost the claim on host_id %s: %s; stopping (exit 1): this supervisor "
+                      "recovers nothing more, its workers finish their jobs",
+                      self.config.host_id, message)
+            self.stop(graceful=True)
+        return False
+
+    def refuse_start(self, message: str) -> None:
+        """Another supervisor runs with our host_id: exit 1 before forking or recovering."""
+        log.error("cannot start: %s", message)
+        if self._on_failed is not None:
+            self._on_failed(f"clip-supervisor: {message}")
+            self._on_ready = None
+        elif not _stderr_is_log(self.config.supervisor.logfile):
+            print(f"clip-supervisor: {message}", file=sys.stderr, flush=True)
+        self.state = State.STOPPING_FAST
+        self.stop_deadline = self.system.monotonic()
 
     def _redis_error(self, exc: Exception) -> None:
         REDIS_ERRORS_TOTAL.labels("master").inc()
@@ -509,6 +585,8 @@ class Master:
     def _title(self) -> None:
         alive = sum(1 for slot in self.slots if slot.pid is not None)
         suffix = "" if self.state == State.RUNNING else f" {self.state}"
+        if self.state == State.RUNNING and not self.claim.held:
+            suffix = " claiming host_id"
         setproctitle.setproctitle(
             f"clip-supervisor: master [workers {alive}/{self.target}]{suffix}")
 
@@ -516,6 +594,17 @@ class Master:
 def _private(process: psutil.Process) -> int:
     info = process.memory_info()
     return info.rss - getattr(info, "shared", 0)
+
+
+def _stderr_is_log(logfile: str) -> bool:
+    """Does our log already go to stderr (no log file, or a daemon's stderr is the log)?"""
+    if not logfile:
+        return True
+    try:
+        err, log_stat = os.fstat(2), os.stat(logfile)
+    except OSError:
+        return False
+    return (err.st_dev, err.st_ino) == (log_stat.st_dev, log_stat.st_ino)
 
 
 def _safe_url(url: str) -> str:

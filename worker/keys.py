@@ -58,5 +58,9 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.base}:job:{job_id}"
 
+    def host(self, host_id: str) -> str:
+        """The claim of the one supervisor that runs with this host_id (supervisor.recovery)."""
+        return f"{self.base}:host:{host_id}"
+
     def worker_id_of(self, processing_key: str) -> str:
         return processing_key[len(self.processing("")):]
