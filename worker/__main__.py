@@ -9,6 +9,7 @@ import sys
 from . import config as config_mod
 from . import logs
 from .config import ConfigError
+from .fsafe import UnsafePath, prepare_work_dir
 from .runner import Worker
 
 
@@ -23,7 +24,16 @@ def main() -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
-    logs.setup("worker", config.supervisor.logfile, config.supervisor.log_level)
+    try:
+        prepare_work_dir(config)  # the same checks as `clip-supervisor run`
+        logs.setup("worker", config.supervisor.logfile, config.supervisor.log_level)
+    except UnsafePath as exc:
+        print(f"python -m worker: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"python -m worker: cannot start: {exc.strerror} ({exc.filename})",
+              file=sys.stderr)
+        return 1
     return Worker(config).run()
 
 
