@@ -202,7 +202,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             master.start_metrics()
         except OSError as exc:
             return cannot_start(f"cannot listen on {config.metrics.listen}: {exc.strerror}")
-        return master.run(on_ready=report.ready)
+        return master.run(on_ready=report.ready, on_failed=report.failed)
     except Exception as exc:  # a bug: keep the traceback in the log, not on an operator's screen
         log.exception("master crashed")
         report.failed(f"{PROG}: master crashed: {exc} (traceback in the log)")

@@ -142,8 +142,7 @@ class Master:
         """The master's life. ``on_ready`` is called once this start can no longer be refused:
         the host claim is ours, or Redis is unreachable (retried; the claim comes first when
         it answers); ``on_failed`` with one line when another supervisor holds the claim."""
-        self.install_signals()
-        os.makedirs(self.config.job.work_dir, exist_ok=True)
+        self.install_signals()  # work_dir was made and checked before (worker.fsafe)
         self._on_ready, self._on_failed = on_ready, on_failed
         self._ready_by = self.system.monotonic() + READY_WAIT
         log.info("master started (pid %d, %d workers, redis %s, prefix %s, host_id %s)",
@@ -282,8 +281,7 @@ class Master:
                 new.supervisor.log_level != old.supervisor.log_level:
             try:
                 if new.supervisor.logfile:  # fail here, before the old handler is closed
-                    os.close(os.open(new.supervisor.logfile,
-                                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+                    os.close(logs.open_log(new.supervisor.logfile))  # never through a link
             except OSError as exc:
                 log.error("HUP: cannot open log file %s (%s); keeping %s",
                           new.supervisor.logfile, exc.strerror, old.supervisor.logfile)
@@ -387,6 +385,10 @@ class Master:
             return
         if pid == 0:
             self._become_worker(slot, started_ms, blocked)  # never returns
+        # The child puts itself in a group of its own too: whichever runs first wins, so a
+        # Ctrl-C that comes before the child is scheduled cannot reach it through our group.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         slot.spawned(pid, started_ms, self.system.monotonic(), self.generation)
         log.info("spawned worker %d (pid %d)", slot.index, pid)
@@ -555,10 +557,10 @@ class Master:
     def refuse_start(self, message: str) -> None:
         """Another supervisor runs with our host_id: exit 1 before forking or recovering."""
         log.error("cannot start: %s", message)
-        if self._on_failed is not None:
+        if self._on_failed is not None:  # a --daemon start: its launcher prints the line
             self._on_failed(f"clip-supervisor: {message}")
             self._on_ready = None
-        elif not _stderr_is_log(self.config.supervisor.logfile):
+        if not _stderr_is_log(self.config.supervisor.logfile):
             print(f"clip-supervisor: {message}", file=sys.stderr, flush=True)
         self.state = State.STOPPING_FAST
         self.stop_deadline = self.system.monotonic()

@@ -137,6 +137,14 @@ def test_a_second_supervisor_with_a_taken_host_id_refuses_to_start_and_robs_nobo
     _, err = second.communicate(timeout=20)
     assert second.returncode == 1
     assert err.decode().strip().splitlines() == [line]
+    # The same as a daemon: its launcher prints the daemon's reason, and exits 1
+    conf = _write_conf(env, "hx-daemon", supervisor={
+        "host_id": "hx", "logfile": os.path.join(env.tmp, "hx-daemon.log"),
+        "pidfile": os.path.join(env.tmp, "hx-daemon.pid")},
+        job={"work_dir": os.path.join(env.tmp, "work-hx-daemon")})
+    daemon = subprocess.run([sys.executable, "-m", "supervisor", "run", "--daemon",
+                             "--config", conf], cwd=ROOT, capture_output=True, timeout=30)
+    assert daemon.returncode == 1 and daemon.stderr.decode().strip() == line
 
     # And when one starts where our pids mean nothing (its own pid namespace, as another
     # machine), it sees the claim refreshed and refuses too, instead of taking hx's live
@@ -155,7 +163,7 @@ def test_a_second_supervisor_with_a_taken_host_id_refuses_to_start_and_robs_nobo
     _assert_each_done_once(env, ids)
     assert {e["worker"].split(":")[1] for e in env.done_events()} == {str(p) for p in holders}
     assert env.r.hlen(env.keys.attempts) == 0
-    for name in ("hx", "hx-again", "hx-elsewhere"):
+    for name in ("hx", "hx-again", "hx-elsewhere", "hx-daemon"):
         assert "requeued" not in _log(env, name)
     assert env.workers(first) and first.poll() is None
     _stop_all(first)
