@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from . import promsafe
+
+promsafe.install()  # before any metric exists: no SIGBUS on a full file system
+
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 
 JOBS = Counter("clip_jobs_total", "Jobs finished by a worker, by outcome "
