@@ -184,3 +184,29 @@ def test_a_host_whose_clock_is_an_hour_ahead_reports_true_uptimes_and_delays(env
     (worker,) = stats["workers"]
     assert 0 <= worker["uptime"] < 120, worker
     assert env.stop(proc) == 0
+
+
+@pytest.mark.parametrize("fields", [
+    {"start": 1e13}, {"start": 1e20, "duration": 1}, {"start": 1e308, "duration": 1e308},
+    {"duration": 1e-9}, {"start": 5, "end": 5.0000001}, {"start": 10 ** 4000},
+    {"duration": -(10 ** 400)},
+])
+def test_times_no_clip_can_have_are_refused_at_once(fields):
+    # Once accepted, these went to ffmpeg ("Invalid duration specification"), were retried
+    # as ffmpeg failures, or blamed the source for an empty clip; 10**4000 was a parser bug
+    from worker import config as config_mod
+    from worker.job import Rejected, intake
+
+    raw = json.dumps({"id": "t", "url": "http://h/v.mp4", **fields}).encode()
+    rejected = intake(raw, config_mod.load(None, env={}))
+    assert isinstance(rejected, Rejected) and rejected.error.reason == "bad_range"
+    assert rejected.id == "t"
+
+
+def test_an_id_behind_a_form_feed_is_the_same_id_for_the_parser_and_the_letter():
+    from worker import config as config_mod
+    from worker.job import Rejected, intake
+
+    rejected = intake(b'\x0c\x0b {"id": "d", "url": "ftp://x/v"}', config_mod.load(None, env={}))
+    assert isinstance(rejected, Rejected) and rejected.id == "d"
+    assert rejected.error.reason == "scheme_not_allowed"

@@ -30,6 +30,10 @@ KNOWN_FIELDS = frozenset({"id", "url", "start", "end", "duration", "output", "mo
 # container name -> ffmpeg muxer
 FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska", "webm": "webm", "ts": "mpegts"}
 _WHITESPACE = b" \t\n\r\f\v"
+# Times: at most ~31 years (ffmpeg counts in int64 microseconds: far inside), and a clip of
+# at least 1 ms (ffmpeg is given times to the microsecond; shorter would be no clip at all).
+MAX_SECONDS = 1e9
+MIN_LENGTH = 0.001
 # Linux's NAME_MAX; Cloud Storage's limit on object names (far below Linux's PATH_MAX).
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
@@ -77,9 +81,10 @@ def job_id_of(raw: bytes, max_bytes: int = 1 << 20) -> str:
     """The id a message is known by: its JSON object's valid ``id``, else the hex SHA-1 of
     its bytes. Never raises. (Attempts are counted under the SHA-1 in every case, see
     worker.scripts.)"""
-    if len(raw) <= max_bytes and raw.lstrip(_WHITESPACE).startswith(b"{"):
+    stripped = raw.strip(_WHITESPACE)  # as parse() strips: \f and \v too, unlike JSON
+    if len(raw) <= max_bytes and stripped.startswith(b"{"):
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = json.loads(stripped.decode("utf-8"))
         except Exception:  # not UTF-8, not JSON, nested too deep, ...
             obj = None
         if isinstance(obj, dict):
@@ -207,9 +212,16 @@ def _number(obj: dict, name: str) -> float | None:
     value = obj.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise Permanent("bad_range", f"{name} must be a finite number of seconds")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Permanent("bad_range", f"{name} must be a number of seconds")
+    try:
+        number = float(value)  # a 4,000-digit integer does not fit
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_SECONDS:
+        raise Permanent("bad_range", f"{name} must be a finite number of seconds, at most "
+                        f"{MAX_SECONDS:g}")
+    return number
 
 
 def _range(obj: dict, config: Config) -> tuple[float, float | None]:
@@ -221,12 +233,13 @@ def _range(obj: dict, config: Config) -> tuple[float, float | None]:
     if end is not None and duration is not None:
         raise Permanent("bad_range", "give end or duration, not both")
     if end is not None:
-        if end <= start:
-            raise Permanent("bad_range", f"end {end:g} must be after start {start:g}")
+        if end - start < MIN_LENGTH:
+            raise Permanent("bad_range", f"end {end:g} must be at least {MIN_LENGTH:g} s "
+                            f"after start {start:g}")
         return start, end
     if duration is not None:
-        if duration <= 0:
-            raise Permanent("bad_range", "duration must be > 0")
+        if duration < MIN_LENGTH:
+            raise Permanent("bad_range", f"duration must be at least {MIN_LENGTH:g} s")
         return start, start + duration
     if config.job.default_duration is not None:
         return start, start + config.job.default_duration

@@ -29,30 +29,24 @@ from .errors import Aborted, HostFault, JobFailed, Permanent, Transient
 from .job import Job, Rejected, dead_letter, intake
 from .media import set_parent_death_signal
 from .pipeline import Pipeline, Result
-from .queue import REDIS_ERRORS, Fetched, JobQueue, connect, now_iso, outage, sha1
+from .protocol import (
+    EXIT_ABORTED,
+    EXIT_BOOT_ERROR,
+    EXIT_OK,
+    EXIT_PARENT_GONE,
+    EXIT_RECYCLE,
+    worker_dir_name,
+    worker_id_for,
+)
+from .queue import REDIS_ERRORS, JobQueue, connect, now_iso, outage, sha1
 from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
-
-# Named exit codes: the supervisor reads them to tell a clean exit from a crash.
-EXIT_OK = 0  # stopped on request (TERM), nothing held
-EXIT_RECYCLE = 3  # max_jobs_per_worker or max_worker_memory_mb reached
-EXIT_BOOT_ERROR = 4  # cannot start (work_dir, configuration): restarting will not help soon
-EXIT_ABORTED = 5  # QUIT/INT: the job was given back
-EXIT_PARENT_GONE = 6  # the supervisor died: the job was given back
 
 PROGRESS_INTERVAL = 0.5  # seconds between job-hash progress writes
 REDIS_BACKOFF_MAX = 5.0
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0  # seconds between probes of a host fault (doubling)
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
-
-
-def worker_dir_name(pid: int, started_ms: int) -> str:
-    return f"w-{pid}-{started_ms}"
-
-
-def worker_id_for(host_id: str, pid: int, started_ms: int) -> str:
-    return f"{host_id}:{pid}:{started_ms}"
 
 
 class Worker:
@@ -211,64 +205,24 @@ class Worker:
     # --- fetching --------------------------------------------------------------------------
 
     def _next_message(self) -> bytes | None:
+        """The next message (in our processing list), or None: none came, a signal, or a
+        Redis outage (retried at once the first time, with backoff after that)."""
         assert self.queue is not None
         try:
-            got = self.queue.fetch_nowait(self.worker_id)
-            message = got.message if isinstance(got, Fetched) else \
-                self._block(min(self.config.redis.block_timeout, got))
+            message = self.queue.take(self.worker_id, self.config.redis.block_timeout,
+                                      self.waker, lambda: self.stopping or self.aborting)
         except redis.RedisError as exc:
             if not outage(exc):
                 raise
             # A connection that died with a restarted server fails once and reconnects on
             # the next call: retry at once the first time, back off after that.
             self._fetch_failures += 1
-            with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
-                self.queue.topology_changed()
             if self._fetch_failures > 1:
                 delay = min(0.1 * 2 ** (self._fetch_failures - 2), REDIS_BACKOFF_MAX)
                 self._redis_down(exc, "fetch", delay)
             return None
         self._fetch_failures = 0
         return message
-
-    def _block(self, timeout: float) -> bytes | None:
-        """BLMOVE into our processing list; a TERM/QUIT interrupts it at once."""
-        assert self.queue is not None
-        command = self.queue.blocking_command(self.worker_id, timeout)
-        if self._bconn is None:
-            self._bconn = self.queue.blocking_connection()
-        pool, conn = self._bconn
-        if conn._sock is None:
-            conn.connect()
-        with self.waker.watching(conn._sock):
-            if self.stopping or self.aborting:
-                return None
-            try:
-                conn.send_command(*command)
-                reply = conn.read_response()
-            except (*REDIS_ERRORS, OSError, redis.ResponseError) as exc:
-                # A broken or moved connection is dropped; the next call asks for a fresh one
-                # (on a cluster, after relearning which node holds our slot).
-                self._drop_blocking_connection()
-                if self.stopping or self.aborting:
-                    return None
-                if not isinstance(exc, redis.ResponseError):
-                    raise
-                if outage(exc):  # UNBLOCKED by a failover, OOM, READONLY, ...
-                    raise redis.ConnectionError(str(exc)) from exc
-                if "MOVED" not in str(exc) and "ASK" not in str(exc):
-                    raise
-                self.queue.topology_changed()
-                return None
-        return reply
-
-    def _drop_blocking_connection(self) -> None:
-        if self._bconn is not None:
-            pool, conn = self._bconn
-            self._bconn = None
-            conn.disconnect()
-            with contextlib.suppress(Exception):
-                pool.release(conn)
 
     # --- one job ------------------------------------------------------------------------------
 
@@ -317,8 +271,10 @@ class Worker:
             self._dead(raw, job.id, Permanent(
                 "poison", f"the job crashed its worker {attempts} times"), attempts=attempts)
             return
-        pipeline = Pipeline(self.config, self.dir, self.waker, self._poll, self._on_stage,
-                            self._on_progress)
+        pipeline: Pipeline | None = getattr(self, "pipeline", None)
+        if pipeline is None:  # one per worker, made at its first job: it owns the source cache
+            pipeline = self.pipeline = Pipeline(self.config, self.dir, self.waker, self._poll,
+                                                self._on_stage, self._on_progress)
         if attempts > 0 and self._already_stored(pipeline, job):
             log.info("job %s: output %s already stored by an earlier attempt", job.id,
                      job.output)
@@ -376,24 +332,30 @@ class Worker:
         with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
             self._beat()
         delay = PAUSE_FIRST
-        while not (self._poll() or self.stopping):
-            self._sleep(delay)
-            if self._poll() or self.stopping:
-                break
-            found = health.probe(self.config, self.dir)
-            if found is None:
-                log.warning("host fault cleared (%s) after %.0f s: fetching again", reason,
-                            time.time() - self.fault[2])
-                break
-            if found[0] != self.fault[0]:
-                log.error("host fault (%s): %s", *found)
-                self.fault = (*found, self.fault[2])
-            delay = min(delay * 2, PAUSE_MAX)
-        self.fault = None
-        self.stage = "idle"
-        metrics.PAUSED.set(0)
-        with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
-            self._beat()
+        try:
+            while not (self._poll() or self.stopping):
+                self._sleep(delay)
+                if self._poll() or self.stopping:
+                    break
+                try:
+                    found = health.probe(self.config, self.dir)
+                except Exception:  # cannot tell: still at fault, probe again later
+                    log.exception("host probe failed")
+                    found = self.fault[:2]
+                if found is None:
+                    log.warning("host fault cleared (%s) after %.0f s: fetching again",
+                                reason, time.time() - self.fault[2])
+                    break
+                if found[0] != self.fault[0]:
+                    log.error("host fault (%s): %s", *found)
+                    self.fault = (*found, self.fault[2])
+                delay = min(delay * 2, PAUSE_MAX)
+        finally:
+            self.fault = None
+            self.stage = "idle"
+            metrics.PAUSED.set(0)
+            with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
+                self._beat()
 
     def _already_stored(self, pipeline: Pipeline, job: Job) -> bool:
         try:
