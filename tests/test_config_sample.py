@@ -6,6 +6,8 @@ from __future__ import annotations
 import configparser
 import os
 
+import pytest
+
 from tests.conftest import ROOT
 from worker import config as config_mod
 
@@ -70,3 +72,13 @@ def test_the_default_work_dir_is_in_no_folder_every_user_can_write():
         if folder == "/":
             break
         folder = os.path.dirname(folder)
+
+
+def test_a_host_id_that_would_break_worker_ids_is_refused():
+    # Worker ids are "<host_id>:<pid>:<start-ms>": a colon in host_id made recovery at start
+    # split them wrongly and leave such a host's unregistered lists alone for ever
+    for bad in ("a:b", "two words", "x" * 65):
+        with pytest.raises(config_mod.ConfigError, match=r"\[supervisor\] host_id"):
+            config_mod.load(None, env={"CLIP_SUPERVISOR_SUPERVISOR_HOST_ID": bad})
+    assert config_mod.load(None, env={"CLIP_SUPERVISOR_SUPERVISOR_HOST_ID": "enc-01.eu"}
+                           ).host_id == "enc-01.eu"

@@ -191,6 +191,15 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _host_id(raw: str) -> str:
+    # Worker ids are "<host_id>:<pid>:<start-ms>" and key names hold them: no colon, no space.
+    value = raw.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ValueError("1-64 characters of [A-Za-z0-9._-] (no colon: worker ids are "
+                         "host_id:pid:start)")
+    return value
+
+
 def _opt(parser: Callable[[str], Any], default: str, doc: str = "") -> Any:
     return field(default=None, metadata={"parser": parser, "default": default, "doc": doc})
 
@@ -198,7 +207,7 @@ def _opt(parser: Callable[[str], Any], default: str, doc: str = "") -> Any:
 @dataclass
 class SupervisorConfig:
     workers: int = _opt(_workers, "auto", "worker processes; auto = one per CPU")
-    host_id: str = _opt(_text, "", "identity of this host in worker ids; default hostname")
+    host_id: str = _opt(_host_id, "", "identity of this host in worker ids; default hostname")
     pidfile: str = _opt(_optional_path, "",
                         "empty: none in the foreground, /run/clip-supervisor.pid as a daemon")
     logfile: str = _opt(_optional_path, "", "empty = standard error")
