@@ -274,11 +274,14 @@ class RedisServer:
 
 
 def keys(prefix: str = "clips") -> dict[str, str]:
-    """clip-supervisor's key names (SPEC section 4: the contract)."""
-    base = "{" + prefix + "}"
-    return {name: f"{base}:{name}" for name in
+    """clip-supervisor's key names, as a producer sees them (worker.keys makes them: stdlib
+    only, so the bench's own interpreter imports it)."""
+    from worker.keys import Keys
+
+    k = Keys(prefix)
+    return {name: getattr(k, name) for name in
             ("queue", "retry", "delayed", "workers", "attempts", "done", "dead")} | {
-        "processing": f"{base}:processing:", "job": f"{base}:job:"}
+        "processing": k.processing(""), "job": k.job("")}
 
 
 # --- the HTTP server -----------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Operator commands that talk to Redis only: enqueue, stats, dead letters."""
+"""Operator commands: enqueue, stats, dead letters, and the dashboard's read models.
+
+Every read and write of Redis goes through the queue module (worker.queue); here is what
+people see of it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import time
 from typing import Any, TextIO
 
 from worker.job import Rejected, intake
-from worker.queue import JobQueue, now_iso
+from worker.protocol import ENDED_STAGES, JOB_FIELDS, JobState, Stage
+from worker.queue import JobQueue
+
+WORKER_EXPIRED = "expired"  # a worker's status when its heartbeat is gone
 
 
 def build_message(url: str, *, start: float | None = None, end: float | None = None,
@@ -33,14 +40,7 @@ def enqueue(queue: JobQueue, message: bytes, *, validate: bool = True) -> str:
         job_id = job.id
     else:
         job_id = job.id
-    # The job hash says "queued" from the moment the message exists: a watcher (enqueue
-    # --wait) never mistakes an earlier run's "done" for this one.
-    pipe = queue.client.pipeline(transaction=True)
-    pipe.hset(queue.keys.job(job_id), mapping={"state": "queued", "progress": 0, "stage": "",
-                                               "queued": now_iso(), "error": "", "reason": ""})
-    pipe.expire(queue.keys.job(job_id), int(queue.config.job.job_ttl))
-    pipe.lpush(queue.keys.queue, message)
-    pipe.execute()
+    queue.enqueue(message, job_id)  # its hash says "queued" from now: see JobQueue.enqueue
     return job_id
 
 
@@ -55,12 +55,10 @@ def wait_for_job(queue: JobQueue, job_id: str, out: TextIO, timeout: float | Non
     deadline = None if timeout is None else time.monotonic() + timeout
     last: tuple = ()
     while True:
-        state, stage, progress, output, reason, error = (
-            (v.decode() if v is not None else "") for v in queue.client.hmget(
-                queue.keys.job(job_id), "state", "stage", "progress", "output", "reason",
-                "error"))
+        state, stage, progress, output, reason, error = queue.job_fields(
+            job_id, "state", "stage", "progress", "output", "reason", "error").values()
         percent = float(progress or 0)
-        label = stage or state or "queued"
+        label = stage or state or JobState.QUEUED
         if tty:
             filled = int(percent / 5)
             out.write(f"\r{job_id[:16]} [{'#' * filled}{'.' * (20 - filled)}] "
@@ -69,66 +67,54 @@ def wait_for_job(queue: JobQueue, job_id: str, out: TextIO, timeout: float | Non
         elif (label, int(percent // 10)) != last:
             last = (label, int(percent // 10))
             print(f"{job_id} {label} {percent:.0f}%", file=out, flush=True)
-        if state == "done":
+        if state == JobState.DONE:
             print(("\n" if tty else "") + f"done: {output}", file=out, flush=True)
             return 0
-        if state == "dead":
+        if state == JobState.DEAD:
             print(("\n" if tty else "") + f"dead ({reason}): {error.strip()[-300:]}",
                   file=out, flush=True)
             return 2
         if deadline is not None and time.monotonic() > deadline:
-            print(("\n" if tty else "") + f"still {state or 'queued'} after {timeout:g} s",
+            print(("\n" if tty else "") + f"still {state or JobState.QUEUED} after {timeout:g} s",
                   file=out, flush=True)
             return 3
         time.sleep(interval)
 
 
 def stats(queue: JobQueue) -> dict[str, Any]:
-    k = queue.keys
-    pipe = queue.client.pipeline(transaction=False)
-    pipe.llen(k.queue)
-    pipe.llen(k.retry)
-    pipe.zcard(k.delayed)
-    pipe.llen(k.dead)
-    pipe.llen(k.done)
-    pipe.hgetall(k.workers)
-    depth, retry, delayed, dead, done, registry = pipe.execute()
-    workers = []
-    for wid_raw, payload in sorted(registry.items()):
-        wid = wid_raw.decode()
-        try:
-            info = json.loads(payload)
-        except ValueError:
-            info = {}
-        workers.append({"id": wid, **info})
-    pipe = queue.client.pipeline(transaction=False)
-    for w in workers:
-        pipe.pttl(k.heartbeat(w["id"]))
-        pipe.llen(k.processing(w["id"]))
-        if w.get("job"):
-            pipe.hmget(k.job(w["job"]), "stage", "progress")
-    replies = iter(pipe.execute())
+    """Queue depths and every host's workers: ``clip-supervisor stats`` and /api/stats."""
+    depths, registry = queue.overview()
+    workers = [{"id": wid, **info} for wid, info in sorted(registry.items())]
+    activity = queue.activity({w["id"]: w.get("job") or None for w in workers})
     now = time.time()
     for w in workers:
-        ttl = next(replies)
-        w["alive"] = ttl is not None and ttl > 0
-        w["holding"] = next(replies)
+        seen = activity[w["id"]]
+        w["alive"] = seen.alive
+        w["holding"] = seen.holding
         if "uptime" not in w:  # a worker of an older version: its host's clock may differ
             w["uptime"] = max(0.0, round(now - float(w.get("started", now)), 1))
         if w.get("job"):
-            stage, progress = next(replies)
-            if stage is not None and stage.decode() in ("done", "dead", "waiting"):
+            if seen.job_stage in ENDED_STAGES:
                 # The heartbeat named a job that has ended since: the worker is idle now.
-                w.update(job=None, stage="idle", progress=0.0)
-                continue
-            if stage is not None:
-                w["stage"] = stage.decode()
-            if progress is not None:
-                w["progress"] = float(progress)
-    return {"prefix": queue.config.redis.prefix,
-            "queues": {"queue": depth, "retry": retry, "delayed": delayed, "dead": dead,
-                       "done": done},
-            "workers": workers, "time": now}
+                w.update(job=None, stage=Stage.IDLE, progress=0.0)
+            else:
+                if seen.job_stage is not None:
+                    w["stage"] = seen.job_stage
+                if seen.job_progress is not None:
+                    w["progress"] = seen.job_progress
+        w["status"] = worker_status(w)
+    return {"prefix": queue.config.redis.prefix, "queues": depths, "workers": workers,
+            "time": now}
+
+
+def worker_status(worker: dict[str, Any]) -> str:
+    """What a worker is doing, for people: its stage, "paused" (its host has a fault), or
+    "expired" (its heartbeat is gone: dead, or cut off from Redis)."""
+    if not worker.get("alive"):
+        return WORKER_EXPIRED
+    if worker.get("fault"):
+        return Stage.PAUSED
+    return str(worker.get("stage") or Stage.IDLE)
 
 
 def format_stats(data: dict[str, Any]) -> str:
@@ -141,9 +127,9 @@ def format_stats(data: dict[str, Any]) -> str:
     header = f"{'HOST':<16} {'PID':>7} {'SLOT':>4} {'UPTIME':>8} {'DONE':>5}  {'STATE':<9} JOB"
     lines.append(header)
     for w in data["workers"]:
-        state = w.get("stage", "idle") if w.get("alive") else "expired"
-        if w.get("alive") and w.get("fault"):
-            state = f"paused ({w['fault']})"
+        state = worker_status(w)
+        if state == Stage.PAUSED:
+            state = f"{state} ({w['fault']})"
         job = w.get("job") or "-"
         if w.get("job"):
             job = f"{job[:24]} {w.get('progress', 0):.0f}%"
@@ -163,7 +149,7 @@ def _duration(seconds: float) -> str:
 
 
 def dead_letters(queue: JobQueue, limit: int = 0) -> list[tuple[bytes, dict[str, Any]]]:
-    raw = queue.client.lrange(queue.keys.dead, 0, limit - 1 if limit > 0 else -1)
+    raw = queue.entries("dead", 0, limit - 1 if limit > 0 else -1)
     result = []
     for entry in raw:
         try:
@@ -208,10 +194,7 @@ def retry_dead(queue: JobQueue, ids: list[str] | None) -> tuple[int, list[str]]:
 
 
 def purge_dead(queue: JobQueue) -> int:
-    pipe = queue.client.pipeline(transaction=True)
-    pipe.llen(queue.keys.dead)
-    pipe.delete(queue.keys.dead)
-    return int(pipe.execute()[0])
+    return queue.purge_dead()
 
 
 # --- read models for the dashboard (supervisor/dashboard.py) ---------------------------------
@@ -233,9 +216,10 @@ def epoch_of(iso: object) -> float | None:
     return moment.timestamp()
 
 
-def newest_entries(queue: JobQueue, key: str, *, limit: int = 0, since: float | None = None,
-                   id_contains: str = "", scan_max: int = 2000) -> list[dict[str, Any]]:
-    """Events of a list that producers LPUSH (``done``, ``dead``), newest first.
+def newest_entries(queue: JobQueue, which: str, *, limit: int = 0,
+                   since: float | None = None, id_contains: str = "",
+                   scan_max: int = 2000) -> list[dict[str, Any]]:
+    """Completion events (``which`` = "done") or dead letters ("dead"), newest first.
 
     Reads in chunks and stops at ``limit`` matches, after ``scan_max`` entries, or once an
     entry is older than ``since`` by more than the clock skew we tolerate between hosts.
@@ -244,7 +228,7 @@ def newest_entries(queue: JobQueue, key: str, *, limit: int = 0, since: float | 
     found: list[dict[str, Any]] = []
     needle = id_contains.lower()
     for start in range(0, scan_max, SCAN_CHUNK):
-        chunk = queue.client.lrange(key, start, min(start + SCAN_CHUNK, scan_max) - 1)
+        chunk = queue.entries(which, start, min(start + SCAN_CHUNK, scan_max) - 1)
         for raw in chunk:
             try:
                 entry = json.loads(raw)
@@ -277,8 +261,8 @@ def throughput(queue: JobQueue, minutes: int = 60, now: float | None = None) -> 
     first = last - minutes + 1
     counts = {"done": [0] * minutes, "failed": [0] * minutes}
     scan_max = max(queue.config.job.done_max, 10000)
-    for name, key in (("done", queue.keys.done), ("failed", queue.keys.dead)):
-        for entry in newest_entries(queue, key, since=first * 60.0, scan_max=scan_max):
+    for name, which in (("done", "done"), ("failed", "dead")):
+        for entry in newest_entries(queue, which, since=first * 60.0, scan_max=scan_max):
             moment = epoch_of(entry.get("time"))
             if moment is not None and first <= int(moment // 60) <= last:
                 counts[name][int(moment // 60) - first] += 1
@@ -287,19 +271,17 @@ def throughput(queue: JobQueue, minutes: int = 60, now: float | None = None) -> 
 
 
 def job_record(queue: JobQueue, job_id: str) -> dict[str, Any] | None:
-    """Everything Redis holds about one job: its hash, attempts and dead letters."""
-    k = queue.keys
-    pipe = queue.client.pipeline(transaction=False)
-    pipe.hgetall(k.job(job_id))
-    pipe.ttl(k.job(job_id))
-    fields_raw, ttl = pipe.execute()
-    digest = fields_raw.get(b"message_sha1")
-    attempts = queue.client.hget(k.attempts, digest) if digest else None
-    letters = [letter for letter in newest_entries(queue, k.dead, id_contains=job_id)
+    """Everything Redis holds about one job: its hash (the fields of ``JOB_FIELDS`` first,
+    in that order, then any other), attempts and dead letters."""
+    found = queue.job(job_id)
+    letters = [letter for letter in newest_entries(queue, "dead", id_contains=job_id)
                if letter.get("id") == job_id]
-    if not fields_raw and not letters:
+    if not found.fields and not letters:
         return None
-    fields = {key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
-              for key, value in sorted(fields_raw.items())}
-    return {"id": job_id, "fields": fields, "ttl": ttl if ttl and ttl > 0 else None,
-            "attempts": int(attempts) if attempts is not None else None, "dead": letters}
+    order = {name: i for i, name in enumerate(JOB_FIELDS)}
+    fields = dict(sorted(found.fields.items(),
+                         key=lambda item: (order.get(item[0], len(order)), item[0])))
+    # Its state; "dead" also once the hash has expired but a dead letter remains.
+    state = fields.get("state") or (JobState.DEAD if letters else "")
+    return {"id": job_id, "state": state, "fields": fields, "ttl": found.ttl,
+            "attempts": found.attempts, "dead": letters}

@@ -19,7 +19,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from worker.runner import (
+from worker.protocol import (
     EXIT_ABORTED,
     EXIT_BOOT_ERROR,
     EXIT_OK,

@@ -25,7 +25,7 @@ from worker import logs
 from worker.config import Config, ConfigError
 from worker.errors import Permanent
 from worker.fsafe import UnsafePath, prepare_work_dir
-from worker.queue import REDIS_ERRORS, JobQueue, connect
+from worker.queue import ANY_REDIS_ERROR, REDIS_ERRORS, JobQueue, connect
 
 from . import admin
 from .pidfile import DEFAULT_PIDFILE, AlreadyRunning, PidFile, holder, read_pid, remove_stale
@@ -291,19 +291,13 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 def _in_flight(config: Config, pids: list[int]) -> str:
     """How many of these workers hold a message, from Redis; never fails a status call."""
-    import redis
-
     try:
-        client = connect(config, socket_timeout=1.0)
-        queue = JobQueue(client, config)
-        ids = [wid for wid, payload in client.hgetall(queue.keys.workers).items()
-               if json.loads(payload).get("pid") in pids]
-        pipe = client.pipeline(transaction=False)
-        for wid in ids:
-            pipe.llen(queue.keys.processing(wid.decode()))
-        count = sum(pipe.execute()) if ids else 0
-    except (*REDIS_ERRORS, redis.RedisError, redis.exceptions.RedisClusterException,
-            ValueError) as exc:
+        queue = JobQueue(connect(config, socket_timeout=1.0), config)
+        ids = [wid for wid, info in queue.registered_workers().items()
+               if info.get("pid") in pids]
+        count = sum(seen.holding for seen in
+                    queue.activity(dict.fromkeys(ids)).values()) if ids else 0
+    except (*ANY_REDIS_ERROR, ValueError) as exc:
         return f"jobs in flight unknown: {type(exc).__name__}"
     return f"{count} job{'s' if count != 1 else ''} in flight"
 

@@ -33,6 +33,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from worker.job import ID_RE
+from worker.protocol import JOB_FIELDS, JobState, Stage
 from worker.queue import REDIS_ERRORS, JobQueue
 
 from . import admin
@@ -45,7 +47,6 @@ RECENT_LIMIT = 50  # rows of completions and of dead letters the page shows
 SEARCH_SCAN = 2000  # newest entries of each list a search by job id looks through
 ERROR_TAIL = 400  # characters of a dead letter's error the list shows (the job page: all)
 THROUGHPUT_CACHE = 5.0  # seconds; the chart is per minute, the lists may be long
-JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 STATIC = {"index.html": "text/html; charset=utf-8",
           "dashboard.js": "text/javascript; charset=utf-8",
@@ -169,15 +170,18 @@ class Dashboard:
         if path == "/api/stats":
             return _json(200, admin.stats(self.queue))
         if path == "/api/info":
+            # The job vocabulary too (worker.protocol): the page names no state of its own.
             return _json(200, {"prefix": self.queue.config.redis.prefix,
-                               "actions": bool(self.token), "token_header": TOKEN_HEADER})
+                               "actions": bool(self.token), "token_header": TOKEN_HEADER,
+                               "job_states": list(JobState), "stages": list(Stage),
+                               "job_fields": JOB_FIELDS})
         if path == "/api/recent":
             return _json(200, self.recent(query.get("q", [""])[0].strip()))
         if path == "/api/throughput":
             return _json(200, self.throughput())
         if path.startswith("/api/job/"):
             job_id = unquote(path.removeprefix("/api/job/"))
-            if not JOB_ID_RE.fullmatch(job_id):
+            if not ID_RE.fullmatch(job_id):
                 return _json(400, {"error": "not a job id"})
             record = admin.job_record(self.queue, job_id)
             if record is None:
@@ -188,12 +192,11 @@ class Dashboard:
     # --- read models -----------------------------------------------------------------------
 
     def recent(self, search: str = "") -> dict[str, Any]:
-        k = self.queue.keys
         scan = SEARCH_SCAN if search else RECENT_LIMIT
-        done = admin.newest_entries(self.queue, k.done, limit=RECENT_LIMIT, id_contains=search,
+        done = admin.newest_entries(self.queue, "done", limit=RECENT_LIMIT, id_contains=search,
                                     scan_max=scan)
         dead = [self._letter_row(letter) for letter in admin.newest_entries(
-            self.queue, k.dead, limit=RECENT_LIMIT, id_contains=search, scan_max=scan)]
+            self.queue, "dead", limit=RECENT_LIMIT, id_contains=search, scan_max=scan)]
         return {"q": search, "done": done, "dead": dead}
 
     @staticmethod

@@ -18,11 +18,9 @@ import sys
 import tempfile
 import time
 
-import redis
-
 from worker import config as config_mod
 from worker.config import Config
-from worker.keys import Keys
+from worker.queue import JobQueue, answers, connect
 
 from .sample import make_video
 
@@ -33,13 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _redis(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return False
 
 
 def run_demo(config: Config, jobs: int, workers: str, output_dir: str) -> int:
@@ -74,7 +65,7 @@ def _demo(config: Config, jobs: int, workers: str, output_dir: str, tmp: str,
     print(f"demo: serving it at {url}")
 
     redis_url = config.redis.url
-    if not _redis(redis_url):
+    if not answers(redis_url):
         if shutil.which("redis-server") is None:
             print("demo: no Redis answers and redis-server is not installed "
                   "(apt-get install redis-server)", file=sys.stderr)
@@ -85,7 +76,7 @@ def _demo(config: Config, jobs: int, workers: str, output_dir: str, tmp: str,
              "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL))
         redis_url = f"redis://127.0.0.1:{rport}/0"
         deadline = time.monotonic() + 10
-        while not _redis(redis_url):
+        while not answers(redis_url):
             if time.monotonic() > deadline:
                 print("demo: redis-server did not start", file=sys.stderr)
                 return 1
@@ -112,9 +103,8 @@ allow_private_networks = true
 output_base = file://{output_dir}
 """)
     demo_config = config_mod.load(conf, env={})
-    keys = Keys(PREFIX)
-    client = redis.Redis.from_url(redis_url)
-    client.delete(keys.queue, keys.retry, keys.delayed, keys.done, keys.dead, keys.attempts)
+    queue = JobQueue(connect(demo_config), demo_config)
+    queue.clear()
 
     messages: list[bytes] = [url.encode()]  # the original producers' format: a bare URL
     for i in range(1, jobs):
@@ -123,8 +113,8 @@ output_base = file://{output_dir}
                 "mode": "encode" if i % 3 == 0 else "copy"}
         messages.append(json.dumps(body).encode())
     for message in messages:
-        client.lpush(keys.queue, message)
-    print(f"demo: enqueued {len(messages)} jobs on {keys.queue}")
+        queue.enqueue(message)
+    print(f"demo: enqueued {len(messages)} jobs under {{{PREFIX}}}")
 
     sup = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", conf])
     procs.append(sup)
@@ -137,17 +127,19 @@ output_base = file://{output_dir}
         if time.monotonic() > deadline:
             print("demo: jobs did not finish in 300 s", file=sys.stderr)
             return 1
-        finished = client.llen(keys.done) + client.llen(keys.dead)
+        depths = queue.overview()[0]
+        finished = depths["done"] + depths["dead"]
         time.sleep(0.2)
     sup.send_signal(signal.SIGTERM)
     code = sup.wait(60)
     print(f"\ndemo: all {len(messages)} jobs finished; supervisor stopped with exit code {code}")
-    for entry in reversed(client.lrange(keys.done, 0, -1)):
+    for entry in reversed(queue.entries("done", 0, -1)):
         event = json.loads(entry)
         print(f"  done  {event['id'][:16]:<16} {event['duration']:6.2f} s  "
               f"{event['output'].removeprefix('file://')}")
-    for entry in client.lrange(keys.dead, 0, -1):
+    dead = queue.entries("dead", 0, -1)
+    for entry in dead:
         letter = json.loads(entry)
         print(f"  dead  {letter['id'][:16]:<16} {letter['reason']}: {letter['error'][:80]}")
     print(f"\nclips are in {demo_config.storage.output_base.removeprefix('file://')}")
-    return 0 if code == 0 and client.llen(keys.dead) == 0 else 1
+    return 0 if code == 0 and not dead else 1

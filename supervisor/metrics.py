@@ -106,25 +106,18 @@ class _QueueCollector:
                                   labels=["queue"])
         fleet = GaugeMetricFamily("clip_workers_registered",
                                   "Workers registered in Redis, all hosts.")
-        k = self.queue.keys
         try:
-            pipe = self.queue.client.pipeline(transaction=False)
-            for name in (k.queue, k.retry, k.dead, k.done):
-                pipe.llen(name)
-            pipe.zcard(k.delayed)
-            pipe.hlen(k.workers)
-            queue, retry, dead, done, delayed, registered = pipe.execute()
+            depths, registry = self.queue.overview()
         except REDIS_ERRORS:
             up.add_metric([], 0)
             yield up
         else:
             up.add_metric([], 1)
             yield up
-            for label, value in (("queue", queue), ("retry", retry), ("delayed", delayed),
-                                 ("dead", dead), ("done", done)):
+            for label, value in depths.items():
                 depth.add_metric([label], value)
             yield depth
-            fleet.add_metric([], registered)
+            fleet.add_metric([], len(registry))
             yield fleet
         alive = GaugeMetricFamily("clip_workers_alive", "Worker processes of this supervisor.")
         alive.add_metric([], self.live_workers())
@@ -217,7 +210,7 @@ class MetricsServer:
         if age > LOOP_STALE_AFTER:
             return False, f"master loop stalled for {age:.1f} s"
         try:
-            self.queue.client.ping()
+            self.queue.ping()
             paused = self.paused_workers()
         except REDIS_ERRORS as exc:
             return False, f"redis unreachable: {exc}"
@@ -236,11 +229,9 @@ class MetricsServer:
                 if info.get("host") == self.host_id and info.get("fault")]
         if not mine:
             return []
-        pipe = self.queue.client.pipeline(transaction=False)
-        for wid, _ in mine:
-            pipe.exists(self.queue.keys.heartbeat(wid))  # gone: a dead worker's last words
-        alive = pipe.execute()
-        paused = [info for (_, info), live in zip(mine, alive, strict=True) if live]
+        # A heartbeat gone: a dead worker's last words.
+        alive = self.queue.heartbeats_alive([wid for wid, _ in mine])
+        paused = [info for wid, info in mine if alive[wid]]
         return sorted(paused, key=lambda info: float(info.get("fault_since") or 0))
 
     def close_in_child(self) -> None:

@@ -42,7 +42,6 @@ import contextlib
 import enum
 import logging
 import os
-import re
 import shutil
 import socket
 import uuid
@@ -51,12 +50,11 @@ from typing import Any
 
 import psutil
 
-from worker.keys import Keys
-from worker.queue import JobQueue
+from worker.protocol import parse_worker_dir, parse_worker_id
+from worker.queue import HostClaims, JobQueue
 from worker.storage import remove_pending
 
 log = logging.getLogger("clip-supervisor.recovery")
-_WORKER_DIR = re.compile(r"w-(\d+)-(\d+)")
 
 
 def recover_worker(queue: JobQueue, worker_id: str, *, count_attempt: bool) -> int:
@@ -74,10 +72,9 @@ def recover_at_start(queue: JobQueue, host_id: str) -> int:
         if info.get("host") == host_id and not _alive(info.get("pid")):
             total += max(0, recover_worker(queue, worker_id, count_attempt=True))
     for worker_id in queue.orphan_processing_lists():
-        host, _, rest = worker_id.partition(":")
-        pid = rest.partition(":")[0]
+        parts = parse_worker_id(worker_id)
         # Another host's unregistered list: leave it to that host unless its pid is ours.
-        if host == host_id and not _alive(pid):
+        if parts is not None and parts[0] == host_id and not _alive(parts[1]):
             total += max(0, recover_worker(queue, worker_id, count_attempt=True))
     return total
 
@@ -87,11 +84,8 @@ def recover_expired(queue: JobQueue, live: set[str]) -> int:
     candidates = [wid for wid in queue.registered_workers() if wid not in live]
     if not candidates:
         return 0
-    pipe = queue.client.pipeline(transaction=False)
-    for wid in candidates:
-        pipe.exists(queue.keys.heartbeat(wid))
     total = 0
-    for wid, alive in zip(candidates, pipe.execute(), strict=True):
+    for wid, alive in queue.heartbeats_alive(candidates).items():
         if alive:
             continue
         n = queue.recover(wid, only_if_expired=True, count_attempt=True)
@@ -146,35 +140,6 @@ class ContactGuard:
 
 # --- the host claim --------------------------------------------------------------------------
 
-CLAIM = """
--- claim: hold (or refresh) the claim on a host_id for one supervisor.
--- KEYS[1] host claim  hash  {prefix}:host:<host_id>: token, pid, hostname, scope (machine
---                           and pid namespace), created (process start), beat (claims and
---                           refreshes so far); TTL heartbeat_ttl
--- ARGV[1] our token, ARGV[2] TTL in ms, ARGV[3] the token of a holder known dead ('' = none),
--- ARGV[4..] field, value pairs that describe us.
--- Returns 1 (refreshed: it was ours), 2 (taken: it was free or its holder dead), 0 (another's).
-local holder = redis.call('HGET', KEYS[1], 'token')
-local result = 1
-if holder ~= ARGV[1] then
-  if holder and holder ~= ARGV[3] then return 0 end
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'token', ARGV[1], unpack(ARGV, 4))
-  result = 2
-end
-redis.call('HINCRBY', KEYS[1], 'beat', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return result
-"""
-
-UNCLAIM = """
--- unclaim: give up our claim on a host_id (a clean stop), and only ours.
--- KEYS[1] host claim  hash  {prefix}:host:<host_id>; ARGV[1] our token
-if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 class Claim(enum.Enum):
     HELD = "held"  # ours
     WAITING = "waiting"  # held by a supervisor we cannot check: waiting for it to expire
@@ -194,10 +159,7 @@ class Holder:
     beat: int
 
     @classmethod
-    def parse(cls, fields: dict[bytes, bytes]) -> Holder:
-        text = {k.decode(errors="replace"): v.decode(errors="replace")
-                for k, v in fields.items()}
-
+    def parse(cls, text: dict[str, str]) -> Holder:
         def number(name: str) -> float:
             try:
                 return float(text.get(name, "0"))
@@ -219,9 +181,13 @@ class HostClaim:
     where we stand. Redis errors go to the caller (the master retries at its next scan).
     """
 
-    def __init__(self, keys: Keys, host_id: str, ttl: float, interval: float) -> None:
+    def __init__(self, host_id: str, ttl: float, interval: float, *older: Any) -> None:
+        self._keys: Any = None
+        if not isinstance(host_id, str):
+            # The older call, HostClaim(queue.keys, host_id, ttl, interval), from a master
+            # that still hands its redis client to step() and release(): see _claims.
+            self._keys, host_id, ttl, interval = host_id, ttl, interval, older[0]
         self.host_id = host_id
-        self.key = keys.host(host_id)
         self.token = uuid.uuid4().hex
         self.retime(ttl, interval)
         self.pid = os.getpid()
@@ -237,25 +203,29 @@ class HostClaim:
         # second for a loaded machine), an unrefreshed claim would have expired.
         self.wait_limit = ttl + max(1.0, 2 * interval)
 
-    def describe_us(self) -> list[str | int | float]:
-        return ["pid", self.pid, "hostname", socket.gethostname(), "scope", self.scope,
-                "created", self.created]
+    def describe_us(self) -> dict[str, str | int | float]:
+        return {"pid": self.pid, "hostname": socket.gethostname(), "scope": self.scope,
+                "created": self.created}
 
-    def _take(self, client: Any, replace: str = "") -> int:
-        # register_script only hashes the text; the client may change on a reload (HUP).
-        return int(client.register_script(CLAIM)(
-            keys=[self.key], args=[self.token, max(1, int(self.ttl * 1000)), replace,
-                                   *self.describe_us()]))
+    def _claims(self, queue: JobQueue | Any) -> HostClaims:
+        # The queue of the moment: a reload (HUP) may have replaced it.
+        if isinstance(queue, JobQueue):
+            return queue.hosts
+        return HostClaims(queue, self._keys)  # a redis client, with the older call
 
-    def step(self, client: Any, now: float) -> Claim:
-        taken = self._take(client)
+    def _take(self, claims: HostClaims, replace: str = "") -> int:
+        return claims.claim(self.host_id, self.token, self.ttl, replace, self.describe_us())
+
+    def step(self, queue: JobQueue, now: float) -> Claim:
+        claims = self._claims(queue)
+        taken = self._take(claims)
         if taken:
             if taken == 2 and self.held:
                 log.warning("the claim on host_id %s had expired (no contact with Redis for "
                             "heartbeat_ttl); claimed it again", self.host_id)
             self.held, self.holder, self._watching = True, None, None
             return Claim.HELD
-        fields = client.hgetall(self.key)
+        fields = claims.holder(self.host_id)
         if not fields:
             return Claim.WAITING  # it expired between our two calls: take it next time
         holder = self.holder = Holder.parse(fields)
@@ -266,7 +236,7 @@ class HostClaim:
             # Same machine, same pid namespace: its pid tells whether it still runs.
             if _same_process(holder.pid, holder.created):
                 return Claim.REFUSED
-            if self._take(client, replace=holder.token):
+            if self._take(claims, replace=holder.token):
                 log.info("took over the claim on host_id %s of a supervisor that no longer "
                          "runs (%s)", self.host_id, holder.describe())
                 self.held, self.holder, self._watching = True, None, None
@@ -283,10 +253,10 @@ class HostClaim:
             return Claim.REFUSED  # refreshed while we watched: it runs
         return Claim.WAITING
 
-    def release(self, client: Any) -> None:
+    def release(self, queue: JobQueue) -> None:
         """Give the claim up (a clean stop), so a successor anywhere starts at once."""
         if self.held:
-            client.register_script(UNCLAIM)(keys=[self.key], args=[self.token])
+            self._claims(queue).release(self.host_id, self.token)
             self.held = False
 
     def conflict(self) -> str:
@@ -340,15 +310,15 @@ def clean_stale_dirs(work_dir: str) -> int:
     except FileNotFoundError:
         return 0
     for name in names:
-        match = _WORKER_DIR.fullmatch(name)
-        if match and not _started_at(int(match.group(1)), int(match.group(2))):
+        parts = parse_worker_dir(name)
+        if parts is not None and not _started_at(*parts):
             clean_worker_dir(os.path.join(work_dir, name))
             removed += 1
     return removed
 
 
 def _alive(pid: object) -> bool:
-    # A zombie is dead: its parent (or a slow init, FIELD-NOTES) has not reaped it yet.
+    # A zombie is dead: its parent (or a slow init, in a container) has not reaped it yet.
     try:
         return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE  # type: ignore[arg-type]
     except (TypeError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):

@@ -23,6 +23,7 @@ import pytest
 from playwright.sync_api import sync_playwright  # the test extra (setup.cfg)
 
 from tests.conftest import ROOT, Env, free_port, wait_for
+from worker.protocol import JOB_FIELDS, JobState
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -328,6 +329,9 @@ def test_job_page_and_search_show_every_field_as_text(env, page):
     for key, value in fields.items():
         assert shown.get(key) == value, key
     assert page.locator("#job-state").inner_text().startswith("done")
+    assert page.locator("#job-state").get_attribute("class") == "badge done"
+    assert page.locator("#job-fields tr[data-field='state'] td").first.get_attribute(
+        "title") == JOB_FIELDS["state"]
     assert env.stop(proc) == 0
 
 
@@ -376,7 +380,11 @@ def test_without_auth_token_the_dashboard_is_read_only(env):
     # Then it is refused and nothing changes; the page is told it is read-only
     assert status == 403 and "read-only" in body["error"]
     assert _redis_state(env) == before
-    assert _request(base + "/api/info")[1]["actions"] is False
+    info = _request(base + "/api/info")[1]
+    assert info["actions"] is False
+    # and it is given the job vocabulary of worker.protocol, which it names nowhere itself
+    assert info["job_states"] == [state.value for state in JobState]
+    assert info["job_fields"] == JOB_FIELDS and "idle" in info["stages"]
     assert "refused retry-all from 127.0.0.1: read-only" in env.log_text()
     assert env.stop(proc) == 0
 

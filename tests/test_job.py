@@ -178,7 +178,7 @@ def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
     queue, keys, r = JobQueue(connect(cfg), cfg), Keys("clips"), redis_server.client()
     r.lpush(keys.queue, b"m1", b"m2", b"m3")  # FIFO: m1 is taken first
     first, again = queue.fetch_nowait("w"), queue.fetch_nowait("w")
-    assert first.message == again.message == b"m1"
+    assert first == again == b"m1"
     assert r.lrange(keys.processing("w"), 0, -1) == [b"m1"]
     ack = ("w", b"m1", "j1", {"id": "j1"}, {"output": "x"})
     acked, nxt = queue.done(*ack, take_next=True, token="t1")
@@ -192,3 +192,131 @@ def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
     assert queue.dead("w", b"m2", "j2", letter, {}) == 1
     assert queue.dead("w", b"m2", "j2", letter, {}) == 0
     assert r.llen(keys.dead) == 1 and r.lrange(keys.queue, 0, -1) == [b"m3"]
+
+
+# --- the closed protocol: Redis is spoken in worker/queue.py only ------------------------------
+
+PROTOCOL_MODULES = {"worker/queue.py", "worker/keys.py", "worker/scripts.py"}
+# Method names redis-py shares with everyday Python (dict.get, list.append, socket.connect):
+# a call of one of these says nothing about Redis.
+_EVERYDAY = {"append", "close", "connect", "copy", "decode", "delete", "discard",
+             "disconnect", "dump", "echo", "encode", "exists", "get", "getpeername", "info",
+             "keys", "lock", "move", "object", "rename", "role", "save", "scan", "select",
+             "set", "shutdown", "sort", "time", "type", "unlink", "wait"}
+# What still reaches past the queue module, and why: supervisor/master.py hands the host
+# claim its JobQueue's client and keys until it hands it the JobQueue (recovery.HostClaim
+# takes either).
+_ALLOWED = {("supervisor/master.py", "queue.client"): 2, ("supervisor/master.py", "queue.keys"): 1}
+_KEY_NAMES = r"(queue|retry|delayed|workers|attempts|done|dead|processing|heartbeat|job|host)"
+
+
+def _production_modules():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for path in sorted([*root.glob("worker/*.py"), *root.glob("supervisor/*.py")]):
+        name = path.relative_to(root).as_posix()
+        if name not in PROTOCOL_MODULES:
+            yield name, path.read_text()
+
+
+def _dotted(node) -> str:
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def test_no_module_outside_the_queue_module_speaks_redis():
+    # Given every production module but the queue module, keys and scripts
+    import ast
+    import re
+
+    import redis
+    from redis.client import Pipeline
+
+    commands = {name for cls in (redis.Redis, Pipeline, redis.Connection) for name in dir(cls)
+                if not name.startswith("_")} - _EVERYDAY
+    key_text = re.compile(r"(^|\})" + ":" + _KEY_NAMES + r"(:|$)")
+    found: list[str] = []
+    reach: dict[tuple[str, str], int] = {}
+    for name, text in _production_modules():
+        tree = ast.parse(text)
+        prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        for node in ast.walk(tree):
+            where = f"{name}:{getattr(node, 'lineno', '?')}"
+            # When it calls a Redis command on anything but a JobQueue
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in commands \
+                    and not _dotted(node.func.value).split(".")[-1].endswith("queue"):
+                found.append(f"{where} calls .{node.func.attr}()")
+            # or reaches for a JobQueue's client or key names
+            if isinstance(node, ast.Attribute) and node.attr in ("client", "keys") \
+                    and _dotted(node.value).split(".")[-1].endswith("queue"):
+                dotted = f"queue.{node.attr}"
+                reach[(name, dotted)] = reach.get((name, dotted), 0) + 1
+            # or imports the key names or the scripts
+            if isinstance(node, ast.ImportFrom) and node.module in (
+                    "worker.keys", "worker.scripts", "keys", "scripts"):
+                found.append(f"{where} imports {node.module}")
+            # or builds a key name or holds a Lua script
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in prose and (
+                        "redis.call(" in node.value  # a Lua script
+                        or (key_text.search(node.value) and " " not in node.value)):
+                found.append(f"{where} holds {node.value[:40]!r}")
+    found += [f"{name} uses {dotted} {n} time(s)" for (name, dotted), n in reach.items()
+              if n > _ALLOWED.get((name, dotted), 0)]
+
+    # Then nothing is found: every key is read and written through worker/queue.py
+    assert found == []
+
+
+def test_every_job_state_written_anywhere_is_a_job_state_and_the_page_names_none():
+    # Given the job states of worker.protocol
+    import ast
+    import pathlib
+    import re
+
+    from worker import scripts
+    from worker.protocol import JobState
+
+    states = {state.value for state in JobState}
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    # Then every state a Lua script writes is one of them
+    written = set(re.findall(r"'state', '(\w+)'", "".join(
+        getattr(scripts, name) for name in dir(scripts) if name.isupper())))
+    assert written and written <= states
+    # and so is every {"state": ...} a Python module writes
+    for name, text in _production_modules():
+        if name == "worker/protocol.py":  # their definition, with the meaning of each field
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value == "state" \
+                            and isinstance(value, ast.Constant):
+                        assert value.value in states, f"{name}:{node.lineno}"
+    # and the page styles each, yet names none in its script (it gets them from /api/info)
+    css = (root / "supervisor/static/dashboard.css").read_text()
+    assert all(re.search(rf"\.badge\.{state}\b", css) for state in states)
+    script = (root / "supervisor/static/dashboard.js").read_text()
+    named = set(re.findall(r'(?<!\$\()"(\w+)"', script))
+    assert not named & states, named & states
+
+
+def test_worker_names_parse_back():
+    from worker.protocol import parse_worker_dir, parse_worker_id, worker_dir_name, worker_id_for
+
+    assert parse_worker_id(worker_id_for("web-1", 42, 1700000000123)) == ("web-1", 42,
+                                                                         1700000000123)
+    assert parse_worker_id(worker_id_for("fe80::1", 7, 9)) == ("fe80::1", 7, 9)
+    assert parse_worker_id("not-a-worker") is None
+    assert parse_worker_dir(worker_dir_name(42, 1700000000123)) == (42, 1700000000123)
+    assert parse_worker_dir("cache") is None and parse_worker_dir("w-1-2.part") is None

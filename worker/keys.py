@@ -1,7 +1,8 @@
-"""Redis key names (SPEC section 4).
+"""Redis key names: the contract with producers and with every host of the pool.
 
-Every key sits under one hash tag, ``{prefix}``, so a Redis Cluster keeps all of them in one
-slot and multi-key scripts and MULTI blocks stay legal there.
+Only the queue module (worker.queue) builds them; everything else asks it. Every key sits
+under one hash tag, ``{prefix}``, so a Redis Cluster keeps all of them in one slot and
+multi-key scripts and MULTI blocks stay legal there.
 """
 
 from __future__ import annotations

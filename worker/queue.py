@@ -1,19 +1,24 @@
 """The Redis side of a job's life: fetch, record, ack, retry, dead-letter, recover.
 
-One object per process wraps a redis-py client, our key names and the Lua scripts of
-``worker.scripts``. The supervisor uses the same object for recovery and the CLI for
-inspection, so every writer of a key goes through this module.
+One object per process (``JobQueue``) wraps a redis-py client, our key names
+(``worker.keys``) and the Lua scripts of ``worker.scripts``. It is the only module that
+speaks Redis: the worker's loop, the master's recovery and host claim, the CLI, the demo,
+the metrics and the dashboard all read and write keys through its methods, and a test
+holds every other module to it. So a key's layout, a command or a script changes here and
+nowhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -23,12 +28,19 @@ from redis.sentinel import Sentinel
 from . import scripts
 from .config import Config
 from .keys import Keys
+from .protocol import JobState
+
+if TYPE_CHECKING:
+    from .wake import Waker
 
 # Errors that mean "Redis is not serving us right now" (down, restarting, failing over,
 # loading, out of memory): retried with backoff, never fatal. BusyLoadingError is a
 # ConnectionError already.
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError,
                 redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+# Any failure of a Redis call, for callers that must never fail on one (``status``).
+ANY_REDIS_ERROR = (redis.RedisError, redis.exceptions.RedisClusterException, ConnectionError,
+                   TimeoutError)
 # Error replies of the same nature that redis-py reports as a plain ResponseError.
 TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
 # The same inside a script's error ("ERR Error running script ... OOM command not allowed").
@@ -102,12 +114,6 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-@dataclass
-class Fetched:
-    message: bytes
-    source: str  # "queue" or "retry"
-
-
 class JobQueue:
     def __init__(self, client: redis.Redis, config: Config) -> None:
         self.client = client
@@ -121,20 +127,76 @@ class JobQueue:
         self._release = client.register_script(scripts.RELEASE)
         self._recover = client.register_script(scripts.RECOVER)
         self._replay = client.register_script(scripts.REPLAY_DEAD)
+        self.hosts = HostClaims(client, self.keys)
         self._has_blmove: bool | None = None
+        self._blocking: tuple[Any, Any] | None = None  # (pool, connection) for BLMOVE
 
     # --- fetching -------------------------------------------------------------------------
 
-    def fetch_nowait(self, worker_id: str) -> Fetched | float:
+    def take(self, worker_id: str, wait: float, waker: Waker,
+             stopping: Callable[[], bool]) -> bytes | None:
+        """The next message, moved into this worker's processing list; None when none came
+        within ``wait`` seconds (less when a delayed retry falls due sooner), or when
+        ``stopping()`` says the worker was told to stop.
+
+        A queued or due message is taken without blocking. Otherwise the worker blocks in
+        BLMOVE on a connection of its own, whose socket ``waker`` shuts down when a signal
+        arrives, so a stop never waits for the block to time out. Redis errors go to the
+        caller (``outage`` tells which to retry), after a cluster client has relearnt where
+        our slot lives.
+        """
+        try:
+            got = self.fetch_nowait(worker_id)
+            if isinstance(got, bytes):
+                return got
+            return self._block(worker_id, min(wait, got), waker, stopping)
+        except redis.RedisError as exc:
+            if outage(exc):
+                with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
+                    self.topology_changed()
+            raise
+
+    def fetch_nowait(self, worker_id: str) -> bytes | float:
         """The next message, or the seconds until a delayed retry is due (inf: none)."""
         k = self.keys
         found, *rest = self._fetch(keys=[k.queue, k.retry, k.delayed, k.processing(worker_id)],
                                    args=[100])
         if found == 1:
-            return Fetched(rest[0], rest[1].decode())
+            return rest[0]
         return math.inf if rest[0] < 0 else rest[0] / 1000.0
 
-    def blocking_command(self, worker_id: str, timeout: float) -> list:
+    def _block(self, worker_id: str, timeout: float, waker: Waker,
+               stopping: Callable[[], bool]) -> bytes | None:
+        command = self._blocking_command(worker_id, timeout)
+        if self._blocking is None:
+            self._blocking = self._blocking_connection()
+        conn = self._blocking[1]
+        conn.connect()  # a no-op when connected
+        # redis-py's private ``_sock``, here only: shutting the socket down is the one way to
+        # make a blocked recv return at once (Python restarts it after a signal, PEP 475),
+        # and redis-py has no public handle on it.
+        with waker.watching(conn._sock):
+            if stopping():  # checked while watched: a signal from now on wakes the read
+                return None
+            try:
+                conn.send_command(*command)
+                return conn.read_response()
+            except (*REDIS_ERRORS, OSError, redis.ResponseError) as exc:
+                # A broken or moved connection is dropped; the next call takes a fresh one
+                # (on a cluster, after relearning which node holds our slot).
+                self._drop_blocking_connection()
+                if stopping():
+                    return None
+                if not isinstance(exc, redis.ResponseError):
+                    raise
+                if outage(exc):  # UNBLOCKED by a failover, OOM, READONLY, ...
+                    raise redis.ConnectionError(str(exc)) from exc
+                if "MOVED" not in str(exc) and "ASK" not in str(exc):
+                    raise
+                self.topology_changed()
+                return None
+
+    def _blocking_command(self, worker_id: str, timeout: float) -> list:
         """BLMOVE (or BRPOPLPUSH before Redis 6.2) from the queue into our processing list."""
         if self._has_blmove is None:
             info = self.client.info("server")
@@ -148,17 +210,21 @@ class JobQueue:
         return ["BRPOPLPUSH", self.keys.queue, self.keys.processing(worker_id),
                 max(1, math.ceil(timeout))]
 
-    def blocking_connection(self) -> tuple[Any, Any]:
-        """(pool, connection) for a blocking command on the node that holds our keys.
-
-        The worker sends BLMOVE on a connection of its own so that a signal can shut its
-        socket down (worker.wake); it gives the pair back with ``release_blocking``.
-        """
+    def _blocking_connection(self) -> tuple[Any, Any]:
+        """(pool, connection) on the node that holds our keys, kept for BLMOVE alone."""
         client = self.client
         if isinstance(client, RedisCluster):
             client = client.get_redis_connection(client.get_node_from_key(self.keys.queue))
         pool = client.connection_pool
         return pool, pool.get_connection()
+
+    def _drop_blocking_connection(self) -> None:
+        if self._blocking is not None:
+            pool, conn = self._blocking
+            self._blocking = None
+            conn.disconnect()
+            with contextlib.suppress(Exception):
+                pool.release(conn)
 
     def topology_changed(self) -> None:
         """After MOVED or a dead node: let a cluster client learn the new slot owners."""
@@ -250,14 +316,8 @@ class JobQueue:
             args=[worker_id, "1" if only_if_expired else "0", "1" if count_attempt else "0"]))
 
     def registered_workers(self) -> dict[str, dict]:
-        entries = self.client.hgetall(self.keys.workers)
-        result = {}
-        for wid, payload in entries.items():
-            try:
-                result[wid.decode()] = json.loads(payload)
-            except ValueError:
-                result[wid.decode()] = {}
-        return result
+        """Worker id -> its last heartbeat's info, every host's."""
+        return _registry(self.client.hgetall(self.keys.workers))
 
     def orphan_processing_lists(self) -> list[str]:
         """Worker ids with a processing list but no registry entry (start-up only: SCAN)."""
@@ -272,6 +332,176 @@ class JobQueue:
     def replay_dead(self, entry: bytes, message: bytes) -> bool:
         k = self.keys
         return bool(self._replay(keys=[k.dead, k.queue, k.attempts], args=[entry, message]))
+
+    # --- producing and operating ----------------------------------------------------------
+
+    def enqueue(self, message: bytes, job_id: str | None = None) -> None:
+        """LPUSH a message as a producer does. With ``job_id``, its hash says "queued" from
+        this moment, so a watcher never mistakes an earlier run's "done" for this one."""
+        if job_id is None:
+            self.client.lpush(self.keys.queue, message)
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.job(job_id), mapping={
+            "state": JobState.QUEUED, "progress": 0, "stage": "", "queued": now_iso(),
+            "error": "", "reason": ""})
+        pipe.expire(self.keys.job(job_id), int(self.config.job.job_ttl))
+        pipe.lpush(self.keys.queue, message)
+        pipe.execute()
+
+    def purge_dead(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.llen(self.keys.dead)
+        pipe.delete(self.keys.dead)
+        return int(pipe.execute()[0])
+
+    def clear(self) -> None:
+        """Empty the queue, retries, events, dead letters and attempt counts of this prefix
+        (the demo's fresh start; job hashes expire by themselves)."""
+        k = self.keys
+        self.client.delete(k.queue, k.retry, k.delayed, k.done, k.dead, k.attempts)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def overview(self) -> tuple[dict[str, int], dict[str, dict]]:
+        """The length of each list (``LISTS``) and the registry, in one round trip."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(k.queue)
+        pipe.llen(k.retry)
+        pipe.zcard(k.delayed)
+        pipe.llen(k.dead)
+        pipe.llen(k.done)
+        pipe.hgetall(k.workers)
+        *lengths, registry = pipe.execute()
+        return dict(zip(LISTS, lengths, strict=True)), _registry(registry)
+
+    def activity(self, workers: dict[str, str | None]) -> dict[str, Activity]:
+        """For each worker id (with the job its heartbeat names, or None): is its heartbeat
+        alive, how many messages it holds, and its job's stage and progress."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id, job_id in workers.items():
+            pipe.pttl(k.heartbeat(worker_id))
+            pipe.llen(k.processing(worker_id))
+            if job_id:
+                pipe.hmget(k.job(job_id), "stage", "progress")
+        replies = iter(pipe.execute())
+        result = {}
+        for worker_id, job_id in workers.items():
+            ttl, holding = next(replies), next(replies)
+            stage = progress = None
+            if job_id:
+                stage_raw, progress_raw = next(replies)
+                stage = stage_raw.decode() if stage_raw is not None else None
+                progress = float(progress_raw) if progress_raw is not None else None
+            result[worker_id] = Activity(ttl is not None and ttl > 0, int(holding), stage,
+                                         progress)
+        return result
+
+    def heartbeats_alive(self, worker_ids: list[str]) -> dict[str, bool]:
+        """Whether each worker's heartbeat key still exists (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id in worker_ids:
+            pipe.exists(self.keys.heartbeat(worker_id))
+        return {wid: bool(alive) for wid, alive in zip(worker_ids, pipe.execute(), strict=True)}
+
+    def job_fields(self, job_id: str, *names: str) -> dict[str, str]:
+        """Some fields of a job's hash, decoded; a missing field reads as ""."""
+        values = self.client.hmget(self.keys.job(job_id), *names)
+        return {name: value.decode("utf-8", "replace") if value is not None else ""
+                for name, value in zip(names, values, strict=True)}
+
+    def job(self, job_id: str) -> JobHash:
+        """A job's whole hash, its time to live, and its message's attempt count."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(k.job(job_id))
+        pipe.ttl(k.job(job_id))
+        raw, ttl = pipe.execute()
+        digest = raw.get(b"message_sha1")
+        attempts = self.client.hget(k.attempts, digest) if digest else None
+        fields = {key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
+                  for key, value in raw.items()}
+        return JobHash(fields, ttl if ttl and ttl > 0 else None,
+                       int(attempts) if attempts is not None else None)
+
+    def entries(self, which: str, start: int, stop: int) -> list[bytes]:
+        """Entries ``start`` to ``stop`` (inclusive, -1 = the last) of the completion events
+        (``which`` = "done") or the dead letters ("dead"), newest first."""
+        if which not in ("done", "dead"):
+            raise ValueError(f"no list of entries named {which!r}")
+        return self.client.lrange(getattr(self.keys, which), start, stop)
+
+
+LISTS = ("queue", "retry", "delayed", "dead", "done")  # the lists overview() measures
+
+
+@dataclass(frozen=True)
+class Activity:
+    alive: bool  # its heartbeat key has not expired
+    holding: int  # messages in its processing list
+    job_stage: str | None  # its job's stage and progress, from the job's hash
+    job_progress: float | None
+
+
+@dataclass(frozen=True)
+class JobHash:
+    fields: dict[str, str]  # empty when the hash does not exist (never made, or expired)
+    ttl: int | None  # seconds it still lives
+    attempts: int | None  # failed attempts counted under its message's SHA-1
+
+
+class HostClaims:
+    """The Redis side of supervisor.recovery's host claim: one supervisor per host_id."""
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._claim = client.register_script(scripts.CLAIM_HOST)
+        self._unclaim = client.register_script(scripts.UNCLAIM_HOST)
+
+    def claim(self, host_id: str, token: str, ttl: float, replace: str,
+              holder: dict[str, str | int | float]) -> int:
+        """Hold or refresh the claim: 1 refreshed, 2 taken (free, or ``replace`` held it),
+        0 held by another token."""
+        return int(self._claim(keys=[self.keys.host(host_id)],
+                               args=[token, max(1, int(ttl * 1000)), replace,
+                                     *_pairs(holder)]))
+
+    def holder(self, host_id: str) -> dict[str, str]:
+        """The claim's fields, decoded (empty: nobody holds it)."""
+        return {key.decode(errors="replace"): value.decode(errors="replace")
+                for key, value in self.client.hgetall(self.keys.host(host_id)).items()}
+
+    def release(self, host_id: str, token: str) -> bool:
+        """Give up the claim if ``token`` holds it."""
+        return bool(self._unclaim(keys=[self.keys.host(host_id)], args=[token]))
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    """Does a Redis server answer PING at ``url``?"""
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout,
+                                      socket_connect_timeout=timeout)
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def _registry(entries: dict[bytes, bytes]) -> dict[str, dict]:
+    result = {}
+    for wid, payload in entries.items():
+        try:
+            info = json.loads(payload)
+        except ValueError:
+            info = {}
+        result[wid.decode()] = info if isinstance(info, dict) else {}
+    return result
 
 
 def sha1(message: bytes) -> str:

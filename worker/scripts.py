@@ -1,4 +1,4 @@
-"""The Lua scripts that move messages between lists.
+"""The Lua scripts that move messages between lists, and the host claim's.
 
 Every state change of a message is one script, so a crash (of a worker, of the supervisor, or
 of the connection) can never split it: the message is in exactly one place before the script
@@ -19,6 +19,10 @@ worker's processing list. When it is not there any more, recovery gave it to som
 (this worker was taken for dead during a stall or a partition): the script then records
 nothing, so the copy that was requeued decides the job's fate and there is never a second
 done event or dead letter.
+
+The job states the scripts write (``done``, ``failed``, ``dead``) are ``JobState`` values of
+worker.protocol (a test holds them to it). The queue module (worker.queue) is the only
+caller of these scripts.
 """
 
 from __future__ import annotations
@@ -216,4 +220,33 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[3], redis.sha1hex(ARGV[2]))
 return 1
+"""
+
+CLAIM_HOST = """
+-- claim_host: hold (or refresh) the claim on a host_id for one supervisor
+-- (supervisor.recovery: one supervisor per host_id).
+-- KEYS[1] host claim  hash  {prefix}:host:<host_id>: token, pid, hostname, scope (machine
+--                           and pid namespace), created (process start), beat (claims and
+--                           refreshes so far); TTL heartbeat_ttl
+-- ARGV[1] our token, ARGV[2] TTL in ms, ARGV[3] the token of a holder known dead ('' = none),
+-- ARGV[4..] field, value pairs that describe us.
+-- Returns 1 (refreshed: it was ours), 2 (taken: it was free or its holder dead), 0 (another's).
+local holder = redis.call('HGET', KEYS[1], 'token')
+local result = 1
+if holder ~= ARGV[1] then
+  if holder and holder ~= ARGV[3] then return 0 end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'token', ARGV[1], unpack(ARGV, 4))
+  result = 2
+end
+redis.call('HINCRBY', KEYS[1], 'beat', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return result
+"""
+
+UNCLAIM_HOST = """
+-- unclaim_host: give up our claim on a host_id (a clean stop), and only ours.
+-- KEYS[1] host claim  hash  {prefix}:host:<host_id>; ARGV[1] our token
+if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """

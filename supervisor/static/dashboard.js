@@ -9,7 +9,9 @@
   const ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
-  const state = { actions: false, search: "", timers: {} };
+  // jobStates and jobFields come from /api/info (worker/protocol.py): the page names no
+  // job state of its own.
+  const state = { actions: false, search: "", timers: {}, jobStates: [], jobFields: {} };
 
   // --- small helpers ---------------------------------------------------------------------
 
@@ -194,8 +196,8 @@
   function drawStats(data) {
     $("prefix").textContent = "prefix " + data.prefix;
     drawFaults(data);
-    for (const name of ["queue", "retry", "delayed", "dead", "done"]) {
-      $("q-" + name).textContent = String(data.queues[name]);
+    for (const [name, length] of Object.entries(data.queues)) {
+      $("q-" + name).textContent = String(length);
     }
     const tbody = $("workers").tBodies[0];
     const workers = data.workers || [];
@@ -205,13 +207,12 @@
       // A paused worker holds no job (it gave it back), whatever its last beat named.
       const paused = Boolean(w.alive && w.fault);
       const job = paused ? null : w.job;
-      const stage = !w.alive ? "expired" : paused ? "paused" : (w.stage || "idle");
       const row = el("tr", { "data-worker": String(w.id) },
         el("td", { text: String(w.host ?? "?") }),
         el("td", { text: String(w.pid ?? "") }),
         el("td", { text: String(w.slot ?? "") }),
         el("td", { text: duration(w.uptime) }),
-        el("td", {}, badge(stage)),
+        el("td", {}, badge(w.status)),
         el("td", { class: "id" }, jobLink(job)),
         el("td", {}, job ? progressBar(w.progress) : ""),
         el("td", { text: String(w.jobs_done ?? 0) }));
@@ -293,17 +294,18 @@
 
   function drawJob(record) {
     const fields = record.fields || {};
-    const jobState = fields.state || (record.dead.length ? "dead" : "unknown");
+    const jobState = record.state || "unknown";
     const stateBadge = $("job-state");
     stateBadge.textContent = jobState + (fields.stage && fields.stage !== jobState
                                          ? " · " + fields.stage : "");
-    stateBadge.className = "badge " + jobState;
+    stateBadge.className = "badge " + (state.jobStates.includes(jobState) ? jobState
+                                                                          : "unknown");
     $("job-progress").replaceChildren(progressBar(fields.progress));
     $("job-missing").hidden = true;
     const extra = [["attempts (counter)", record.attempts ?? "–"],
                    ["expires in", record.ttl ? duration(record.ttl) : "–"]];
     const rows = Object.entries(fields).concat(extra).map(([key, value]) => el("tr",
-      { "data-field": key }, el("td", { text: key }),
+      { "data-field": key }, el("td", { text: key, title: state.jobFields[key] }),
       el("td", {}, el("pre", { text: String(value) }))));
     $("job-fields").tBodies[0].replaceChildren(...rows);
     const dead = $("job-dead").tBodies[0];
@@ -350,6 +352,8 @@
     try {
       const info = await getJSON("/api/info");
       state.actions = Boolean(info.actions);
+      state.jobStates = info.job_states || [];
+      state.jobFields = info.job_fields || {};
       $("prefix").textContent = "prefix " + info.prefix;
     } catch (error) {
       setStatus(false, error);
