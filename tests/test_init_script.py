@@ -1,4 +1,5 @@
-"""etc/: the LSB init script run as an operator would, the systemd unit, the logrotate rule.
+"""etc/: the LSB init script run as an operator would, the systemd unit (verified, rated by
+systemd-analyze security, and its readiness protocol), the logrotate rule.
 
 The init script runs from the checkout: CLIP_SUPERVISOR_DEFAULTS points it at a defaults
 file (the test's /etc/default/clip-supervisor) naming this virtualenv's command, the test's
@@ -8,8 +9,10 @@ config, pid file and log. Every exit code is the LSB one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -17,8 +20,9 @@ import tempfile
 
 import pytest
 
+from supervisor import notify
 from supervisor.pidfile import holder
-from tests.conftest import ROOT, gone, wait_for
+from tests.conftest import ROOT, gone, start_with_env, wait_for
 
 SCRIPT = os.path.join(ROOT, "etc", "init.d", "clip-supervisor")
 DAEMON = os.path.join(os.path.dirname(sys.executable), "clip-supervisor")
@@ -202,20 +206,178 @@ def test_init_script_runs_the_daemon_as_user_with_its_folders(env):
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-def test_systemd_unit_verifies(tmp_path):
-    # Given the unit, pointed at this virtualenv's command (verify checks that it exists)
-    with open(os.path.join(ROOT, "etc", "systemd", "clip-supervisor.service")) as fh:
-        unit = fh.read().replace("/usr/local/bin/clip-supervisor", DAEMON)
+UNIT = os.path.join(ROOT, "etc", "systemd", "clip-supervisor.service")
+
+
+def _unit(tmp_path) -> tuple[str, str]:
+    """The unit, pointed at this virtualenv's command (verify checks that it exists)."""
+    with open(UNIT) as fh:
+        unit = fh.read().replace("/usr/bin/clip-supervisor", DAEMON)
     path = tmp_path / "clip-supervisor.service"
     path.write_text(unit)
+    return str(path), unit
+
+
+def _directives(unit: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in unit.replace("\\\n", " ").splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path):
+    path, unit = _unit(tmp_path)
 
     # Then systemd finds nothing to complain about
-    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+    done = subprocess.run(["systemd-analyze", "verify", path], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
-    assert "Type=forking" in unit and "PIDFile=/run/clip-supervisor/" in unit
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+
+    # And it runs the installed command as the package's user, ready when the master serves
+    with open(UNIT) as fh:
+        d = _directives(fh.read())
+    assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
+    assert d["User"] == ["clip-supervisor"] and d["Group"] == ["clip-supervisor"]
+    assert all(cmd.startswith("/usr/bin/clip-supervisor run ")
+               for cmd in d["ExecStart"] + d["ExecStartPre"])
+    assert "--daemon" not in d["ExecStart"][0]  # the master is the main process
+    assert d["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    # with the source cache kept across restarts: work_dir and the cache live under
+    # StateDirectory (/var/lib/clip-supervisor) or CacheDirectory, never in a PrivateTmp
+    assert d["StateDirectory"] == ["clip-supervisor"] and d["CacheDirectory"] == ["clip-supervisor"]
+    assert d["Environment"] == ["XDG_CACHE_HOME=/var/cache"]
+    assert not [value for values in d.values() for value in values if "/tmp" in value]
+    assert d["ReadWritePaths"] == ["/var/lib/clip-supervisor /var/log/clip-supervisor"]
+    # and the graceful stop of the daemon's default graceful_timeout (30 s) fits
+    assert int(d["TimeoutStopSec"][0]) > 30 and d["KillMode"] == ["mixed"]
+
+
+def _exposure(path: str) -> tuple[subprocess.CompletedProcess, float]:
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=30",
+                           "--no-pager", path], capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return done, float(found.group(1))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_is_hardened(tmp_path):
+    # Given the unit file alone (no systemd needs to run: --offline reads the file)
+    path, unit = _unit(tmp_path)
+    probe = subprocess.run(["systemd-analyze", "security", "--help"], capture_output=True,
+                           text=True, timeout=30)
+    if "--offline" not in probe.stdout:
+        pytest.skip("systemd-analyze too old for security --offline (systemd >= 250)")
+
+    # When systemd rates its exposure
+    done, exposure = _exposure(path)
+
+    # Then it is at most 3.0 ("OK"), and the threshold check agrees
+    assert exposure <= 3.0 and done.returncode == 0, done.stdout
+    d = _directives(unit)
+    for key, value in (("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"),
+                       ("PrivateDevices", "yes"), ("ProtectKernelTunables", "yes"),
+                       ("ProtectKernelModules", "yes"), ("ProtectKernelLogs", "yes"),
+                       ("SystemCallFilter", "@system-service"),
+                       ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6")):
+        assert value in d[key], key
+
+    # And the same unit stripped of its hardening rates far worse: the rating is the
+    # hardening's, not a constant
+    bare = "\n".join(line for line in unit.splitlines()
+                     if line.partition("=")[0] not in HARDENING)
+    bare_path = tmp_path / "bare" / "clip-supervisor.service"
+    bare_path.parent.mkdir()
+    bare_path.write_text(bare)
+    assert _exposure(str(bare_path))[1] > 8.0
+
+
+HARDENING = {"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateIPC",
+             "NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities",
+             "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+             "ProtectControlGroups", "ProtectClock", "ProtectHostname", "ProtectProc",
+             "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
+             "RestrictSUIDSGID", "LockPersonality", "MemoryDenyWriteExecute", "RemoveIPC",
+             "UMask", "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber",
+             "DevicePolicy", "ReadWritePaths"}
+
+
+def test_sd_notify_reaches_a_socket_then_is_forgotten(tmp_path):
+    # Given a datagram socket standing in for systemd's, on a path and in the abstract
+    # namespace
+    for name in (str(tmp_path / "notify"), f"@clip-test-{os.getpid()}"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+            server.bind(name if not name.startswith("@") else "\0" + name[1:])
+            server.settimeout(5)
+            environ = {"NOTIFY_SOCKET": name}
+
+            # When the master reports ready
+            assert notify.ready(environ) is True
+
+            # Then systemd hears READY=1, and the variable is gone for the workers to come
+            assert server.recv(4096).decode().split("\n")[0] == "READY=1"
+            assert "NOTIFY_SOCKET" not in environ
+    # Without systemd (no variable, or a socket nobody listens on) nothing happens
+    assert notify.ready({}) is False
+    assert notify.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody")}) is False
+
+
+def test_run_in_the_foreground_notifies_systemd_once_it_serves(env, tmp_path):
+    # Given a socket standing in for systemd's (Type=notify runs the master in the
+    # foreground with NOTIFY_SOCKET set)
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(30)
+
+        # When the supervisor starts
+        proc = start_with_env(env, {"NOTIFY_SOCKET": path})
+        try:
+            # Then READY=1 arrives, and the master runs its workers
+            message = server.recv(4096).decode()
+            assert "READY=1" in message.split("\n")
+            env.wait_workers(proc, 2)
+        finally:
+            assert env.stop(proc) == 0
+
+
+ENV_STUB = """#!/bin/sh
+# Stands in for clip-supervisor: records the CLIP_SUPERVISOR_ variables "run --daemon" gets.
+case "$1" in
+    status) exit 3 ;;
+    run) case " $* " in *" --check-config "*) exit 0 ;; esac
+         env | grep '^CLIP_SUPERVISOR_' | sort > "$STUB_RECORD" ;;
+esac
+exit 0
+"""
+
+
+def test_init_script_exports_the_defaults_files_variables(daemon_env, tmp_path):
+    env = daemon_env
+    # Given a defaults file that sets configuration variables, with and without "export"
+    stub = tmp_path / "clip-supervisor"
+    stub.write_text(ENV_STUB)
+    stub.chmod(0o755)
+    record = tmp_path / "record"
+    defaults = _defaults(env, DAEMON=str(stub), PIDFILE=str(tmp_path / "run" / "x.pid"),
+                         LOGFILE=str(tmp_path / "log" / "x.log"))
+    with open(defaults, "a") as fh:
+        fh.write("CLIP_SUPERVISOR_REDIS_URL=redis://127.0.0.1:1/0\n"
+                 "export CLIP_SUPERVISOR_JOB_TIMEOUT=60\n")
+
+    # When the init script starts the service from an empty environment, as "service" does
+    started = subprocess.run(
+        ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"STUB_RECORD={record}",
+         f"CLIP_SUPERVISOR_DEFAULTS={defaults}", SCRIPT, "start"],
+        capture_output=True, text=True, timeout=60)
+
+    # Then the daemon gets both variables, and not the init script's own
+    assert started.returncode == 0, started.stderr
+    assert record.read_text().splitlines() == [
+        "CLIP_SUPERVISOR_JOB_TIMEOUT=60", "CLIP_SUPERVISOR_REDIS_URL=redis://127.0.0.1:1/0"]
 
 
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="no logrotate")
