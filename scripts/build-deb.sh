@@ -51,7 +51,7 @@ venv=$root$prefix
 # 1. The venv, filled from a copy of the tree (pip builds in the source folder: never
 #    leave build/ or egg-info behind in a checkout others work in).
 mkdir -p "$stage/src"
-tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./dist --exclude=./build \
+tar -C "$src" --exclude=./.git --exclude=.venv --exclude=./dist --exclude=./build \
   --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
   --exclude=.ruff_cache -cf - . | tar -C "$stage/src" -xf -
 "$interpreter" -m venv "$venv"

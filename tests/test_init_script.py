@@ -345,11 +345,12 @@ def test_run_in_the_foreground_notifies_systemd_once_it_serves(env, tmp_path):
 
 
 ENV_STUB = """#!/bin/sh
-# Stands in for clip-supervisor: records the CLIP_SUPERVISOR_ variables "run --daemon" gets.
+# Stands in for clip-supervisor: records some variables "run --daemon" gets.
 case "$1" in
     status) exit 3 ;;
     run) case " $* " in *" --check-config "*) exit 0 ;; esac
-         env | grep '^CLIP_SUPERVISOR_' | sort > "$STUB_RECORD" ;;
+         env | grep -E '^(CLIP_SUPERVISOR_|GOOGLE_|DAEMON|STOP_TIMEOUT)' | sort \
+             > "$STUB_RECORD" ;;
 esac
 exit 0
 """
@@ -357,7 +358,7 @@ exit 0
 
 def test_init_script_exports_the_defaults_files_variables(daemon_env, tmp_path):
     env = daemon_env
-    # Given a defaults file that sets configuration variables, with and without "export"
+    # Given a defaults file that sets variables for the daemon, with and without "export"
     stub = tmp_path / "clip-supervisor"
     stub.write_text(ENV_STUB)
     stub.chmod(0o755)
@@ -366,7 +367,8 @@ def test_init_script_exports_the_defaults_files_variables(daemon_env, tmp_path):
                          LOGFILE=str(tmp_path / "log" / "x.log"))
     with open(defaults, "a") as fh:
         fh.write("CLIP_SUPERVISOR_REDIS_URL=redis://127.0.0.1:1/0\n"
-                 "export CLIP_SUPERVISOR_JOB_TIMEOUT=60\n")
+                 "export CLIP_SUPERVISOR_JOB_TIMEOUT=60\n"
+                 "  GOOGLE_APPLICATION_CREDENTIALS=/etc/key.json\n")
 
     # When the init script starts the service from an empty environment, as "service" does
     started = subprocess.run(
@@ -374,10 +376,12 @@ def test_init_script_exports_the_defaults_files_variables(daemon_env, tmp_path):
          f"CLIP_SUPERVISOR_DEFAULTS={defaults}", SCRIPT, "start"],
         capture_output=True, text=True, timeout=60)
 
-    # Then the daemon gets both variables, and not the init script's own
+    # Then the daemon gets those variables, and none of the init script's own (DAEMON,
+    # STOP_TIMEOUT, CLIP_SUPERVISOR_DEFAULTS)
     assert started.returncode == 0, started.stderr
     assert record.read_text().splitlines() == [
-        "CLIP_SUPERVISOR_JOB_TIMEOUT=60", "CLIP_SUPERVISOR_REDIS_URL=redis://127.0.0.1:1/0"]
+        "CLIP_SUPERVISOR_JOB_TIMEOUT=60", "CLIP_SUPERVISOR_REDIS_URL=redis://127.0.0.1:1/0",
+        "GOOGLE_APPLICATION_CREDENTIALS=/etc/key.json"]
 
 
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="no logrotate")
