@@ -140,7 +140,7 @@ def _pidfile_path(config: Config, daemon: bool = True) -> str:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from . import daemonize, metrics
+    from . import daemonize, metrics, notify
 
     if config.job.pipeline == "ffmpeg" and shutil.which(config.job.ffmpeg) is None:
         return _fail(f"config error: [job] ffmpeg = {config.job.ffmpeg!r}: no such program "
@@ -169,10 +169,14 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                   file=sys.stderr)
         report = daemonize.ReadyPipe(daemonize.daemonize(sup.logfile))
 
+    pidfile = PidFile(path) if path else None
+
     def cannot_start(message: str) -> int:
         if not args.daemon:
             return _fail(message)
         log.error("cannot start: %s", message)
+        if pidfile is not None:  # before the launcher hears of it and returns
+            pidfile.release()
         report.failed(f"{PROG}: {message}")
         return 1
 
@@ -180,7 +184,6 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         logs.setup("master", sup.logfile, sup.log_level, args.log_format)
     except OSError as exc:
         return cannot_start(f"cannot open log file {sup.logfile}: {exc.strerror}")
-    pidfile = PidFile(path) if path else None
     try:
         if pidfile is not None:
             pidfile.acquire()
@@ -202,7 +205,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             master.start_metrics()
         except OSError as exc:
             return cannot_start(f"cannot listen on {config.metrics.listen}: {exc.strerror}")
-        return master.run(on_ready=report.ready, on_failed=report.failed)
+        return master.run(on_ready=lambda: (report.ready(), notify.ready()),
+                          on_failed=report.failed)
     except Exception as exc:  # a bug: keep the traceback in the log, not on an operator's screen
         log.exception("master crashed")
         report.failed(f"{PROG}: master crashed: {exc} (traceback in the log)")

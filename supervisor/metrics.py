@@ -88,7 +88,10 @@ def worker_exited(pid: int) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
+        from worker import promsafe
+
         multiprocess.mark_process_dead(pid)
+        promsafe.retire(pid)  # its counts into the sums: not a file per worker ever run
 
 
 class _QueueCollector:
