@@ -101,7 +101,7 @@ class Master:
         self._next_scan = 0.0
         self._started_recovery = False
         sup = self.config.supervisor
-        self.claim = recovery.HostClaim(self.queue.keys, self.config.host_id,
+        self.claim = recovery.HostClaim(self.config.host_id,
                                         sup.heartbeat_ttl, sup.heartbeat_interval)
         self.guard = recovery.ContactGuard(sup.heartbeat_ttl, sup.heartbeat_interval)
         self._on_ready: Callable[[], None] | None = None
@@ -165,7 +165,7 @@ class Master:
             self.sleep(self.next_timeout())
         self.finish_pending_recoveries()
         with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):  # else it expires by itself
-            self.claim.release(self.queue.client)
+            self.claim.release(self.queue)
         if self.metrics is not None:
             self.metrics.stop()
         log.info("master stopped")
@@ -535,7 +535,7 @@ class Master:
 
     def hold_claim(self, now: float) -> bool:
         """Claim or refresh our host_id; True while it is ours."""
-        state = self.claim.step(self.queue.client, now)
+        state = self.claim.step(self.queue, now)
         if state is recovery.Claim.HELD:
             self._ready()
             return True

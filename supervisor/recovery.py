@@ -46,7 +46,6 @@ import shutil
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 
@@ -181,12 +180,7 @@ class HostClaim:
     where we stand. Redis errors go to the caller (the master retries at its next scan).
     """
 
-    def __init__(self, host_id: str, ttl: float, interval: float, *older: Any) -> None:
-        self._keys: Any = None
-        if not isinstance(host_id, str):
-            # The older call, HostClaim(queue.keys, host_id, ttl, interval), from a master
-            # that still hands its redis client to step() and release(): see _claims.
-            self._keys, host_id, ttl, interval = host_id, ttl, interval, older[0]
+    def __init__(self, host_id: str, ttl: float, interval: float) -> None:
         self.host_id = host_id
         self.token = uuid.uuid4().hex
         self.retime(ttl, interval)
@@ -207,11 +201,8 @@ class HostClaim:
         return {"pid": self.pid, "hostname": socket.gethostname(), "scope": self.scope,
                 "created": self.created}
 
-    def _claims(self, queue: JobQueue | Any) -> HostClaims:
-        # The queue of the moment: a reload (HUP) may have replaced it.
-        if isinstance(queue, JobQueue):
-            return queue.hosts
-        return HostClaims(queue, self._keys)  # a redis client, with the older call
+    def _claims(self, queue: JobQueue) -> HostClaims:
+        return queue.hosts  # the queue of the moment: a reload (HUP) may have replaced it
 
     def _take(self, claims: HostClaims, replace: str = "") -> int:
         return claims.claim(self.host_id, self.token, self.ttl, replace, self.describe_us())

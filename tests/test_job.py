@@ -206,7 +206,7 @@ _EVERYDAY = {"append", "close", "connect", "copy", "decode", "delete", "discard"
 # What still reaches past the queue module, and why: supervisor/master.py hands the host
 # claim its JobQueue's client and keys until it hands it the JobQueue (recovery.HostClaim
 # takes either).
-_ALLOWED = {("supervisor/master.py", "queue.client"): 2, ("supervisor/master.py", "queue.keys"): 1}
+_ALLOWED: dict[tuple[str, str], int] = {}
 _KEY_NAMES = r"(queue|retry|delayed|workers|attempts|done|dead|processing|heartbeat|job|host)"
 
 

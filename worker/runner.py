@@ -35,6 +35,7 @@ from .protocol import (
     EXIT_OK,
     EXIT_PARENT_GONE,
     EXIT_RECYCLE,
+    JobState,
     worker_dir_name,
     worker_id_for,
 )
@@ -77,7 +78,6 @@ class Worker:
         self.waker = Waker()
         self.client: Any = None
         self.queue: JobQueue | None = None
-        self._bconn: Any = None
 
     # --- signals --------------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ class Worker:
             self._done(job, Result(output=job.output), started)
             return
         attempts = self._persist(lambda: self.queue.start(job.id, sha1(raw), {
-            "state": "running", "worker": self.worker_id, "url": job.url,
+            "state": JobState.RUNNING, "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
             "started": now_iso(), "error": "", "message_sha1": sha1(raw)}), "start")
         if attempts >= self.config.job.max_attempts:
@@ -292,8 +292,8 @@ class Worker:
             else:
                 given = self._persist(lambda: self.queue.release(self.worker_id), "release")
                 with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
-                    self.queue.update(job.id, {"state": "queued", "stage": "", "progress": 0,
-                                               "worker": "", "reason": exc.reason,
+                    self.queue.update(job.id, {"state": JobState.QUEUED, "stage": "",
+                                               "progress": 0, "worker": "", "reason": exc.reason,
                                                "error": f"given back by a paused host: "
                                                         f"{exc.error[-400:]}"})
                 log.info("job %s given back (%d) uncounted: %s", job.id, given, exc)
