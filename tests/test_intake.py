@@ -123,7 +123,9 @@ def test_urls_and_outputs_that_can_never_work_are_refused_not_retried(env):
 
 
 def _write_refused(env, how: str) -> None:
-    if how == "oom":
+    if how == "noreplicas":  # writes need a replica that does not exist
+        env.r.config_set("min-replicas-to-write", 1)
+    elif how == "oom":
         env.r.config_set("maxmemory-policy", "noeviction")
         env.r.config_set("maxmemory", 1)
     else:
@@ -132,13 +134,15 @@ def _write_refused(env, how: str) -> None:
 
 
 def _write_allowed(env, how: str) -> None:
-    if how == "oom":
+    if how == "noreplicas":
+        env.r.config_set("min-replicas-to-write", 0)
+    elif how == "oom":
         env.r.config_set("maxmemory", 0)
     else:
         env.r.execute_command("REPLICAOF", "NO", "ONE")
 
 
-@pytest.mark.parametrize("how", ["oom", "readonly"])
+@pytest.mark.parametrize("how", ["oom", "readonly", "noreplicas"])
 def test_a_redis_that_refuses_writes_pauses_the_workers_without_a_crash(env, how):
     # Given an idle pool
     proc = env.start()

@@ -172,7 +172,7 @@ def test_intake_never_raises_and_names_one_id():
 def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
     # A connection that drops after Redis ran a script makes the worker run it again.
     from worker.keys import Keys
-    from worker.queue import JobQueue, connect
+    from worker.queue import JobQueue, connect, sha1
 
     cfg = config_mod.load(None, env={"CLIP_SUPERVISOR_REDIS_URL": redis_server.url})
     queue, keys, r = JobQueue(connect(cfg), cfg), Keys("clips"), redis_server.client()
@@ -189,9 +189,17 @@ def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
     assert acked and nxt == b"m2" and r.lrange(keys.processing("w"), 0, -1) == [b"m2"]
     assert r.llen(keys.done) == 1
     letter = {"id": "j2", "reason": "bad_range"}
-    assert queue.dead("w", b"m2", "j2", letter, {}) == 1
-    assert queue.dead("w", b"m2", "j2", letter, {}) == 0
+    assert queue.dead("w", b"m2", "j2", letter, {}, token="d1") == 1
+    assert queue.dead("w", b"m2", "j2", letter, {}, token="d1") == 1  # its lost reply
+    assert queue.dead("w", b"m2", "j2", letter, {}, token="d2") == 0  # fenced
     assert r.llen(keys.dead) == 1 and r.lrange(keys.queue, 0, -1) == [b"m3"]
+    # a retry whose reply is lost answers from what it recorded: its attempt and delay
+    assert queue.fetch_nowait("w") == b"m3"
+    attempts, delay = queue.retry("w", b"m3", "j3", {"id": "j3"}, {}, token="r1")
+    assert queue.retry("w", b"m3", "j3", {"id": "j3"}, {}, token="r1")[0] == attempts == 1
+    assert delay is not None and r.zcard(keys.delayed) == 1 and r.hget(keys.attempts,
+                                                                       sha1(b"m3")) == b"1"
+    assert queue.retry("w", b"m3", "j3", {"id": "j3"}, {}, token="r2") == (-1, None)
 
 
 # --- the closed protocol: Redis is spoken in worker/queue.py only ------------------------------

@@ -41,10 +41,15 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, Time
 # Any failure of a Redis call, for callers that must never fail on one (``status``).
 ANY_REDIS_ERROR = (redis.RedisError, redis.exceptions.RedisClusterException, ConnectionError,
                    TimeoutError)
-# Error replies of the same nature that redis-py reports as a plain ResponseError.
-TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
+# Error replies of the same nature that redis-py reports as a plain ResponseError: a
+# failover, a server loading or short of replicas (NOREPLICAS), one that cannot save to
+# its disk (MISCONF), one busy with another client's slow script (BUSY). A refusal of the
+# server's is never the message's fault.
+TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN",
+                     "MISCONF", "NOREPLICAS", "BUSY ")
 # The same inside a script's error ("ERR Error running script ... OOM command not allowed").
-_TRANSIENT_IN_SCRIPT = ("OOM command not allowed", "READONLY", "You can't write against a "
+_TRANSIENT_IN_SCRIPT = ("OOM command not allowed", "READONLY", "MISCONF ", "NOREPLICAS ",
+                        "BUSY Redis is busy", "You can't write against a "
                         "read only replica", "-MASTERDOWN", "-LOADING")
 
 
@@ -231,9 +236,14 @@ class JobQueue:
         if isinstance(self.client, RedisCluster):
             self.client.nodes_manager.initialize()
 
-    def release(self, worker_id: str) -> int:
-        """Give back whatever this worker holds, to the front of the queue, uncounted."""
-        return int(self._release(keys=[self.keys.processing(worker_id), self.keys.queue]))
+    def release(self, worker_id: str, job_id: str = "",
+                fields: dict[str, str | int | float] | None = None) -> int:
+        """Give back whatever this worker holds, to the front of the queue, uncounted; with
+        ``job_id``, set ``fields`` in that job's hash in the same step."""
+        keys = [self.keys.processing(worker_id), self.keys.queue]
+        if job_id:
+            keys.append(self.keys.job(job_id))
+        return int(self._release(keys=keys, args=_pairs(fields or {}) if job_id else []))
 
     # --- recording --------------------------------------------------------------------------
 
@@ -259,34 +269,36 @@ class JobQueue:
         k = self.keys
         reply = self._done(
             keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue],
-            args=[message, sha1(message), json.dumps(event), int(self.config.job.job_ttl),
+            args=[sha1(message), json.dumps(event), int(self.config.job.job_ttl),
                   self.config.job.done_max, "1" if take_next else "0",
-                  token or uuid.uuid4().hex,
-                  *_pairs(fields)])
+                  token or uuid.uuid4().hex, *_pairs(fields)])
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
 
     def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
-             fields: dict[str, str | int | float]) -> int:
-        """Dead-letter the message; 0 when it was no longer ours (fenced)."""
+             fields: dict[str, str | int | float], token: str = "") -> int:
+        """Dead-letter the message; 0 when it was no longer ours (fenced). ``token`` as for
+        ``done``: a call made again after a lost reply answers as the first run did."""
         k = self.keys
         return int(self._dead(
             keys=[k.processing(worker_id), k.job(job_id), k.dead, k.attempts],
-            args=[message, sha1(message), _letter_json(letter),
-                  int(self.config.job.job_ttl), self.config.job.dead_max, *_pairs(fields)]))
+            args=[sha1(message), _letter_json(letter), int(self.config.job.job_ttl),
+                  self.config.job.dead_max, token or uuid.uuid4().hex, *_pairs(fields)]))
 
     def retry(self, worker_id: str, message: bytes, job_id: str, letter: dict,
-              fields: dict[str, str | int | float]) -> tuple[int, float | None]:
+              fields: dict[str, str | int | float], token: str = "",
+              ) -> tuple[int, float | None]:
         """Count a failed attempt; delay the message, or dead-letter it at max_attempts.
 
         Returns (attempts, seconds until the retry is due, or None when dead-lettered);
-        attempts is -1 when the message was no longer ours (fenced).
+        attempts is -1 when the message was no longer ours (fenced). ``token`` as for
+        ``done``.
         """
         k = self.keys
         cfg = self.config.job
         attempts, delay = self._retry(
             keys=[k.processing(worker_id), k.delayed, k.attempts, k.job(job_id), k.dead],
-            args=[message, sha1(message), cfg.max_attempts, int(cfg.retry_backoff * 1000),
-                  int(cfg.retry_backoff_max * 1000), uuid.uuid4().hex,
+            args=[sha1(message), cfg.max_attempts, int(cfg.retry_backoff * 1000),
+                  int(cfg.retry_backoff_max * 1000), token or uuid.uuid4().hex,
                   _letter_json({key: value for key, value in letter.items()
                                 if key != "attempts"}),
                   int(cfg.job_ttl), cfg.dead_max, *_pairs(fields)])

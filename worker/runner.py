@@ -290,12 +290,11 @@ class Worker:
             if fault is None:
                 self._retry(raw, job.id, exc)
             else:
-                given = self._persist(lambda: self.queue.release(self.worker_id), "release")
-                with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
-                    self.queue.update(job.id, {"state": JobState.QUEUED, "stage": "",
-                                               "progress": 0, "worker": "", "reason": exc.reason,
-                                               "error": f"given back by a paused host: "
-                                                        f"{exc.error[-400:]}"})
+                queued = {"state": JobState.QUEUED, "stage": "", "progress": 0, "worker": "",
+                          "reason": exc.reason,
+                          "error": f"given back by a paused host: {exc.error[-400:]}"}
+                given = self._persist(
+                    lambda: self.queue.release(self.worker_id, job.id, queued), "release")
                 log.info("job %s given back (%d) uncounted: %s", job.id, given, exc)
                 self.current = None
                 self._pause(*fault)
@@ -418,8 +417,9 @@ class Worker:
         letter = self._letter(raw, job_id, exc, attempts)
         fields = {"stage": "dead", "reason": exc.reason, "error": exc.error[-500:],
                   "finished": str(letter["time"]), "attempts": attempts}
+        token = uuid.uuid4().hex  # one per outcome: a retry after a lost reply is known
         removed = self._persist(
-            lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields),
+            lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields, token),
             "dead-letter")
         if not removed:
             self._fenced(job_id, f"dead letter ({exc.reason})")
@@ -432,8 +432,10 @@ class Worker:
         assert self.queue is not None
         letter = self._letter(raw, job_id, exc, attempts=0)
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
+        token = uuid.uuid4().hex
         attempts, delay = self._persist(
-            lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields), "retry")
+            lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields, token),
+            "retry")
         if attempts < 0:
             self._fenced(job_id, f"retry ({exc.reason})")
             return

@@ -78,7 +78,21 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return attempts
 """
 
-DONE = """
+# Fencing by SHA-1: the worker sends the SHA-1 of the message it holds, never the message
+# again (it may be up to max_message_bytes, or far more for one refused as too large).
+_TAKE_BACK = """
+local function take_back(list, sha1)
+  for _, message in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    if redis.sha1hex(message) == sha1 then
+      redis.call('LREM', list, 1, message)
+      return message
+    end
+  end
+  return false
+end
+"""
+
+DONE = _TAKE_BACK + """
 -- done: the output is stored; record it, acknowledge the message and, when the worker
 -- wants more, take the next one from the main queue in the same step (it is idle from
 -- this instant: one round trip per job instead of two, and never more than one held).
@@ -87,27 +101,28 @@ DONE = """
 -- KEYS[3] done       list  completion events, newest first, capped
 -- KEYS[4] attempts   hash  message SHA-1 -> attempts; the entry is dropped
 -- KEYS[5] queue      list  main queue, for the next message
--- ARGV[1] message, ARGV[2] message SHA-1, ARGV[3] event JSON, ARGV[4] job TTL s,
--- ARGV[5] done cap, ARGV[6] '1' = take the next message, ARGV[7] ack token (unique per
--- call), ARGV[8..] field, value pairs for the job hash
+-- ARGV[1] message SHA-1, ARGV[2] event JSON, ARGV[3] job TTL s, ARGV[4] done cap,
+-- ARGV[5] '1' = take the next message, ARGV[6] ack token (unique per ack, the same when the
+-- call is made again), ARGV[7..] field, value pairs for the job hash
 -- A job run again after a failed attempt pushes one event: the first ack sets "completed",
 -- which only a new submission (START with no attempts) clears.
 -- Returns {acked, next message or nothing}: acked 1 = recorded by this call (or by an earlier
 -- run of this same call whose reply was lost), 0 = fenced: the message had been recovered
 -- and requeued meanwhile, so nothing was recorded.
-local acked = redis.call('LREM', KEYS[1], 1, ARGV[1])
-if acked == 1 then
-  redis.call('HSET', KEYS[2], 'state', 'done', 'ack', ARGV[7], unpack(ARGV, 8))
+local acked = 0
+if take_back(KEYS[1], ARGV[1]) then
+  acked = 1
+  redis.call('HSET', KEYS[2], 'state', 'done', 'ack', ARGV[6], unpack(ARGV, 7))
   if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
-    redis.call('LPUSH', KEYS[3], ARGV[3])
-    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+    redis.call('LPUSH', KEYS[3], ARGV[2])
+    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
   end
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  redis.call('HDEL', KEYS[4], ARGV[2])
-elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[7] then
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[6] then
   acked = 1  -- this call ran before and its reply was lost
 end
-if ARGV[6] == '1' then
+if ARGV[5] == '1' then
   -- A retried call (lost reply) finds the next message already taken: return it again.
   local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
   if nxt then return {acked, nxt} end
@@ -115,27 +130,30 @@ end
 return {acked}
 """
 
-DEAD = """
+DEAD = _TAKE_BACK + """
 -- dead: the job can never succeed; park it in the dead-letter list and acknowledge it.
 -- KEYS[1] processing list  the worker's in-flight message (removed)
 -- KEYS[2] job        hash  its state becomes dead
 -- KEYS[3] dead       list  dead letters, newest first, capped
 -- KEYS[4] attempts   hash  the entry is dropped
--- ARGV[1] message, ARGV[2] message SHA-1, ARGV[3] dead letter JSON, ARGV[4] job TTL s,
--- ARGV[5] dead cap, ARGV[6..] field, value pairs for the job hash.
-local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
--- Not ours any more (a retried call whose first run succeeded, or recovered by another
--- host meanwhile): whoever holds it now decides its fate; never two dead letters.
-if removed == 0 then return 0 end
-redis.call('LPUSH', KEYS[3], ARGV[3])
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
-redis.call('HSET', KEYS[2], 'state', 'dead', unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('HDEL', KEYS[4], ARGV[2])
-return removed
+-- ARGV[1] message SHA-1, ARGV[2] dead letter JSON, ARGV[3] job TTL s, ARGV[4] dead cap,
+-- ARGV[5] token (unique per outcome, the same when the call is made again),
+-- ARGV[6..] field, value pairs for the job hash.
+-- Returns 1 = recorded (now, or by this same call before its reply was lost), 0 = fenced:
+-- recovered by another host meanwhile, whose copy decides; never two dead letters.
+if not take_back(KEYS[1], ARGV[1]) then
+  if redis.call('HGET', KEYS[2], 'ack') == ARGV[5] then return 1 end
+  return 0
+end
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+redis.call('HSET', KEYS[2], 'state', 'dead', 'ack', ARGV[5], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('HDEL', KEYS[4], ARGV[1])
+return 1
 """
 
-RETRY = _NOW_MS + """
+RETRY = _NOW_MS + _TAKE_BACK + """
 -- retry: a transient failure; count the attempt, then delay the message or, at the limit,
 -- dead-letter it.
 -- KEYS[1] processing list  the worker's in-flight message (removed)
@@ -143,39 +161,51 @@ RETRY = _NOW_MS + """
 -- KEYS[3] attempts   hash  message SHA-1 -> attempts so far
 -- KEYS[4] job        hash  state becomes failed (waiting) or dead
 -- KEYS[5] dead       list  dead letters, capped
--- ARGV[1] message, ARGV[2] message SHA-1, ARGV[3] max attempts, ARGV[4] backoff base ms,
--- ARGV[5] backoff cap ms, ARGV[6] unique token, ARGV[7] the dead letter as a JSON object
--- without its "attempts" (filled in here, as text: no JSON is decoded), ARGV[8] job TTL s,
--- ARGV[9] dead cap, ARGV[10..] field, value pairs for the job hash.
--- Returns {attempts, delay ms} or {attempts, -1} when dead-lettered, {-1, -1} when fenced.
-local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
-if removed == 0 then return {-1, -1} end
-local attempts = redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
-if attempts >= tonumber(ARGV[3]) then
+-- ARGV[1] message SHA-1, ARGV[2] max attempts, ARGV[3] backoff base ms, ARGV[4] backoff
+-- cap ms, ARGV[5] token (unique per outcome, the same when the call is made again),
+-- ARGV[6] the dead letter as a JSON object without its "attempts" (filled in here, as
+-- text: no JSON is decoded), ARGV[7] job TTL s, ARGV[8] dead cap, ARGV[9..] field, value
+-- pairs for the job hash.
+-- Returns {attempts, delay ms} or {attempts, -1} when dead-lettered, {-1, -1} when fenced;
+-- a call made again after a lost reply answers from what its first run recorded.
+local message = take_back(KEYS[1], ARGV[1])
+if not message then
+  if redis.call('HGET', KEYS[4], 'ack') ~= ARGV[5] then return {-1, -1} end
+  local attempts, due, state = unpack(redis.call('HMGET', KEYS[4], 'attempts', 'retry_at_ms',
+                                                  'state'))
+  if state == 'dead' then return {tonumber(attempts), -1} end
+  return {tonumber(attempts), math.max(0, tonumber(due) - now_ms())}
+end
+local attempts = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+if attempts >= tonumber(ARGV[2]) then
   local letter = '{"attempts": ' .. attempts
-  if #ARGV[7] > 2 then letter = letter .. ', ' .. string.sub(ARGV[7], 2) else
+  if #ARGV[6] > 2 then letter = letter .. ', ' .. string.sub(ARGV[6], 2) else
     letter = letter .. '}' end
   redis.call('LPUSH', KEYS[5], letter)
-  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[9]) - 1)
-  redis.call('HDEL', KEYS[3], ARGV[2])
-  redis.call('HSET', KEYS[4], 'state', 'dead', 'attempts', attempts, unpack(ARGV, 10))
-  redis.call('EXPIRE', KEYS[4], ARGV[8])
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HSET', KEYS[4], 'state', 'dead', 'attempts', attempts, 'ack', ARGV[5],
+             unpack(ARGV, 9))
+  redis.call('EXPIRE', KEYS[4], ARGV[7])
   return {attempts, -1}
 end
-local delay = math.floor(math.min(tonumber(ARGV[4]) * 2 ^ (attempts - 1), tonumber(ARGV[5])))
+local delay = math.floor(math.min(tonumber(ARGV[3]) * 2 ^ (attempts - 1), tonumber(ARGV[4])))
 local due = now_ms() + delay
-redis.call('ZADD', KEYS[2], due, ARGV[6] .. '\\n' .. ARGV[1])
+redis.call('ZADD', KEYS[2], due, ARGV[5] .. '\\n' .. message)
 redis.call('HSET', KEYS[4], 'state', 'failed', 'attempts', attempts, 'retry_at_ms', due,
-           unpack(ARGV, 10))
-redis.call('EXPIRE', KEYS[4], ARGV[8])
+           'ack', ARGV[5], unpack(ARGV, 9))
+redis.call('EXPIRE', KEYS[4], ARGV[7])
 return {attempts, delay}
 """
 
 RELEASE = """
 -- release: give back what this worker holds, to the front of the queue, without counting an
--- attempt (an operator's abort or a clean exit, not the message's fault).
+-- attempt (an operator's abort, a clean exit, a host that pauses: not the message's fault).
 -- KEYS[1] processing list  the worker's in-flight messages
 -- KEYS[2] queue      list  main queue; RPUSH puts them next in line
+-- KEYS[3] job        hash  (optional) the given-back job's hash, set in the same step (no
+--                          other worker can have started it yet)
+-- ARGV[1..] field, value pairs for that hash
 local n = 0
 while true do
   local message = redis.call('RPOP', KEYS[1])
@@ -183,6 +213,7 @@ while true do
   redis.call('RPUSH', KEYS[2], message)
   n = n + 1
 end
+if n > 0 and KEYS[3] and #ARGV > 0 then redis.call('HSET', KEYS[3], unpack(ARGV)) end
 return n
 """
 
