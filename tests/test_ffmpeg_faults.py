@@ -23,8 +23,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import free_port
+from worker.context import FetchLimits, JobContext
 from worker.errors import JobFailed, Permanent, Transient
-from worker.media import FFmpegRun, InputReport, clip_command, failure
+from worker.media import Cut, FFmpegRun, InputReport, clip_command, failure
 from worker.wake import Waker
 
 FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
@@ -44,7 +45,7 @@ def _classify(returncode: int, stderr: str, ended: bool = False, start: float = 
               remote: bool = True) -> tuple[str, str] | None:
     report = InputReport.parse(stderr.encode())
     failed = failure(returncode, report, stderr.strip(), ended=ended, start=start,
-                     source="http://127.0.0.1:9/source", remote=remote)
+                     source="http://127.0.0.1:9/source" if remote else "/w/source")
     if failed is None:
         return None
     assert isinstance(failed, Permanent | Transient)
@@ -173,10 +174,10 @@ def faulty(media_dir) -> Iterator[str]:
 
 def _clip(src: str, dst: str, remote: bool = True, length: float | None = 1.0,
           ) -> JobFailed | None:
-    cmd = clip_command(FFMPEG, src, dst, 0.0, length, "copy", "mp4", "ultrafast",
-                       rw_timeout=5 if remote else None)
-    run = FFmpegRun(cmd, 0.0, length, time.monotonic() + 30, 10, Waker(), lambda: False,
-                    lambda percent, speed: None)
+    cut = Cut(0.0, length, "copy", "mp4", "ultrafast")
+    cmd = clip_command(FFMPEG, src, dst, cut, rw_timeout=5 if remote else None)
+    ctx = JobContext(time.monotonic() + 30, FetchLimits(5, 10, 1 << 30, True), Waker())
+    run = FFmpegRun(cmd, ctx, cut)
     try:
         run.run()
     except JobFailed as exc:

@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import google.auth.exceptions
@@ -22,7 +24,10 @@ import requests
 from google.api_core import exceptions as api_exceptions
 
 import supervisor
+from supervisor.sample import make_video
 from tests.conftest import ROOT, GcsEmulator, ffprobe_duration, start_with_env, wait_for
+from tests.httpd import PACED_SNDBUF
+from tests.tcpproxy import TcpProxy
 from worker import config as config_mod
 from worker import gcs
 from worker.errors import Permanent, Transient
@@ -262,22 +267,29 @@ def test_gs_source_clips_like_http_and_storage_errors_are_dead_lettered(env, emu
 
 
 @pytest.mark.settings({"supervisor": {"workers": 1}})
-def test_a_gs_source_is_downloaded_once_and_read_again_only_when_it_changes(env, emulator,
-                                                                           media_dir):
-    # Given a source in a bucket, clipped three times
+def test_a_gs_source_follows_the_cache_rules_and_is_read_again_only_when_it_changes(
+        env, emulator, media_dir):
+    # Given a source in a bucket, clipped five times
     sources = emulator.client().create_bucket("sources")
     sources.blob("v.mp4").upload_from_filename(os.path.join(media_dir, "ten.mp4"))
+    size = os.path.getsize(os.path.join(media_dir, "ten.mp4"))
     url = "gs://sources/v.mp4"
-    env.push(*({"id": f"g{i}", "url": url, "start": i, "duration": 3} for i in range(3)))
+    env.push(*({"id": f"g{i}", "url": url, "start": i, "duration": 3} for i in range(5)))
     proc = _run(env, emulator)
-    env.wait_finished(3, timeout=60)
+    env.wait_finished(5, timeout=60)
     assert env.stop(proc) == 0
-    events = {e["id"]: e for e in env.done_events()}
-    # Then it was downloaded once; the other clips were cut from the kept copy, after one
-    # metadata request each said it is the same object (size and generation)
-    assert [events[f"g{i}"]["source_read"] for i in range(3)] == ["download", "cache", "cache"]
-    assert [events[f"g{i}"]["source_bytes"] for i in range(3)] == [
-        os.path.getsize(os.path.join(media_dir, "ten.mp4")), 0, 0]
+    events = [e for _, e in sorted((e["id"], e) for e in env.done_events())]
+    reads = [e["source_read"] for e in events]
+    # Then, as an http source: read in place (ranged reads of the object) until that cost
+    # its size, then downloaded once and kept; the other clips were cut from the kept copy,
+    # after the one metadata request of each job said it is the same object (size and
+    # generation)
+    n = reads.index("download") if "download" in reads else len(reads)
+    assert n >= 1 and reads == ["ranges"] * n + ["download"] + ["cache"] * (4 - n), reads
+    assert n < 4, reads
+    rented = sum(e["source_bytes"] for e in events[:n])
+    assert rented - events[n - 1]["source_bytes"] < size <= rented, (reads, rented, size)
+    assert [e["source_bytes"] for e in events[n:]] == [size] + [0] * (4 - n)
 
     # When the object is replaced (a new generation), the next clip reads the new one
     sources.blob("v.mp4").upload_from_filename(os.path.join(media_dir, "twenty.mp4"))
@@ -287,9 +299,153 @@ def test_a_gs_source_is_downloaded_once_and_read_again_only_when_it_changes(env,
     env.wait_finished(1, timeout=60)
     assert env.stop(proc) == 0
     (event,) = env.done_events()
-    assert event["source_read"] == "download", env.dead_letters()
+    assert event["source_read"] == "ranges", env.dead_letters()
     assert abs(ffprobe_duration(os.path.join(env.out, "after.mp4")) - 3) <= 1.0
     assert "changed since it was kept" in env.log_text()
+
+
+class _CountingProxy(TcpProxy):
+    """A TCP proxy in front of the emulator that counts the bytes the emulator sends, at
+    most ``rate`` bytes/s per connection, like a remote link (on loopback, an unpaced
+    server fills every buffer on the way before ffmpeg can hang up to seek), as the paced
+    answers of tests.httpd do for http sources."""
+
+    def __init__(self, port: int, rate: float) -> None:
+        super().__init__("127.0.0.1", port)
+        self.rate = rate
+        self.served = 0
+        self._count = threading.Lock()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getpeername()[1] == self.target[1]:  # from the emulator to the worker
+            # a small send buffer, as tests.httpd's paced answers have: what the worker
+            # has not read yet waits at the source, not in loopback's large buffers
+            dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PACED_SNDBUF)
+            src = _Paced(src, self)  # type: ignore[assignment]
+        super()._pump(src, dst)
+
+
+class _Paced:
+    def __init__(self, sock: socket.socket, proxy: _CountingProxy) -> None:
+        self.sock = sock
+        self.proxy = proxy
+        self.started = time.monotonic()
+        self.received = 0
+
+    def recv(self, size: int) -> bytes:
+        data = self.sock.recv(min(size, 16384))
+        self.received += len(data)
+        with self.proxy._count:
+            self.proxy.served += len(data)
+        ahead = self.received / self.proxy.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+@pytest.fixture(scope="module")
+def long_video(media_dir) -> str:
+    """60 s of 640x360 at about 1.2 Mbit/s: 8.7 MB, a keyframe every second."""
+    path = os.path.join(media_dir, "long-60.mp4")
+    if not os.path.exists(path):
+        make_video(path, 60, size="640x360", bitrate="1500k")
+    return path
+
+
+class _ConcurrentEmulator(GcsEmulator):
+    """The emulator answering each connection in a thread of its own, as Cloud Storage
+    does. Its stock server answers one connection at a time: an answer that waits for its
+    reader (the relay reads only as fast as ffmpeg does) would hold up ffmpeg's seek, which
+    opens its next connection before it closes the one it leaves."""
+
+    def start(self) -> GcsEmulator:
+        os.makedirs(self.data_dir, exist_ok=True)
+        code = ("import http.server, runpy, sys; "
+                "http.server.HTTPServer = http.server.ThreadingHTTPServer; "
+                "sys.argv[0] = 'gcp_storage_emulator'; "
+                "runpy.run_module('gcp_storage_emulator', run_name='__main__')")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "start", "--host", "127.0.0.1", "--port",
+             str(self.port), "--quiet", "--in-memory"], cwd=self.data_dir,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 20, interval=0.05, what="the storage emulator to answer")
+        return self
+
+
+@pytest.fixture
+def concurrent_emulator(tmp_path):
+    server = _ConcurrentEmulator(str(tmp_path / "gcs-threaded"), in_memory=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.settings({"supervisor": {"workers": 1}, "job": {"cache_max_bytes": "0"}})
+def test_a_clip_from_the_middle_of_a_long_gs_source_reads_little_more_than_its_share(
+        env, concurrent_emulator, long_video):
+    # Given a long source in a bucket, the same file over HTTP (the test server serves
+    # media_dir), and an emulator reached through a proxy that counts what it serves
+    # (100 Mbit/s per connection)
+    emulator = concurrent_emulator
+    sources = emulator.client().create_bucket("sources")
+    sources.blob("talks/long.mp4").upload_from_filename(long_video)
+    size = os.path.getsize(long_video)
+    share = size * 10 / 60
+    clip = {"start": 25, "duration": 10, "mode": "copy"}
+    env.push({"id": "from-gs", "url": "gs://sources/talks/long.mp4", **clip},
+             {"id": "from-http", "url": env.url("long-60.mp4"), **clip})
+
+    # When 10 s from its middle are clipped
+    with _CountingProxy(emulator.port, rate=12.5e6) as proxy:
+        proc = start_with_env(env, {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{proxy.port}"})
+        env.wait_finished(2, timeout=60)
+        assert env.stop(proc) == 0
+        served = proxy.served
+
+    # Then the object was read in ranges: the emulator served at most twice the clip's
+    # share (the metadata, the index, the clip's bytes, what was in flight), not all of it
+    events = {e["id"]: e for e in env.done_events()}
+    assert sorted(events) == ["from-gs", "from-http"], env.dead_letters()
+    event = events["from-gs"]
+    print(f"gs: {served} bytes served, {served / share:.2f} x the share ({size} in all), "
+          f"{event['source_bytes']} read by the relay")
+    assert event["source_read"] == "ranges"
+    assert event["source_bytes"] <= served <= 2 * share, (served, share, size)
+    # and the clip is right: the very clip the same file over HTTP gives, 10 s long
+    with open(os.path.join(env.out, "from-gs.mp4"), "rb") as a, \
+            open(os.path.join(env.out, "from-http.mp4"), "rb") as b:
+        assert a.read() == b.read()
+    assert abs(ffprobe_duration(os.path.join(env.out, "from-gs.mp4")) - 10) <= 1.0
+
+
+@pytest.mark.settings({**_gcs_settings(), "supervisor": {"workers": 1},
+                       "job": {"timeout": 8, "retry_backoff": 0.5, "max_attempts": 5}})
+def test_an_upload_to_a_frozen_emulator_fails_within_the_jobs_timeout(env, emulator):
+    # Given an emulator that accepts connections but never answers (frozen), and Cloud
+    # Storage's own bounds far beyond the job's 8 s (60 s per request, 120 s of retries)
+    emulator.freeze()
+    env.push({"id": "up", "url": env.url("ten.mp4"), "start": 1, "duration": 2})
+    pushed = time.monotonic()
+    proc = _run(env, emulator)
+
+    # When the job's upload waits for an answer, then the job's timeout ends it: a
+    # transient ``timeout``, within the job's 8 s (and the supervisor's start)
+    wait_for(lambda: _job_field(env, "up", "reason") == "timeout", 20, interval=0.05,
+             what="the upload to time out")
+    failed_after = time.monotonic() - pushed
+    assert failed_after <= 8 + 3, failed_after
+    assert "did not finish within the job's timeout" in (_job_field(env, "up", "error") or "")
+    assert env.dead_letters() == []
+
+    # And once the emulator answers again, the retry stores the clip
+    emulator.thaw()
+    env.wait_finished(1, timeout=60)
+    assert env.stop(proc) == 0
+    assert [e["id"] for e in env.done_events()] == ["up"]
+    assert [b.name for b in emulator.client().list_blobs(BUCKET)] == ["out/up.mp4"]
+    print(f"push-to-timeout: {failed_after:.2f} s")
 
 
 # --- the store on its own, against the emulator -------------------------------------------

@@ -25,6 +25,7 @@ from tests.conftest import Env, GcsEmulator, free_port, wait_for
 from tests.httpd import TestServer
 from worker import config as config_mod
 from worker import source
+from worker.context import JobContext
 from worker.errors import Transient
 from worker.health import MIN_FREE_BYTES, probe
 from worker.job import parse
@@ -211,9 +212,11 @@ def test_a_gs_source_is_measured_by_its_object_size_before_the_download(
             b"\0" * (6 * MiB))
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
         work = tmpfs("work", 48 * MiB)
-        cfg = make_config(work, str(tmp_path / "out"), cache_max_bytes="0")
+        cfg = make_config(work, str(tmp_path / "out"), range_requests="false",
+                          cache_max_bytes="0")
         fill(work, 20 * MiB)
-        # When a job reads it: disk_full from the object's size, before a byte is written
+        # When a job downloads it: disk_full from the object's size, before a byte is
+        # written
         with pytest.raises(Transient) as failed:
             _run(cfg, "gs://sources/six.bin")
         assert failed.value.reason == "disk_full"
@@ -231,8 +234,8 @@ def test_a_disk_that_fills_during_a_download_is_disk_full_not_a_failed_fetch(tmp
                                 allow_private=True)
     # When the disk fills up midway, it is the host's failure, named so
     with pytest.raises(Transient) as failed:
-        source.fetch_http(sources.url("six.bin"), os.path.join(work, "source"), limits,
-                          time.monotonic() + 30, lambda: False, Waker())
+        source.fetch_http(sources.url("six.bin"), os.path.join(work, "source"),
+                          JobContext(time.monotonic() + 30, limits, Waker()))
     assert failed.value.reason == "disk_full"
     assert "No space left on device" in failed.value.error
 

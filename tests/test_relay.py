@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import ffprobe_duration, wait_for
 from worker import media, relay, source
+from worker.context import JobContext
 
 LONG_SECONDS = 30
 CLIP_START, CLIP_SECONDS = 15, 4
@@ -161,8 +162,8 @@ def test_a_source_over_max_source_bytes_is_refused_from_its_first_answer(env):
 def _relay(env, name: str = "ten.mp4", allow_private: bool = True) -> relay.Relay:
     limits = source.FetchLimits(connect_timeout=2, stall_timeout=2, max_bytes=1 << 30,
                                 allow_private=allow_private)
-    return relay.Relay(f"http://127.0.0.1:{env.http.port}/{name}", limits,
-                       time.monotonic() + 30)
+    ctx = JobContext(time.monotonic() + 30, limits)
+    return relay.Relay(source.Remote(f"http://127.0.0.1:{env.http.port}/{name}"), ctx)
 
 
 def _get(r: relay.Relay, target: str, headers: dict[str, str] | None = None,
@@ -235,8 +236,8 @@ def test_ffmpeg_sends_every_http_request_through_the_relay(env):
     # pointed at some other http URL (as a crafted input naming one would make it)
     with _relay(env) as r:
         def clip(src: str) -> subprocess.CompletedProcess:
-            cmd = media.clip_command("ffmpeg", src, os.path.join(env.tmp, "out.mp4"), 0, 1,
-                                     "copy", "mp4", "veryfast", rw_timeout=5)
+            cmd = media.clip_command("ffmpeg", src, os.path.join(env.tmp, "out.mp4"),
+                                     media.Cut(0, 1), rw_timeout=5)
             return subprocess.run(cmd, env=r.ffmpeg_env(), capture_output=True, text=True,
                                   timeout=30)
 

@@ -14,8 +14,9 @@ from supervisor.children import Exit, Slot, SlotState, backoff_delay
 from tests.conftest import gone, wait_for
 from worker import config as config_mod
 from worker.config import ConfigError
+from worker.context import FetchLimits, JobContext
 from worker.errors import Aborted, Permanent, Transient
-from worker.media import FFmpegRun, InputReport
+from worker.media import Cut, FFmpegRun, InputReport
 from worker.runner import EXIT_BOOT_ERROR, EXIT_OK
 from worker.source import address_allowed
 from worker.wake import Waker
@@ -142,9 +143,9 @@ def test_public_addresses_are_allowed(address):
 
 def _run(script: str, stall: float = 5.0, timeout: float = 20.0, abort=lambda: False):
     progress: list[float] = []
-    runner = FFmpegRun(["sh", "-c", script], start=0.0, end=10.0,
-                       deadline=time.monotonic() + timeout, stall_timeout=stall, waker=Waker(),
-                       should_abort=abort, on_progress=lambda p, s: progress.append(p))
+    ctx = JobContext(time.monotonic() + timeout, FetchLimits(5, stall, 1 << 30, False),
+                     Waker(), should_abort=abort, on_progress=lambda p, s: progress.append(p))
+    runner = FFmpegRun(["sh", "-c", script], ctx, Cut(start=0.0, length=10.0))
     return runner, progress
 
 

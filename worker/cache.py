@@ -10,9 +10,11 @@ more than twice what the best choice in hindsight would have read, and a lone cl
 long source still reads only its share.
 
 A kept file is used only after the source has confirmed it is unchanged (the same size and
-the same strong ETag or Last-Modified, asked with a one-byte range request). A source that
-sends neither validator is never kept. The cache holds at most ``cache_max_bytes``, least
-recently used files go first, and it gives way before the work folder runs short of space.
+the same strong ETag or Last-Modified, asked with a one-byte range request; for a Cloud
+Storage object, the same size and generation, from the metadata request every ``gs://`` job
+makes). A source that sends neither validator is never kept. The cache holds at most
+``cache_max_bytes``, least recently used files go first, and it gives way before the work
+folder runs short of space.
 
 Layout of ``cache_dir`` (mode 0700): ``<key>.json`` the record of a source (size, validator,
 bytes rented, whether kept), ``<key>.data`` the kept file, ``<key>.buy`` a lock held while
@@ -47,6 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .context import Identity
 from .fsafe import UnsafePath, open_nofollow, private_dir
 
 log = logging.getLogger(__name__)
@@ -54,14 +57,6 @@ log = logging.getLogger(__name__)
 RECORD_TTL = 24 * 3600.0  # a source's rent is forgotten after a day without use
 PRUNE_EVERY = 600.0  # seconds between two sweeps of old records (any worker)
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a source says it is: its size and a validator (strong ETag, else Last-Modified)."""
-
-    size: int
-    validator: str
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from .errors import Aborted, JobFailed, Permanent, Transient
-from .wake import Waker
+from .context import JobContext
+from .errors import JobFailed, Permanent, Transient
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,23 @@ def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
     return text.strip()[-limit:]
 
 
-def clip_command(ffmpeg: str, src: str, dst: str, start: float, length: float | None,
-                 mode: str, muxer: str, preset: str, rw_timeout: float | None = None,
+@dataclass(frozen=True)
+class Cut:
+    """What a clip is: ``length`` seconds (None: to the end) from ``start``, stream copied
+    or re-encoded with libx264 at ``preset`` (``mode``), in the container ``muxer``."""
+
+    start: float
+    length: float | None
+    mode: str = "copy"
+    muxer: str = "mp4"
+    preset: str = "veryfast"
+
+    @property
+    def end(self) -> float | None:
+        return None if self.length is None else self.start + self.length
+
+
+def clip_command(ffmpeg: str, src: str, dst: str, cut: Cut, rw_timeout: float | None = None,
                  ) -> list[str]:
     """The clip's ffmpeg command. ``rw_timeout`` (seconds) marks ``src`` as the job's range
     relay (worker.relay), read over HTTP; otherwise it is a local file."""
@@ -140,27 +156,36 @@ def clip_command(ffmpeg: str, src: str, dst: str, start: float, length: float | 
         cmd += ["-protocol_whitelist", PROTOCOLS]
     else:
         cmd += ["-protocol_whitelist", RELAY_PROTOCOLS, "-rw_timeout", str(int(rw_timeout * 1e6))]
-    cmd += ["-format_whitelist", DEMUXERS, "-ss", f"{start:.6f}", "-i", src]
-    if length is not None:
-        cmd += ["-t", f"{length:.6f}"]
+    cmd += ["-format_whitelist", DEMUXERS, "-ss", f"{cut.start:.6f}", "-i", src]
+    if cut.length is not None:
+        cmd += ["-t", f"{cut.length:.6f}"]
     cmd += ["-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1"]
-    if mode == "copy":
+    if cut.mode == "copy":
         cmd += ["-c", "copy", "-avoid_negative_ts", "make_zero"]
     else:
-        cmd += ["-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
+        cmd += ["-c:v", "libx264", "-preset", cut.preset, "-pix_fmt", "yuv420p",
                 "-c:a", "aac", "-b:a", "128k"]
-    if muxer in ("mp4", "mov"):
+    if cut.muxer in ("mp4", "mov"):
         cmd += ["-movflags", "+faststart"]
-    cmd += ["-progress", "pipe:1", "-f", muxer, "-y", dst]
+    cmd += ["-progress", "pipe:1", "-f", cut.muxer, "-y", dst]
     return cmd
 
 
 @dataclass
 class ClipResult:
-    out_time: float
-    size: int
-    elapsed: float
-    source_duration: float | None
+    out_time: float  # seconds written, as ffmpeg reports them
+    size: int  # bytes written, as ffmpeg reports them
+    source_duration: float | None  # the input's, from its report
+    expected: float  # seconds the clip should last: the cut, within the input's duration
+
+
+class Feed(Protocol):
+    """Where ffmpeg reads a remote source (worker.relay.Relay): the environment that routes
+    its requests there, and when bytes last arrived for it."""
+
+    last_activity: float
+
+    def ffmpeg_env(self) -> dict[str, str]: ...
 
 
 _DURATION = re.compile(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
@@ -237,13 +262,14 @@ def _said(tail: str, phrases: tuple[str, ...]) -> bool:
 
 
 def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, start: float,
-            source: str = "", remote: bool = False) -> JobFailed | None:
+            source: str = "") -> JobFailed | None:
     """Why an ffmpeg run failed, or None if it succeeded (see the module docstring).
 
     ``tail`` is the end of its stderr, ``report`` the description of its input from the head
     of it, ``ended`` whether it printed ``progress=end``, ``source`` the name it was given
-    for its input (``-i``), ``remote`` whether that input is read over HTTP.
+    for its input (``-i``): an http:// one is read over the network.
     """
+    remote = source.startswith(("http://", "https://"))
     detail = tail or f"ffmpeg exit {returncode}, nothing on stderr"
     # A death by signal first: a process killed before (or while) it describes its input
     # leaves no description, which must not pass for an input that is not a video. setpriv
@@ -290,38 +316,28 @@ class FFmpegRun:
 
     HEAD_LIMIT = 256 * 1024  # stderr kept from the start: where the input report is
 
-    def __init__(self, cmd: list[str], start: float, end: float | None, deadline: float,
-                 stall_timeout: float, waker: Waker, should_abort: Callable[[], bool],
-                 on_progress: Callable[[float, str], None],
-                 env: dict[str, str] | None = None,
-                 on_input: Callable[[], None] | None = None,
-                 activity: Callable[[], float] | None = None) -> None:
+    def __init__(self, cmd: list[str], ctx: JobContext, cut: Cut,
+                 feed: Feed | None = None) -> None:
         self.cmd = cmd
-        self.env = env
-        self.on_input = on_input  # called once ffmpeg has opened its input and described it
-        # when bytes last arrived for ffmpeg (the relay): reading an index or seeking over
-        # a slow link is progress too, though ffmpeg reports none before its output starts
-        self.activity = activity
-        self.start = start
-        self.end = end
+        self.ctx = ctx
+        self.cut = cut
+        # ``feed``: ffmpeg reads the job's relay, which says when bytes last arrived: reading
+        # an index or seeking over a slow link is progress too, though ffmpeg reports none
+        # before its output starts
+        self.feed = feed
         self.head = b""
         self.input: InputReport | None = None
-        self.deadline = deadline
-        self.stall_timeout = stall_timeout
-        self.waker = waker
-        self.should_abort = should_abort
-        self.on_progress = on_progress
         self.stderr: collections.deque[bytes] = collections.deque(maxlen=64)
         self.report: dict[str, str] = {}
         self.ended = False
 
     def run(self) -> ClipResult:
-        started = time.monotonic()
         argv, preexec = _launcher(self.cmd)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=preexec, env=self.env)
+                                    preexec_fn=preexec,
+                                    env=None if self.feed is None else self.feed.ffmpeg_env())
         except (FileNotFoundError, PermissionError):
             raise Transient("ffmpeg_missing", f"cannot run {self.cmd[0]!r}") from None
         try:
@@ -337,29 +353,31 @@ class FFmpegRun:
         report = InputReport.parse(self.head)
         source = _input_of(self.cmd)
         failed = failure(proc.returncode, report, _tail(b"".join(self.stderr)),
-                         ended=self.ended, start=self.start, source=source,
-                         remote=source.startswith(("http://", "https://")))
+                         ended=self.ended, start=self.cut.start, source=source)
         if failed is not None:
             raise failed
         out_time = _out_time(self.report)
         size = int(self.report.get("total_size", "0") or 0)
-        return ClipResult(out_time=out_time, size=size, elapsed=time.monotonic() - started,
-                          source_duration=report.duration)
+        return ClipResult(out_time=out_time, size=size, source_duration=report.duration,
+                          expected=self.length)
 
     @property
     def length(self) -> float:
         """The clip's expected length, once known (from the job, or the input report)."""
+        start, end = self.cut.start, self.cut.end
         if self.input is None or self.input.duration is None:
-            return (self.end - self.start) if self.end is not None else 0.0
-        end = self.input.duration if self.end is None else min(self.end, self.input.duration)
-        return max(0.0, end - self.start)
+            return (end - start) if end is not None else 0.0
+        end = self.input.duration if end is None else min(end, self.input.duration)
+        return max(0.0, end - start)
 
     def _watch(self, proc: subprocess.Popen) -> None:
         sel = selectors.DefaultSelector()
         assert proc.stdout is not None and proc.stderr is not None
         sel.register(proc.stdout, selectors.EVENT_READ, "progress")
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-        sel.register(self.waker.fileno(), selectors.EVENT_READ, "wake")
+        ctx = self.ctx
+        stall_timeout = ctx.limits.stall_timeout
+        sel.register(ctx.waker.fileno(), selectors.EVENT_READ, "wake")
         pending = b""
         open_pipes = 2
         last_change = time.monotonic()
@@ -367,19 +385,16 @@ class FFmpegRun:
         try:
             while open_pipes:
                 now = time.monotonic()
-                if self.activity is not None:
-                    last_change = max(last_change, self.activity())
-                if self.should_abort():
-                    raise Aborted()
-                if now > self.deadline:
-                    raise Transient("timeout", "the job exceeded its timeout while clipping")
-                if now - last_change > self.stall_timeout:
+                if self.feed is not None:
+                    last_change = max(last_change, self.feed.last_activity)
+                ctx.check("clipping")
+                if now - last_change > stall_timeout:
                     raise Transient("stalled", f"ffmpeg made no progress for "
-                                    f"{self.stall_timeout:g} s")
-                timeout = max(0.0, min(self.deadline, last_change + self.stall_timeout) - now)
+                                    f"{stall_timeout:g} s")
+                timeout = max(0.0, min(ctx.deadline, last_change + stall_timeout) - now)
                 for key, _ in sel.select(timeout=min(timeout, 1.0)):
                     if key.data == "wake":
-                        self.waker.drain()
+                        ctx.waker.drain()
                         continue
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
@@ -390,9 +405,9 @@ class FFmpegRun:
                         if len(self.head) < self.HEAD_LIMIT:
                             self.head += chunk
                             if self.input is None and b"Output #0" in self.head:
+                                # ffmpeg has read its input's index: clipping proper starts
                                 self.input = InputReport.parse(self.head)
-                                if self.on_input is not None:
-                                    self.on_input()
+                                ctx.stage("clip")
                     else:
                         pending = self._parse(pending + chunk)
                         mark = (self.report.get("out_time_us", ""),
@@ -413,7 +428,7 @@ class FFmpegRun:
                 self.ended = value.strip() == "end"
                 percent = 100.0 if self.ended else min(
                     99.9, 100.0 * _out_time(self.report) / self.length if self.length else 0)
-                self.on_progress(percent, self.report.get("speed", ""))
+                self.ctx.on_progress(percent, self.report.get("speed", ""))
         return rest
 
 
@@ -426,7 +441,7 @@ def _input_of(cmd: list[str]) -> str:
 
 
 def _out_time(report: dict[str, str]) -> float:
-    # out_time_ms is in microseconds too, despite its name (FIELD-NOTES).
+    # out_time_ms is in microseconds too, despite its name.
     for key in ("out_time_us", "out_time_ms"):
         value = report.get(key, "")
         if value.lstrip("-").isdigit():

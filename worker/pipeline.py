@@ -1,33 +1,48 @@
-"""One job's stages: fetch the source, probe it, clip it, check the clip, store it.
+"""One job's path, top to bottom: read the source, clip it, check the clip, store it.
 
-The pipeline knows nothing about Redis: it takes a parsed Job, works inside a fresh folder of
-its own under the worker's folder (removed whatever happens), reports stage changes and
-progress through callbacks, and either returns a result or raises a JobFailed/Aborted.
+The pipeline knows nothing about Redis. A worker makes one, which owns the host's source
+cache for as long as the worker lives; ``run`` takes a parsed Job, works inside a fresh
+folder of its own under the worker's folder (removed whatever happens), reports stage
+changes and progress through callbacks, and either returns a Result or raises a
+JobFailed/Aborted. Everything a step of the job needs (deadline, abort check, waker,
+limits, callbacks, the room check) travels in one JobContext, made once per job.
+
+How the source is read is decided in one place, ``_read``, by its scheme and by what its
+server answers, trying in turn:
+
+1. cached: the host's kept copy (worker.cache), once the source confirms it is unchanged;
+   or, once reading it in place has cost its size, a whole download that is kept;
+2. ranges: ffmpeg reads it in place through the job's relay (worker.relay), only the bytes
+   of the index and of the clip; a server that does not seek answers the relay's first
+   request with the whole file, and that answer is handed to the next step;
+3. download: the whole source into the job's folder (from that answer, if one came);
+4. local: a ``file://`` source is read where it is.
+
+``http(s)`` and ``gs`` sources go through 1-3 alike (worker.source.HttpSource,
+worker.gcs.GcsSource); ``[job] range_requests = false`` skips 2.
 """
 
 from __future__ import annotations
 
-import functools
-import http.client
+import contextlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from . import media, relay, source
-from .cache import Identity, SourceCache
+from .cache import SourceCache
 from .config import Config
+from .context import FetchLimits, JobContext
 from .errors import JobFailed, Permanent, Transient
-from .health import MIN_FREE_BYTES, is_disk_error, work_dir_failure
+from .health import MIN_FREE_BYTES, work_dir_failure
 from .job import Job
 from .storage import store_for
 from .wake import Waker
 
 log = logging.getLogger(__name__)
-_Answer = tuple[source.PinnedConnection, http.client.HTTPResponse]  # an unread HTTP answer
 
 # A clip shorter than this share of the range asked for means the source was cut short.
 MIN_OUTPUT_SHARE = 0.5
@@ -36,7 +51,6 @@ MIN_OUTPUT_SHARE = 0.5
 @dataclass
 class Result:
     output: str
-    source_duration: float = 0.0
     clip_start: float = 0.0
     clip_end: float = 0.0
     out_time: float = 0.0
@@ -46,22 +60,13 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-_caches: dict[tuple[str, int, int, str], SourceCache] = {}
+@dataclass(frozen=True)
+class _Read:
+    """How the source was read (a step of the plan), how many of its bytes, and the clip."""
 
-
-def _source_cache(config: Config) -> SourceCache:
-    """The worker's one SourceCache for this configuration (a pipeline is made per job)."""
-    cfg = config.job
-    key = (cfg.cache_dir or os.path.join(cfg.work_dir, "cache"), cfg.cache_max_bytes,
-           _free_needed(config), cfg.work_dir)
-    if key not in _caches:
-        _caches[key] = SourceCache(key[0], key[1], keep_free=key[2], work_dir=key[3])
-    return _caches[key]
-
-
-def _free_needed(config: Config) -> int:
-    # What the cache leaves free for the jobs: room for one source of the largest size.
-    return min(config.job.max_source_bytes, 1 << 40)
+    how: str
+    nbytes: int
+    clip: media.ClipResult
 
 
 class Pipeline:
@@ -75,7 +80,15 @@ class Pipeline:
         self.should_abort = should_abort
         self.on_stage = on_stage
         self.on_progress = on_progress
-        self.cache = _source_cache(config) if config.job.cache_max_bytes else None
+        cfg = config.job
+        self.limits = FetchLimits(connect_timeout=cfg.connect_timeout,
+                                  stall_timeout=cfg.stall_timeout,
+                                  max_bytes=cfg.max_source_bytes,
+                                  allow_private=cfg.allow_private_networks)
+        # The cache leaves room free in work_dir for one source of the largest size.
+        self.cache = SourceCache(cfg.cache_dir or os.path.join(cfg.work_dir, "cache"),
+                                 cfg.cache_max_bytes, keep_free=min(cfg.max_source_bytes, 1 << 40),
+                                 work_dir=cfg.work_dir) if cfg.cache_max_bytes else None
 
     def already_stored(self, job: Job) -> bool:
         """True when an earlier attempt of this job stored its output (by this job id)."""
@@ -89,205 +102,138 @@ class Pipeline:
             os.makedirs(job_dir)
         except OSError as exc:  # the host's fault: the worker then probes it (worker.health)
             raise work_dir_failure(exc, f"cannot create {job_dir}") from None
+        ctx = JobContext(deadline, self.limits, self.waker, self.should_abort, self.on_stage,
+                         self.on_progress, room=lambda size: self._room_for(size, job_dir))
         try:
-            return self._run(job, job_dir, deadline)
+            return self._run(job, ctx, job_dir)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    def _stage(self, result: Result, name: str, started: float) -> float:
-        now = time.monotonic()
-        result.timings[name] = round(now - started, 3)
-        return now
-
-    def _run(self, job: Job, job_dir: str, deadline: float) -> Result:
-        result = Result(output=job.output)
-        clip_path = os.path.join(job_dir, f"clip.{job.format}")
-        started = time.monotonic()
-
+    def _run(self, job: Job, ctx: JobContext, job_dir: str) -> Result:
         # No separate ffprobe: ffmpeg's own report on its input validates the job (format,
         # video stream, start before the end), which saves a process per job (~0.14 s here).
-        self.on_stage("fetch")
-        scheme = urlsplit(job.url).scheme.lower()
+        ctx.stage("fetch")
         # Only the floor up front (for the clip): what a download needs is checked against
-        # the source's own size once its server or bucket has told it (_room_for).
-        self._room_for(0, job_dir)
-        outcome, whole, local = None, None, None
-        if self.cache is not None and scheme in ("http", "https", "gs"):
-            local = self._cached(self.cache, job, job_dir, deadline, result)
-        if local is None and self.config.job.range_requests and scheme in ("http", "https"):
-            # "fetch" until ffmpeg has read the source's index through the relay, then "clip"
-            def opened() -> None:
-                nonlocal started
-                started = self._stage(result, "fetch", started)
-                self.on_stage("clip")
+        # the source's own size once its server or bucket has told it (ctx.room).
+        ctx.room(0)
+        clip_path = os.path.join(job_dir, f"clip.{job.format}")
+        read = self._read(ctx, job, clip_path)
+        clip = read.clip
+        self._verify(clip, clip_path)
+        duration = clip.source_duration
+        end = job.end if duration is None else duration if job.end is None else min(
+            job.end, duration)
+        clip_end = end if end is not None else 0.0
+        size = os.path.getsize(clip_path)  # before the store moves it
 
-            outcome, whole = self._clip_in_place(job, clip_path, deadline, result, opened)
-        if outcome is None:  # a local copy first: cached, not http(s), or no seeking
-            if local is None:
-                local = self._fetch(job, job_dir, deadline, result, whole)
-            started = self._stage(result, "fetch", started)
-            self.on_stage("clip")
-            outcome = self._clip(job, local, clip_path, deadline)
-        clip, expected = outcome
-        result.source_duration = clip.source_duration or 0.0
-        end = job.end if clip.source_duration is None else (
-            clip.source_duration if job.end is None else min(job.end, clip.source_duration))
-        result.clip_start, result.clip_end = job.start, end if end is not None else 0.0
-        self._verify(clip, clip_path, expected)
-        result.out_time, result.size = clip.out_time, os.path.getsize(clip_path)
-        started = self._stage(result, "clip", started)
-
-        self.on_stage("store")
-        if time.monotonic() > deadline:
-            raise Transient("timeout", "the job exceeded its timeout before storing")
+        ctx.stage("store")
+        ctx.check("clipping")
         store = store_for(job.output, self.worker_dir, self.config.storage)
         store.put(clip_path, job.output, {
             "job_id": job.id, "source": job.url, "start": f"{job.start:g}",
-            "end": f"{result.clip_end:g}"})
-        self._stage(result, "store", started)
-        return result
+            "end": f"{clip_end:g}"}, ctx)
+        ctx.stage("")
+        return Result(output=job.output, clip_start=job.start, clip_end=clip_end,
+                      out_time=clip.out_time, size=size,
+                      bytes_in=read.nbytes, read=read.how, timings=ctx.timings)
 
-    def _clip(self, job: Job, src: str, clip_path: str, deadline: float,
-              read: relay.Relay | None = None, on_input: Callable[[], None] | None = None,
-              ) -> tuple[media.ClipResult, float]:
-        """Run ffmpeg on a local file, or on the job's relay (``read``)."""
-        cfg = self.config.job
-        length = None if job.end is None else job.end - job.start
-        cmd = media.clip_command(cfg.ffmpeg, src, clip_path, job.start, length, job.mode,
-                                 job.muxer, cfg.encode_preset,
-                                 # ffmpeg's own network timeout, after the relay's and ours
-                                 rw_timeout=None if read is None else cfg.stall_timeout + 5)
-        run = media.FFmpegRun(cmd, job.start, job.end, deadline, cfg.stall_timeout, self.waker,
-                              self.should_abort, self.on_progress,
-                              env=None if read is None else read.ffmpeg_env(),
-                              on_input=on_input,
-                              activity=None if read is None else lambda: read.last_activity)
-        try:
-            return run.run(), run.length
-        except JobFailed as exc:
-            if read is None:
-                raise
-            if read.error is not None:  # ffmpeg saw a failed read; this is why
-                raise read.error from None
-            # ffmpeg's words name the relay: name the source instead
-            raise type(exc)(exc.reason, exc.error.replace(read.url, job.url)) from None
+    # --- the read plan -----------------------------------------------------------------------
 
-    def _limits(self) -> source.FetchLimits:
-        cfg = self.config.job
-        return source.FetchLimits(connect_timeout=cfg.connect_timeout,
-                                  stall_timeout=cfg.stall_timeout,
-                                  max_bytes=cfg.max_source_bytes,
-                                  allow_private=cfg.allow_private_networks)
-
-    def _clip_in_place(self, job: Job, clip_path: str, deadline: float, result: Result,
-                       opened: Callable[[], None],
-                       ) -> tuple[tuple[media.ClipResult, float] | None, _Answer | None]:
-        """Clip an http(s) source that ffmpeg reads through the job's relay, if its server
-        seeks. If not: (None, the server's 200 answer with the whole file, if it sent one)."""
-        with relay.Relay(job.url, self._limits(), deadline) as read:
-            try:
-                outcome = self._clip(job, read.url, clip_path, deadline, read, opened)
-            except JobFailed:
-                if read.no_ranges and read.error is None:
+    def _read(self, ctx: JobContext, job: Job, clip_path: str) -> _Read:
+        """Read the source by the first step of the plan that applies, and clip it."""
+        scheme = urlsplit(job.url).scheme.lower()
+        if scheme == "file":  # 4. local
+            path = source.local_path(job.url, ctx.limits.max_bytes)
+            return _Read("local", os.path.getsize(path), self._clip(ctx, job, path, clip_path))
+        src = self._remote_source(job.url, scheme)
+        dest = os.path.join(os.path.dirname(clip_path), "source")
+        step = "ranges" if self.config.job.range_requests else "download"
+        answer = None
+        with contextlib.ExitStack() as held:
+            if self.cache is not None:  # 1. cached
+                if self._kept(ctx, job, src, dest):
+                    step = "cache"
+                elif self.cache.worth_buying(job.url) and \
+                        held.enter_context(self.cache.buying(job.url)):
+                    # Reading in place has cost the source's size: download it and keep it.
+                    # One worker does, holding the right until the copy is kept (the others
+                    # go on as before); another may have kept it a moment ago.
+                    step = "cache" if self._kept(ctx, job, src, dest) else "download"
+            if step == "ranges":  # 2. ranges
+                with relay.Relay(src.remote, ctx) as feed:
+                    clip = self._clip_in_place(ctx, job, feed, clip_path)
+                    if clip is not None:
+                        if self.cache is not None:
+                            self.cache.rent(job.url, feed.identity, feed.bytes_in)
+                        log.debug("job %s: read %d of %s bytes in %d range requests",
+                                  job.id, feed.bytes_in, feed.size, feed.requests)
+                        return _Read("ranges", feed.bytes_in, clip)
                     log.debug("job %s: %s does not answer Range requests: downloading it",
                               job.id, job.url)
-                    return None, read.take_whole()
-                raise
-        if read.error is not None:  # the clip may look fine, but a read failed
-            raise read.error
-        result.bytes_in, result.read = read.bytes_in, "ranges"
-        if self.cache is not None and read.size:
-            self.cache.rent(job.url, Identity(read.size, read.validator), read.bytes_in)
-        log.debug("job %s: read %d of %s bytes in %d range requests", job.id, read.bytes_in,
-                  read.size, read.requests)
-        return outcome, None
+                    answer = feed.take_whole()  # its 200 with the whole file, if it sent one
+                step = "download"
+            nbytes = 0
+            if step == "download":  # 3. download
+                nbytes, identity = src.download(dest, ctx, answer)
+                if self.cache is not None and self.cache.keep(job.url, dest, identity):
+                    log.debug("job %s: %s kept in the source cache", job.id, job.url)
+        return _Read(step, nbytes, self._clip(ctx, job, dest, clip_path))
 
-    def _fetch(self, job: Job, job_dir: str, deadline: float, result: Result,
-               whole: _Answer | None = None) -> str:
-        """The source as a local file: downloaded (``whole``: from that answer), or in place
-        for ``file://``."""
-        cfg = self.config.job
-        scheme = urlsplit(job.url).scheme.lower()
-        if scheme == "file":
-            path = source.local_path(job.url, cfg.max_source_bytes)
-            result.bytes_in = os.path.getsize(path)
-            result.read = "local"
-            return path
+    def _remote_source(self, url: str, scheme: str) -> source.RemoteSource:
         if scheme in ("http", "https"):
-            dest = os.path.join(job_dir, "source")
-            room = functools.partial(self._room_for, job_dir=job_dir)
-            if whole is None:
-                result.bytes_in, identity = source.fetch_http(
-                    job.url, dest, self._limits(), deadline, self.should_abort, self.waker,
-                    room=room)
-            else:
-                result.bytes_in, identity = source.download(
-                    *whole, job.url, dest, self._limits(), deadline, self.should_abort,
-                    self.waker, room=room)
-            result.read = "download"
-            self._keep(job, dest, identity)
-            return dest
+            return source.HttpSource(url)
         if scheme == "gs":
             from . import gcs  # not imported by a worker that never sees gs:// (see storage)
 
-            dest = os.path.join(job_dir, "source")
-            # The object's size first (one metadata request), so that a download that cannot
-            # fit is not started: filling the disk would fail the other workers' jobs too.
-            now = gcs.identify(job.url, self.config.storage)
-            if now is not None and now.size <= cfg.max_source_bytes:
-                self._room_for(now.size, job_dir)
-            try:
-                result.bytes_in, identity = gcs.download(job.url, dest, self.config.storage,
-                                                         cfg.max_source_bytes, deadline,
-                                                         self.should_abort)
-            except OSError as exc:
-                if not is_disk_error(exc):
-                    raise
-                raise work_dir_failure(exc, f"writing {job.url} into {dest}") from None
-            result.read = "download"
-            self._keep(job, dest, identity)
-            return dest
+            return gcs.GcsSource(url, self.config.storage, self.limits.max_bytes)
         raise Permanent("scheme_not_allowed", f"{scheme}:// sources are not supported")
 
-    def _keep(self, job: Job, path: str, identity: Identity | None) -> None:
-        if self.cache is not None and self.cache.keep(job.url, path, identity):
-            log.debug("job %s: %s kept in the source cache", job.id, job.url)
-
-    def _cached(self, cache: SourceCache, job: Job, job_dir: str, deadline: float,
-                result: Result) -> str | None:
-        """The source from the host's cache (see worker.cache): its kept copy once the source
-        confirms it is unchanged, or a whole download that is kept, once reading it in
-        place has cost its size. None: read it as usual."""
-        local = self._from_cache(cache, job, job_dir, deadline, result)
-        if local is None and cache.worth_buying(job.url):
-            with cache.buying(job.url) as mine:  # one worker downloads; the others go on
-                if mine:
-                    local = self._from_cache(cache, job, job_dir, deadline, result) or \
-                        self._fetch(job, job_dir, deadline, result)
-        return local
-
-    def _from_cache(self, cache: SourceCache, job: Job, job_dir: str, deadline: float,
-                    result: Result) -> str | None:
-        entry = cache.lookup(job.url)
-        if entry is None or entry.identity.size > self.config.job.max_source_bytes:
-            return None
-        if urlsplit(job.url).scheme.lower() == "gs":
-            from . import gcs  # lazily, as in _fetch
-
-            now = gcs.identify(job.url, self.config.storage)
-        else:
-            now = source.identify(job.url, self._limits(), deadline, self.should_abort,
-                                  self.waker)
-        if now != entry.identity:
+    def _kept(self, ctx: JobContext, job: Job, src: source.RemoteSource, dest: str) -> bool:
+        """Step 1: the source's kept copy linked to ``dest``, once the source confirms it
+        is unchanged; False when there is none, or the source changed."""
+        assert self.cache is not None
+        entry = self.cache.lookup(job.url)
+        if entry is None or entry.identity.size > ctx.limits.max_bytes:
+            return False
+        if src.identify(ctx) != entry.identity:
             log.info("job %s: %s changed since it was kept: reading it afresh", job.id,
                      job.url)
-            cache.forget(job.url)
-            return None
-        dest = os.path.join(job_dir, "source")
-        if not cache.use(entry, dest):
-            return None
-        result.bytes_in, result.read = 0, "cache"
-        return dest
+            self.cache.forget(job.url)
+            return False
+        return self.cache.use(entry, dest)
+
+    def _clip_in_place(self, ctx: JobContext, job: Job, feed: relay.Relay,
+                       clip_path: str) -> media.ClipResult | None:
+        """Step 2: clip what ffmpeg reads through the relay; None when the source's server
+        does not seek (the relay keeps its whole answer, if it sent one)."""
+        try:
+            clip = self._clip(ctx, job, feed.url, clip_path, feed)
+        except JobFailed as exc:
+            if feed.error is not None:  # ffmpeg saw a failed read; this is why
+                raise feed.error from None
+            if feed.no_ranges:
+                return None
+            # ffmpeg's words name the relay: name the source instead
+            raise type(exc)(exc.reason, exc.error.replace(feed.url, job.url)) from None
+        if feed.error is not None:  # the clip may look fine, but a read failed
+            raise feed.error
+        return clip
+
+    def _clip(self, ctx: JobContext, job: Job, src: str, clip_path: str,
+              feed: relay.Relay | None = None) -> media.ClipResult:
+        """Run ffmpeg on a local file, or on the job's relay (``feed``). Clipping starts now
+        for a local file; through the relay, once ffmpeg has read the source's index."""
+        if feed is None:
+            ctx.stage("clip")
+        cfg = self.config.job
+        cut = media.Cut(job.start, None if job.end is None else job.end - job.start,
+                        job.mode, job.muxer, cfg.encode_preset)
+        # ffmpeg's own network timeout, after the relay's and ours
+        rw_timeout = None if feed is None else ctx.limits.stall_timeout + 5
+        cmd = media.clip_command(cfg.ffmpeg, src, clip_path, cut, rw_timeout)
+        return media.FFmpegRun(cmd, ctx, cut, feed).run()
+
+    # --- room and checks -----------------------------------------------------------------------
 
     def _room_for(self, size: int, job_dir: str) -> None:
         """Room in work_dir for a source of ``size`` bytes about to be written (0: none, the
@@ -311,15 +257,16 @@ class Pipeline:
             raise Transient("disk_full", f"{usage.free} bytes free in work_dir, {wanted}")
 
     @staticmethod
-    def _verify(clip: media.ClipResult, path: str, expected: float) -> None:
-        # ffmpeg can exit 0 on a broken input with a tiny or empty output (FIELD-NOTES): check
-        # what it reports it wrote, and the file itself, before storing anything.
+    def _verify(clip: media.ClipResult, path: str) -> None:
+        # ffmpeg can exit 0 on a broken input with a tiny or empty output (a truncated file
+        # whose index is at the front, a start past the end): check what it reports it
+        # wrote, and the file itself, before storing anything.
         try:
             size = os.path.getsize(path)
         except FileNotFoundError:
             raise Permanent("media_error", "ffmpeg wrote no output file") from None
         if size == 0 or clip.out_time <= 0:
             raise Permanent("media_error", f"ffmpeg wrote an empty clip ({size} bytes)")
-        if clip.out_time < expected * MIN_OUTPUT_SHARE:
+        if clip.out_time < clip.expected * MIN_OUTPUT_SHARE:
             raise Permanent("media_error", f"the clip is {clip.out_time:.2f} s long, "
-                            f"{expected:.2f} s were asked for: the source is damaged")
+                            f"{clip.expected:.2f} s were asked for: the source is damaged")

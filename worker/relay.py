@@ -1,11 +1,15 @@
 """A per-job Range relay: ffmpeg reads a remote source in place, through the address guard.
 
 ffmpeg seeking on an HTTP URL (``-ss`` before ``-i``) reads the index and then only the
-bytes of the clip, with Range requests (FIELD-NOTES): for 10 s of a long source that is a
-few megabytes instead of the whole file. Handing ffmpeg the source URL itself would lose
-what ``source`` guarantees: every redirect hop checked against the address guard, the
-connection made to the address that was checked (no DNS rebinding), reads with a stall
-timeout, the job's deadline and ``max_source_bytes``.
+bytes of the clip, with Range requests (``bytes=0-``, then ``bytes=N-``): for 10 s of a long
+source that is a few megabytes instead of the whole file. Handing ffmpeg the source URL
+itself would lose what ``source`` guarantees: every redirect hop checked against the address
+guard, the connection made to the address that was checked (no DNS rebinding), reads with a
+stall timeout, the job's deadline and ``max_source_bytes``; and ffmpeg could not read a
+Cloud Storage object, whose requests need the client's credentials.
+
+The source is a ``source.Remote``: an http(s) URL, or a Cloud Storage object's media link
+with the headers that authorize each request (worker.gcs). Both are read the same way.
 
 So ffmpeg gets ``http://127.0.0.1:<port>/source`` instead, served by this relay in the
 worker, and runs with ``http_proxy`` pointing here, with a per-job password (in its
@@ -35,6 +39,7 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 from . import source
+from .context import FetchLimits, Identity, JobContext
 from .errors import JobFailed, Permanent, Transient
 
 log = logging.getLogger(__name__)
@@ -59,15 +64,20 @@ class Relay:
     request is spent on asking, and nothing waits for an answer before ffmpeg starts.
     """
 
-    def __init__(self, url: str, limits: source.FetchLimits, deadline: float) -> None:
-        self.origin = url  # the job's URL
-        self.source_url = url  # where it redirects to, once the first answer came
+    def __init__(self, remote: source.Remote, ctx: JobContext) -> None:
+        self.remote = remote
+        self.origin = remote.url  # the job's URL (or the object's media link)
+        self.source_url = remote.url  # where it redirects to, once the first answer came
         self.size: int | None = None  # known from the first 206
-        self.validator = ""  # a strong ETag, else Last-Modified: sent as If-Range
+        # a strong ETag, else Last-Modified: sent as If-Range. Not for a source whose URL
+        # names one version (a Cloud Storage generation): any answer is of that version.
+        self.validator = ""
         self.no_ranges = False  # the server does not seek: download instead
-        self.whole: tuple[source.PinnedConnection, http.client.HTTPResponse] | None = None
-        self.limits = limits
-        self.deadline = deadline
+        self.whole: source.Answer | None = None
+        # the address guard is for hosts a job names, not for the operator's endpoint
+        self.limits = ctx.limits if remote.guarded else FetchLimits(
+            ctx.limits.connect_timeout, ctx.limits.stall_timeout, ctx.limits.max_bytes, True)
+        self.deadline = ctx.deadline
         self.error: JobFailed | None = None
         self.bytes_in = 0
         self.last_activity = time.monotonic()  # when bytes last came from the source
@@ -103,7 +113,14 @@ class Relay:
             if self.error is None and not self._closed:
                 self.error = exc
 
-    def take_whole(self) -> tuple[source.PinnedConnection, http.client.HTTPResponse] | None:
+    @property
+    def identity(self) -> Identity | None:
+        """What the source is, as far as the reads told (for the source cache)."""
+        if self.remote.identity is not None:
+            return self.remote.identity
+        return None if self.size is None else Identity(self.size, self.validator)
+
+    def take_whole(self) -> source.Answer | None:
         """The server's 200 answer with the whole file, for the caller to read and close."""
         with self._lock:
             whole, self.whole = self.whole, None
@@ -242,9 +259,9 @@ class Relay:
     def _request(self, first: int, last: int | None,
                  ) -> tuple[source.PinnedConnection, http.client.HTTPResponse, str] | None:
         """Ask the source for ``first``-``last``; None once the failure is recorded."""
-        headers = {"Range": f"bytes={first}-{'' if last is None else last}"}
+        wanted = {"Range": f"bytes={first}-{'' if last is None else last}"}
         if self.validator:
-            headers["If-Range"] = self.validator
+            wanted["If-Range"] = self.validator
         with self._lock:
             if self._closed:
                 return None
@@ -263,6 +280,7 @@ class Relay:
 
         url = self.source_url
         try:
+            headers = {**self.remote.headers(), **wanted} if self.remote.headers else wanted
             opened = source.open_url(url, self.limits, self.deadline, None, headers,
                                      on_connect)
             if opened[1].status in (401, 403, 404, 410) and url != self.origin:
@@ -287,7 +305,7 @@ class Relay:
         """Learn from the source's first answer whether it seeks, and its size; False when
         ffmpeg cannot read it through the relay (then ``no_ranges``, or ``error``)."""
         try:
-            source.check_status(resp, final, ok=(200, 206, 416))
+            self._check(resp, final, ok=(200, 206, 416))
         except JobFailed as exc:  # 404, 403, 5xx...: the job's failure, as for a download
             source.discard(conn, resp)
             self.fail(exc)
@@ -303,15 +321,30 @@ class Relay:
             if not keep:  # 416 (an empty file) or a vague 206: the pipeline downloads
                 source.discard(conn, resp)  # it with a request of its own
             return False
+        known = self.remote.identity
+        failed: JobFailed | None = None
         if got[2] > self.limits.max_bytes:
+            failed = Permanent("source_too_large",
+                               f"{got[2]} bytes > max_source_bytes {self.limits.max_bytes}")
+        elif known is not None and got[2] != known.size:
+            failed = Transient("source_changed", f"{final} is {got[2]} bytes now; it was "
+                               f"{known.size} when the job began")
+        if failed is not None:
             source.discard(conn, resp)
-            self.fail(Permanent("source_too_large",
-                                f"{got[2]} bytes > max_source_bytes {self.limits.max_bytes}"))
+            self.fail(failed)
             return False
         with self._lock:
             self.size, self.source_url = got[2], final
-            self.validator = source.validator(resp)
+            self.validator = source.validator(resp) if known is None else ""
         return True
+
+    def _check(self, resp: http.client.HTTPResponse, url: str, ok: tuple[int, ...]) -> None:
+        """source.check_status, except that for a source whose URL names one version, a
+        404 means that version is gone (replaced, or deleted), which may pass."""
+        if self.remote.identity is not None and resp.status in (404, 410):
+            raise Transient("source_changed", f"HTTP {resp.status} from {url}: the version "
+                            "being read is gone")
+        source.check_status(resp, url, ok)
 
     def _pass_on(self, conn: source.PinnedConnection, resp: http.client.HTTPResponse,
                  out: _Client, first: int, last: int | None) -> None:
@@ -407,7 +440,7 @@ class Relay:
         wanted = f"bytes={pos}-{'' if last is None else last}"
         if resp.status == 416:
             return None
-        source.check_status(resp, url, ok=(200, 206))
+        self._check(resp, url, ok=(200, 206))
         if resp.status == 206:
             got = source.content_range(resp)
             if got is None or got[0] != pos or got[2] != size or not got[0] <= got[1] < size:

@@ -21,9 +21,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .cache import Identity
+from .context import FetchLimits, Identity, JobContext
 from .errors import Aborted, Permanent, Transient
 from .health import is_disk_error, work_dir_failure
 from .wake import Waker
@@ -35,14 +36,6 @@ RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, not
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _IPV4_COMPAT = ipaddress.IPv6Network("::/96")
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    connect_timeout: float
-    stall_timeout: float
-    max_bytes: int
-    allow_private: bool
 
 
 def address_allowed(address: str) -> bool:
@@ -130,6 +123,10 @@ def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             url = urljoin(url, resp.getheader("Location"))
             conn.close()
+            if headers and urlsplit(url).netloc != parts.netloc:
+                # credentials are for the origin that asked for them (as curl and requests
+                # do): another host never sees them
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             continue
         return conn, resp, url
     raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
@@ -228,14 +225,14 @@ def validator(resp: http.client.HTTPResponse) -> str:
     return resp.getheader("Last-Modified") or ""
 
 
-def identify(url: str, limits: FetchLimits, deadline: float, should_abort: Callable[[], bool],
-             waker: Waker) -> Identity | None:
+def identify(url: str, ctx: JobContext) -> Identity | None:
     """Ask the source what it is now, with a one-byte range request: its size and validator
     (None if it does not tell both). Failures are the job's, as for a download."""
     try:
-        conn, resp, final = open_url(url, limits, deadline, waker, {"Range": "bytes=0-0"})
+        conn, resp, final = open_url(url, ctx.limits, ctx.deadline, ctx.waker,
+                                     {"Range": "bytes=0-0"})
     except (OSError, http.client.HTTPException) as exc:
-        if should_abort():
+        if ctx.should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
     try:
@@ -258,50 +255,48 @@ def _identity(resp: http.client.HTTPResponse, total: int) -> Identity | None:
     return Identity(total, tag) if tag and resp.getheader("Content-Length") else None
 
 
-def fetch_http(url: str, dest: str, limits: FetchLimits, deadline: float,
-               should_abort: Callable[[], bool], waker: Waker,
-               room: Callable[[int], None] | None = None) -> tuple[int, Identity | None]:
+def fetch_http(url: str, dest: str, ctx: JobContext) -> tuple[int, Identity | None]:
     """Download ``url`` into ``dest``; return the number of bytes, and what the source said
-    it is (if it told a validator and a length, which the download matched). ``room`` is
-    asked for room for the source's announced length before its first byte is written
-    (it raises the job failure when there is none)."""
+    it is (if it told a validator and a length, which the download matched)."""
     try:
-        conn, resp, _ = open_url(url, limits, deadline, waker)
+        answer = open_url(url, ctx.limits, ctx.deadline, ctx.waker)[:2]
     except (Permanent, Transient):
         raise
     except (OSError, http.client.HTTPException) as exc:
-        if should_abort():
+        if ctx.should_abort():
             raise Aborted() from None
         raise Transient("fetch_failed", f"cannot fetch {url}: {exc}") from None
-    return download(conn, resp, url, dest, limits, deadline, should_abort, waker, room)
+    return download(answer, url, dest, ctx)
 
 
-def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
-             dest: str, limits: FetchLimits, deadline: float,
-             should_abort: Callable[[], bool], waker: Waker,
-             room: Callable[[int], None] | None = None) -> tuple[int, Identity | None]:
-    """Write the body of ``resp`` (a 200 answer) into ``dest``; return the number of bytes
-    and the source's identity (see fetch_http). The connection is closed in the end.
+Answer = tuple[PinnedConnection, http.client.HTTPResponse]  # an answer whose body is unread
+
+
+def download(answer: Answer, url: str, dest: str, ctx: JobContext,
+             ) -> tuple[int, Identity | None]:
+    """Write the body of ``answer`` (a 200) into ``dest``; return the number of bytes and
+    the source's identity (see fetch_http). The connection is closed in the end. The job's
+    room check (``ctx.room``) is asked for the announced length before the first byte is
+    written.
 
     A write that fails (a full or read-only work_dir) is the host's failure, not a failed
     fetch: ``disk_full`` or ``work_dir_not_writable`` (see worker.health)."""
+    conn, resp = answer
+    limits = ctx.limits
     try:
         check_status(resp, url)
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > limits.max_bytes:
             raise Permanent("source_too_large",
                             f"Content-Length {length} > max_source_bytes {limits.max_bytes}")
-        if room is not None and length and length.isdigit():
-            room(int(length))
+        if length and length.isdigit():
+            ctx.room(int(length))
         if conn.live_sock is not None:
             conn.live_sock.settimeout(limits.stall_timeout)
         total = 0
-        with open(dest, "wb") as out, waker.watching(conn.live_sock):
+        with open(dest, "wb") as out, ctx.waker.watching(conn.live_sock):
             while True:
-                if should_abort():
-                    raise Aborted()
-                if time.monotonic() > deadline:
-                    raise Transient("timeout", f"fetching {url} exceeded the job timeout")
+                ctx.check(f"fetching {url}")
                 try:
                     chunk = resp.read1(CHUNK)
                 except TimeoutError:
@@ -314,19 +309,70 @@ def download(conn: PinnedConnection, resp: http.client.HTTPResponse, url: str,
                     raise Permanent("source_too_large",
                                     f"more than max_source_bytes {limits.max_bytes}")
                 out.write(chunk)
-        if should_abort():
+        if ctx.should_abort():
             raise Aborted()
         if length and length.isdigit() and total != int(length):
             raise Transient("fetch_failed", f"{url}: got {total} of {length} bytes")
         return total, _identity(resp, total)
     except (OSError, http.client.HTTPException) as exc:
-        if should_abort():
+        if ctx.should_abort():
             raise Aborted() from None
         if isinstance(exc, OSError) and is_disk_error(exc):  # the file's: not a socket errno
             raise work_dir_failure(exc, f"writing {url} into {dest}") from None
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
     finally:
         close(conn, resp)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where a remote source's bytes are read with HTTP Range requests (worker.relay).
+
+    ``url`` is an http(s) URL: the job's own, or a Cloud Storage object's media link.
+    ``identity``, when known before reading (a Cloud Storage object's size and generation),
+    is the very version ``url`` reads: an answer of another size, or a 404, means that
+    version is gone. ``headers`` are asked for before each request (a bearer token, fresh
+    when the last one expired). ``guarded``: the address guard applies, because the job
+    named the host; an endpoint the operator configured (Cloud Storage's) is not guarded.
+    """
+
+    url: str
+    identity: Identity | None = None
+    headers: Callable[[], dict[str, str]] | None = None
+    guarded: bool = True
+
+
+class RemoteSource(Protocol):
+    """A source that is read over the network: in place through the relay (``remote``),
+    confirmed unchanged for the source cache (``identify``), or downloaded whole."""
+
+    url: str  # the job's
+    remote: Remote
+
+    def identify(self, ctx: JobContext) -> Identity | None: ...
+
+    def download(self, dest: str, ctx: JobContext, answer: Answer | None = None,
+                 ) -> tuple[int, Identity | None]:
+        """Download into ``dest``: from ``answer`` if one came (a server that does not
+        seek answered the relay with the whole file), else with a request of its own."""
+        ...
+
+
+class HttpSource:
+    """An http(s) source: read and confirmed through the address guard (see above)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.remote = Remote(url)
+
+    def identify(self, ctx: JobContext) -> Identity | None:
+        return identify(self.url, ctx)
+
+    def download(self, dest: str, ctx: JobContext, answer: Answer | None = None,
+                 ) -> tuple[int, Identity | None]:
+        if answer is None:
+            return fetch_http(self.url, dest, ctx)
+        return download(answer, self.url, dest, ctx)
 
 
 def local_path(url: str, max_bytes: int) -> str:

@@ -23,6 +23,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from .config import StorageConfig
+from .context import JobContext
 from .errors import JobFailed, Permanent, Transient
 from .fsafe import UnsafePath, open_subdir
 
@@ -34,7 +35,11 @@ class Store(Protocol):
         """True when ``url`` holds a finished output of job ``job_id``."""
         ...
 
-    def put(self, local_path: str, url: str, metadata: dict[str, str]) -> None: ...
+    def put(self, local_path: str, url: str, metadata: dict[str, str],
+            ctx: JobContext | None = None) -> None:
+        """Store the clip at ``local_path`` as ``url``, within the job's deadline
+        (``ctx``)."""
+        ...
 
 
 class LocalStore:
@@ -77,7 +82,9 @@ class LocalStore:
             os.close(folder_fd)
         return stat.S_ISREG(st.st_mode)
 
-    def put(self, local_path: str, url: str, metadata: dict[str, str]) -> None:
+    def put(self, local_path: str, url: str, metadata: dict[str, str],
+            ctx: JobContext | None = None) -> None:
+        # A rename, or a copy on the same host: nothing here waits on the network.
         target = urlsplit(url).path
         try:
             folder_fd, name = self._walk(target, create=True)
