@@ -1,4 +1,4 @@
-"""Hostile and broken inputs, limits and recycling (SPEC sections 5 and 9).
+"""Hostile and broken inputs, limits and recycling: what a job may cost, and what it may reach.
 
 Every network target here is on loopback: the address guard is proven end to end only with
 127.0.0.1, localhost, [::1] and odd spellings of them, which it refuses before connecting.
@@ -6,8 +6,10 @@ Every network target here is on loopback: the address guard is proven end to end
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
+import threading
 import time
 
 import psutil
@@ -113,6 +115,51 @@ def test_a_redirect_is_checked_at_every_hop(http, monkeypatch):
                                         allowed)
     assert resp.status == 200 and final == target
     conn.close()
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """/hop/<host>: 302 to the same path on ``host``; /end: 200. Records each request's
+    host and Authorization header."""
+
+    seen: list[tuple[str, str | None]] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.seen.append((self.headers["Host"].split(":")[0], self.headers["Authorization"]))
+        port = self.server.server_address[1]
+        if self.path.startswith("/hop/"):
+            self.send_response(302)
+            self.send_header("Location", f"http://{self.path[5:]}:{port}/end")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_credentials_go_to_the_origin_that_asked_for_them_only(monkeypatch):
+    # Given a source whose requests carry a bearer token (a Cloud Storage media link), on a
+    # server that redirects, and names that all resolve to 127.0.0.1
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    monkeypatch.setattr(source, "resolve", lambda host, port, allow: "127.0.0.1")
+    limits = source.FetchLimits(2, 2, 1 << 30, allow_private=True)
+    port = server.server_address[1]
+    try:
+        for target in ("same.test", "other.test"):
+            _Echo.seen = []
+            conn, resp, _ = source.open_url(f"http://same.test:{port}/hop/{target}", limits,
+                                            headers={"Authorization": "Bearer secret"})
+            source.discard(conn, resp)
+            # Then a redirect within the origin keeps the token; one to another host drops it
+            want = None if target == "other.test" else "Bearer secret"
+            assert _Echo.seen == [("same.test", "Bearer secret"), (target, want)]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.mark.parametrize("spelling", ["127.1", "0x7f000001", "2130706433", "localhost",
