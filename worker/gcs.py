@@ -75,6 +75,9 @@ STORAGE_ERRORS = (api_exceptions.GoogleAPIError, google.auth.exceptions.GoogleAu
                   requests.RequestException, DataCorruption, InvalidResponse, ConnectionError,
                   TimeoutError)
 
+# What a request or its retries end with when their time ran out.
+TIMED_OUT = (api_exceptions.RetryError, requests.Timeout, TimeoutError)
+
 _clients: dict[tuple[int, str, str], tuple[Any, Any]] = {}  # -> (client, its credentials)
 
 
@@ -287,7 +290,7 @@ class GcsStore:
                              metadata.get("job_id"))
                     return
                 failed = failure(exc, url, reading=False)
-                if bounded and not failed.permanent:
+                if bounded and isinstance(exc, TIMED_OUT):  # the job's time ran out
                     raise Transient("timeout", f"storing {url} did not finish within the "
                                     f"job's timeout: {failed.error}") from None
                 raise failed from None
