@@ -3,8 +3,10 @@
 Read side: ``GET /`` (and ``/job/<id>``) is one static page from ``supervisor/static/``
 that polls a JSON API: ``/api/stats`` (exactly ``admin.stats``, what ``clip-supervisor
 stats --json`` prints), ``/api/recent``, ``/api/throughput``, ``/api/job/<id>``,
-``/api/info``. Polling rather than server push keeps the server a plain request/response
-handler: an open page costs a few small requests a second, never a thread of its own.
+``/api/info``, ``/api/slots`` (this master's FATAL worker slots, which only it knows: they
+have no worker to register in Redis). Polling rather than server push keeps the server a
+plain request/response handler: an open page costs a few small requests a second, never a
+thread of its own.
 
 Write side: ``POST /api/dead/retry``, ``/api/dead/retry-all``, ``/api/dead/purge``. Each
 must carry the ``[metrics] auth_token`` in an ``X-Clip-Token`` header (a custom header, so
@@ -126,6 +128,9 @@ class Dashboard:
                         .read_bytes() for name in STATIC}
         self._throughput: tuple[float, dict[str, Any]] | None = None
         self._lock = threading.Lock()
+        # This master's FATAL worker slots (supervisor.master sets it): [{"slot",
+        # "failures", "since", "last_failure"}]. /healthz answers 503 while there is one.
+        self.fatal_slots: Callable[[], list[dict[str, Any]]] = list
         if self.token and len(self.token) < 16:
             log.warning("[metrics] auth_token is short (%d characters); use a long random "
                         "one, e.g. openssl rand -hex 32", len(self.token))
@@ -175,6 +180,8 @@ class Dashboard:
                                "actions": bool(self.token), "token_header": TOKEN_HEADER,
                                "job_states": list(JobState), "stages": list(Stage),
                                "job_fields": JOB_FIELDS})
+        if path == "/api/slots":
+            return _json(200, {"host": self.queue.config.host_id, "fatal": self.fatal_slots()})
         if path == "/api/recent":
             return _json(200, self.recent(query.get("q", [""])[0].strip()))
         if path == "/api/throughput":

@@ -6,7 +6,15 @@ with a timeout, handles the recorded signals with ``handle_<name>`` methods, rea
 dead child with ``waitpid(-1, WNOHANG)``, recovers their messages, keeps the worker count,
 and runs periodic recovery of other hosts' dead workers. It never blocks on a job.
 
-System calls the loop makes go through ``System`` so the decisions can be unit-tested.
+It also watches its workers' liveness, as gunicorn's arbiter does: each worker's main loop
+marks a clock shared with the master (worker.runner.LoopClock) at every sign of life, and a
+worker silent longer than it ever legitimately is (worker.runner.silence_limit) is wedged
+(a DNS lookup that never answers, a lock never released, a read without timeout): it is
+killed, and its message requeued as a crash. A slot whose workers keep failing at boot
+goes FATAL (supervisor.children) until HUP or TTIN.
+
+System calls the loop makes go through ``System`` so the decisions can be unit-tested
+(tests/test_master.py drives ``turn`` with a fake one).
 """
 
 from __future__ import annotations
@@ -26,17 +34,17 @@ from typing import Any
 import psutil
 import redis
 import setproctitle
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from worker import config as config_mod
 from worker import logs
 from worker.config import Config, ConfigError
 from worker.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
 from worker.queue import REDIS_ERRORS, JobQueue, connect
-from worker.runner import Worker
+from worker.runner import Worker, silence_limit
 
 from . import recovery
-from .children import Exit, Slot, SlotState
+from .children import MAX_START_FAILURES, Exit, Slot, SlotState
 from .metrics import worker_exited as worker_metrics_done
 
 log = logging.getLogger("clip-supervisor.master")
@@ -45,12 +53,18 @@ HANDLED = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
            signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD]
 WORKER_EXITS = Counter("clip_worker_exits_total", "Worker processes that exited, by cause "
                        "(stopped, recycled, aborted, parent_gone, boot_error, exit_N, "
-                       "sigkill, ..., killed_by_us).", ["cause"])
+                       "sigkill, ..., killed_by_us, wedged).", ["cause"])
+SLOTS_FATAL = Gauge("clip_slots_fatal", "Worker slots that gave up after failing to start "
+                    f"{MAX_START_FAILURES} times in a row (HUP or TTIN revives them).",
+                    multiprocess_mode="livesum")
 FAST_STOP_TIMEOUT = 5.0  # seconds workers get to give back their jobs on a fast stop
 # A start that waits longer than this for another machine's host claim to expire is reported
 # as started (a daemon's launcher gives up after 30 s); it then forks once it holds the claim.
 READY_WAIT = 10.0
 HARD_MEMORY_FACTOR = 2  # × max_worker_memory_mb: the worker is killed mid-job
+# A longer gap between two turns of our own loop (we were stopped, or starved) means the
+# workers' silence was not watched meanwhile: it counts again from the end of the gap.
+WATCH_GAP = 5.0
 
 
 class State:
@@ -110,6 +124,9 @@ class Master:
         self._redis_failing = False
         self.last_tick = self.system.monotonic()
         self._next_memory_check = 0.0
+        self._watched_at = self._watch_from = self.last_tick
+        # The FATAL slots as the listener's threads read them (replaced, never changed).
+        self.fatal: list[dict[str, Any]] = []
         self.metrics: Any = None  # a supervisor.metrics.MetricsServer when listening
 
     # --- signals -------------------------------------------------------------------------------
@@ -135,6 +152,7 @@ class Master:
         self.metrics = MetricsServer(
             self.config, loop_tick=lambda: self.last_tick,
             live_workers=lambda: sum(1 for slot in self.slots if slot.pid is not None))
+        self.metrics.dashboard.fatal_slots = lambda: self.fatal  # the page's and /healthz's
         self.metrics.start()
 
     def run(self, on_ready: Callable[[], None] | None = None,
@@ -149,19 +167,7 @@ class Master:
                  self.pid, self.target, _safe_url(self.config.redis.url),
                  self.config.redis.prefix, self.config.host_id)
         self._title()  # before the first fork: ps names the master as soon as it has workers
-        while True:
-            self.last_tick = self.system.monotonic()
-            self.dispatch_signals()
-            self.reap()
-            # The claim first: nothing is forked or recovered before we know that no other
-            # supervisor runs with our host_id.
-            self.redis_housekeeping()
-            if self.state == State.RUNNING and self.claim.held:
-                self.spawn_due()
-            self.check_memory()
-            if self.state != State.RUNNING and self.stop_progress():
-                break
-            self._title()
+        while not self.turn():
             self.sleep(self.next_timeout())
         self.finish_pending_recoveries()
         with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):  # else it expires by itself
@@ -170,6 +176,23 @@ class Master:
             self.metrics.stop()
         log.info("master stopped")
         return self.exit_code
+
+    def turn(self) -> bool:
+        """One turn of the loop (no waiting in it); True once the master may exit."""
+        self.last_tick = self.system.monotonic()
+        self.dispatch_signals()
+        self.reap()
+        # The claim first: nothing is forked or recovered before we know that no other
+        # supervisor runs with our host_id.
+        self.redis_housekeeping()
+        if self.state == State.RUNNING and self.claim.held:
+            self.spawn_due()
+        self.check_memory()
+        self.check_liveness()
+        if self.state != State.RUNNING and self.stop_progress():
+            return True
+        self._title()
+        return False
 
     def _ready(self) -> None:
         if self._on_ready is not None:
@@ -225,7 +248,10 @@ class Master:
         self.stop(graceful=False)
 
     def handle_ttin(self) -> None:
+        """One worker more; or, when slots are FATAL, those slots try again instead."""
         if self.state != State.RUNNING:
+            return
+        if self.revive_fatal("TTIN"):
             return
         self.target += 1
         log.info("TTIN: workers %d", self.target)
@@ -295,6 +321,7 @@ class Master:
         self.target = new.supervisor.workers
         self.generation += 1
         log.info("HUP: configuration reloaded; replacing workers (now %d)", self.target)
+        self.revive_fatal("HUP")
         self.retire_extra()
         for slot in self.slots:
             if slot.pid is not None and slot.state is not SlotState.STOPPING:
@@ -365,7 +392,8 @@ class Master:
             self.slots.append(Slot(index=len(self.slots) + 1))
         # Slots above the target are dropped once their worker has exited.
         while len(self.slots) > self.target and self.slots[-1].pid is None:
-            self.slots.pop()
+            if self.slots.pop().state is SlotState.FATAL:
+                self._fatal_changed()
         for slot in self.slots[: self.target]:
             slot.tick(now, self.config.supervisor.min_uptime)
             if slot.pid is None and slot.due(now):
@@ -373,15 +401,15 @@ class Master:
 
     def spawn_worker(self, slot: Slot) -> None:
         started_ms = int(self.system.time() * 1000)
+        slot.new_clock(self.system.monotonic())
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = self.system.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             log.error("cannot fork a worker: %s", exc)
-            slot.exited(Exit(code=1, signal=None), self.system.monotonic(),
-                        self.config.supervisor.min_uptime,
-                        self.config.supervisor.restart_backoff_max)
+            slot.spawned_at = self.system.monotonic()  # a failed start, at once
+            self._start_failed(slot, Exit(code=1, signal=None))
             return
         if pid == 0:
             self._become_worker(slot, started_ms, blocked)  # never returns
@@ -406,7 +434,8 @@ class Master:
             if self.metrics is not None:
                 self.metrics.close_in_child()
             logs.set_role(f"worker {slot.index}")
-            worker = Worker(self.config, slot.index, started_ms, parent_pid=self.pid)
+            worker = Worker(self.config, slot.index, started_ms, parent_pid=self.pid,
+                            liveness=slot.clock)
             worker.install_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             code = worker.run()
@@ -438,20 +467,74 @@ class Master:
         assert slot.pid is not None
         worker_id = slot.worker_id(self.config.host_id)
         worker_dir = slot.worker_dir(self.config.job.work_dir)
+        # A wedged worker we killed counts as a crash: a job that always wedges its worker
+        # ends as poison instead of wedging one worker after another.
         count = not how.clean and not slot.killed_on_purpose
         level = logging.INFO if how.clean or slot.killed_on_purpose else logging.WARNING
-        log.log(level, "worker %d (pid %d) %s", slot.index, slot.pid, how.describe())
-        WORKER_EXITS.labels("killed_by_us" if slot.killed_on_purpose else how.cause).inc()
+        log.log(level, "worker %d (pid %d) %s", slot.index, slot.pid,
+                "was killed: wedged" if slot.wedged else how.describe())
+        WORKER_EXITS.labels("killed_by_us" if slot.killed_on_purpose else
+                            "wedged" if slot.wedged else how.cause).inc()
         worker_metrics_done(slot.pid)
         # Recover first, respawn after: the message is back on the queue before anyone new
         # could be looking for work.
         self.pending.append(PendingRecovery(worker_id, count, worker_dir))
         self.run_pending_recoveries()
+        self._start_failed(slot, how)
+
+    def _start_failed(self, slot: Slot, how: Exit) -> None:
+        """Tell the slot its worker is gone; report a failed start, a slot gone FATAL."""
         delay = slot.exited(how, self.system.monotonic(), self.config.supervisor.min_uptime,
-                            self.config.supervisor.restart_backoff_max)
-        if delay > 0 and self.state == State.RUNNING:
+                            self.config.supervisor.restart_backoff_max, self.system.time())
+        if slot.state is SlotState.FATAL:
+            log.error("worker %d failed to start %d times in a row (last: %s): giving up on "
+                      "this slot (FATAL); fix the cause, then send HUP or TTIN to the master",
+                      slot.index, slot.failures, slot.last_failure)
+            self._fatal_changed()
+        elif delay > 0 and self.state == State.RUNNING:
             log.warning("worker %d failed to start %d time(s); next try in %.1f s",
                         slot.index, slot.failures, delay)
+
+    def revive_fatal(self, why: str) -> bool:
+        """Give every FATAL slot a new start (HUP, TTIN); True if there was one."""
+        fatal = [slot for slot in self.slots if slot.state is SlotState.FATAL]
+        for slot in fatal:
+            slot.revive(self.system.monotonic())
+        if fatal:
+            log.info("%s: worker slot(s) %s out of FATAL: starting again", why,
+                     ", ".join(str(slot.index) for slot in fatal))
+            self._fatal_changed()
+        return bool(fatal)
+
+    def _fatal_changed(self) -> None:
+        self.fatal = [{"slot": slot.index, "failures": slot.failures,
+                       "since": slot.fatal_since, "last_failure": slot.last_failure}
+                      for slot in self.slots if slot.state is SlotState.FATAL]
+        SLOTS_FATAL.set(len(self.fatal))
+
+    def check_liveness(self) -> None:
+        """Kill a worker whose main loop has been silent longer than it ever legitimately
+        is (worker.runner.silence_limit, from what it was doing: idle, a job, paused). Its
+        last sign of life is in memory it shares with us, so this needs no Redis: a master
+        cut off from Redis kills no healthy worker, and a worker stuck in a Redis call is
+        seen. The kill counts as a crash when its message is recovered."""
+        now = self.system.monotonic()
+        if now - self._watched_at > WATCH_GAP:
+            self._watch_from = now  # we were not watching: their silence counts from now
+        self._watched_at = now
+        for slot in self.slots:
+            if slot.pid is None or slot.clock is None or slot.killed_on_purpose or slot.wedged:
+                continue
+            last, activity = slot.clock.read()
+            silent = now - max(last, self._watch_from)
+            limit = silence_limit(self.config, activity)
+            if silent > limit:
+                log.error("worker %d (pid %d) is wedged: its main loop has been silent for "
+                          "%.0f s (%s; limit %.0f s): killing it, its message is requeued as "
+                          "a crash", slot.index, slot.pid, silent, activity.name.lower(),
+                          limit)
+                slot.wedged = True
+                self._kill(slot.pid, signal.SIGKILL)
 
     def check_memory(self) -> None:
         """The hard memory limit: a worker whose process tree (ffmpeg included) holds more than
@@ -589,6 +672,8 @@ class Master:
         suffix = "" if self.state == State.RUNNING else f" {self.state}"
         if self.state == State.RUNNING and not self.claim.held:
             suffix = " claiming host_id"
+        if self.fatal:
+            suffix += f" {len(self.fatal)} fatal"
         setproctitle.setproctitle(
             f"clip-supervisor: master [workers {alive}/{self.target}]{suffix}")
 

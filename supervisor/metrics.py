@@ -212,6 +212,12 @@ class MetricsServer:
         age = time.monotonic() - last_tick
         if age > LOOP_STALE_AFTER:
             return False, f"master loop stalled for {age:.1f} s"
+        fatal = self.dashboard.fatal_slots()  # slots that gave up starting: no Redis needed
+        if fatal:
+            return False, "fatal: " + "; ".join(
+                f"worker slot {f['slot']} failed to start {f['failures']} times in a row "
+                f"(last: {f['last_failure']}); fix the cause, then send HUP or TTIN"
+                for f in fatal)
         try:
             self.queue.ping()
             paused = self.paused_workers()

@@ -9,7 +9,10 @@ supervisor dies the kernel sends us SIGUSR2 (PR_SET_PDEATHSIG), which aborts lik
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import enum
 import logging
+import mmap
 import os
 import select
 import shutil
@@ -52,7 +55,7 @@ PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 class Worker:
     def __init__(self, config: Config, slot: int = 0, started_ms: int | None = None,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, liveness: LoopClock | None = None) -> None:
         self.config = config
         self.slot = slot
         self.pid = os.getpid()
@@ -71,6 +74,11 @@ class Worker:
         self.progress = 0.0
         self.jobs_done = 0
         self.fault: tuple[str, str, float] | None = None  # (reason, error, since): paused
+        # The main loop's last sign of life (see _alive), shared with the master when given.
+        self.liveness = liveness
+        self.alive_at = time.monotonic()
+        self._loop_thread = threading.get_ident()
+        self._withheld = False  # heartbeats withheld: the main loop has been silent too long
         self._last_progress_write = 0.0
         self._fetch_failures = 0
         self._next: bytes | None = None  # taken by the ack of the previous job (DONE script)
@@ -110,7 +118,9 @@ class Worker:
         self.reopen_logs = True
 
     def _poll(self) -> bool:
-        """Housekeeping between steps; True when the current job must be abandoned."""
+        """Housekeeping between steps; True when the current job must be abandoned. Every
+        step of a job calls it (each chunk read, each second of ffmpeg): a sign of life."""
+        self._alive()
         if self.reopen_logs:
             self.reopen_logs = False
             logs.reopen()
@@ -229,6 +239,7 @@ class Worker:
     def _handle(self, raw: bytes) -> None:
         assert self.queue is not None
         self.busy = True
+        self._alive()
         self.progress = 0.0
         started = time.monotonic()
         try:
@@ -247,6 +258,7 @@ class Worker:
         finally:
             self.current = None
             self.busy = False
+            self._alive()
             self.stage = "idle"
             if self.stopping and not self.aborting:
                 self.waker.interrupt()
@@ -451,6 +463,7 @@ class Worker:
     # --- progress and liveness ---------------------------------------------------------------
 
     def _on_stage(self, stage: str) -> None:
+        self._alive()
         self.stage = stage
         self._title(stage)
         if self.current is not None and self.queue is not None:
@@ -458,6 +471,7 @@ class Worker:
                 self.queue.update(self.current.id, {"stage": stage})
 
     def _on_progress(self, percent: float, speed: str) -> None:
+        self._alive()
         self.progress = percent
         now = time.monotonic()
         if now - self._last_progress_write < PROGRESS_INTERVAL and percent < 100:
@@ -476,6 +490,21 @@ class Worker:
             setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} job "
                                       f"{self.current.id[:12]} {state} {self.progress:.0f}%")
 
+    def _activity(self) -> Activity:
+        return Activity.PAUSED if self.fault else Activity.BUSY if self.busy else Activity.IDLE
+
+    def _alive(self) -> None:
+        """Record a sign of life of the main loop: a turn, a step of a job (_poll), a stage
+        change, a progress line of ffmpeg, a wait for Redis. Only the main thread's count:
+        the heartbeat thread beats on while the loop is stuck in a call that never returns
+        (a DNS lookup, a lock, a read without timeout), so the beat alone proves nothing."""
+        if threading.get_ident() != self._loop_thread:
+            return
+        now = time.monotonic()
+        self.alive_at = now
+        if self.liveness is not None:
+            self.liveness.mark(now, self._activity())
+
     def _beat(self) -> None:
         assert self.queue is not None
         job, fault = self.current, self.fault
@@ -487,7 +516,9 @@ class Worker:
             "stage": self.stage, "progress": round(self.progress, 1),
             "jobs_done": self.jobs_done, "fault": fault[0] if fault else None,
             "fault_error": fault[1] if fault else None,
-            "fault_since": fault[2] if fault else None},
+            "fault_since": fault[2] if fault else None,
+            # Seconds since the main loop's last sign of life (see _alive).
+            "loop_silent": round(time.monotonic() - self.alive_at, 1)},
             self.config.supervisor.heartbeat_ttl)
 
     def _heartbeat_loop(self) -> None:
@@ -497,6 +528,8 @@ class Worker:
             if self.parent_pid is not None and os.getppid() != self.parent_pid \
                     and not self.parent_gone:
                 os.kill(self.pid, PARENT_DEATH_SIGNAL)
+            if self._loop_wedged():
+                continue
             try:
                 self._beat()
                 if failing:
@@ -506,6 +539,26 @@ class Worker:
                 if not failing:
                     log.warning("heartbeat: Redis unavailable (%s)", exc)
                 failing = True
+
+    def _loop_wedged(self) -> bool:
+        """True while the main loop has been silent longer than it ever legitimately is
+        (silence_limit): then no heartbeat is sent, so that once it expires the message we
+        hold is recovered even if our supervisor is gone (ours kills us first: see
+        supervisor.master.check_liveness)."""
+        silent = time.monotonic() - self.alive_at
+        limit = silence_limit(self.config, self._activity())
+        if silent <= limit:
+            if self._withheld:
+                log.warning("main loop alive again after %.0f s of silence: heartbeat resumed",
+                            silent)
+                self._withheld = False
+            return False
+        if not self._withheld:
+            log.error("main loop silent for %.0f s (limit %.0f s, %s): heartbeat withheld so "
+                      "that what this worker holds is recovered", silent, limit,
+                      self._activity().name.lower())
+            self._withheld = True
+        return True
 
     # --- Redis outages ----------------------------------------------------------------------
 
@@ -531,7 +584,9 @@ class Worker:
     def _redis_down(self, exc: Exception, what: str, delay: float = 1.0) -> None:
         metrics.REDIS_ERRORS.labels("worker").inc()
         log.warning("Redis unavailable during %s (%s); retrying in %.1f s", what, exc, delay)
+        self._alive()
         self._sleep(delay)
+        self._alive()
 
     def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on a signal (the wake-up pipe gets a byte per signal)."""
@@ -543,3 +598,66 @@ class Worker:
 def _one_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+# --- liveness -------------------------------------------------------------------------------
+
+LIVENESS_MARGIN = 5.0  # seconds above 1.5 x the longest legitimate silence of the main loop
+
+
+class Activity(enum.IntEnum):
+    """What the main loop was doing at its last sign of life: how long it may be silent."""
+
+    IDLE = 0  # waiting for a message (BLMOVE), or for Redis to come back
+    BUSY = 1  # running a job
+    PAUSED = 2  # a host fault: sleeping between probes
+
+
+def silence_limit(config: Config, activity: Activity) -> float:
+    """Seconds the main loop may go without a sign of life before it counts as wedged.
+
+    The longest legitimate silences: idle, a BLMOVE that blocks ``block_timeout`` and a
+    Redis call (connect, then the reply: each up to ``socket_timeout``), or the wait of
+    up to REDIS_BACKOFF_MAX before the next try; paused, a sleep of up to PAUSE_MAX between
+    probes; busy, a read that waits ``stall_timeout`` for a byte, resolving and connecting
+    to a source (``connect_timeout`` each, and its answer), a Cloud Storage request retried
+    until ``gcs_retry_deadline``. The job's timeout is no bound: each step returns to the
+    loop long before it (a download after each chunk, ffmpeg's watch every second), and a
+    long job is a series of short silences. Half as much again plus LIVENESS_MARGIN covers
+    a loaded machine.
+    """
+    wait = max(config.redis.block_timeout + 2 * config.redis.socket_timeout,
+               REDIS_BACKOFF_MAX)
+    if activity is Activity.PAUSED:
+        wait += PAUSE_MAX
+    elif activity is Activity.BUSY:
+        job, storage = config.job, config.storage
+        wait = max(wait, job.stall_timeout, 3 * job.connect_timeout,
+                   storage.gcs_connect_timeout + storage.gcs_timeout
+                   + storage.gcs_retry_deadline)
+    return 1.5 * wait + LIVENESS_MARGIN
+
+
+class LoopClock:
+    """A worker's last sign of life, in memory shared with its supervisor (an anonymous
+    mapping made before the fork), so the supervisor sees a wedged worker without asking
+    Redis: neither a supervisor cut off from Redis nor a worker stuck in a Redis call
+    hides it. One 64-bit word, written and read in one access (never torn): the
+    monotonic time in milliseconds (the clock is the machine's, the same in every
+    process), shifted left by 2, with the Activity in the low bits."""
+
+    def __init__(self, now: float) -> None:
+        self._map = mmap.mmap(-1, mmap.PAGESIZE)
+        self._word = ctypes.c_int64.from_buffer(self._map)
+        self.mark(now, Activity.IDLE)
+
+    def mark(self, now: float, activity: Activity) -> None:
+        self._word.value = int(now * 1000) << 2 | int(activity)
+
+    def read(self) -> tuple[float, Activity]:
+        word = self._word.value
+        return (word >> 2) / 1000.0, Activity(word & 3)
+
+    def close(self) -> None:
+        del self._word
+        self._map.close()

@@ -8,6 +8,7 @@
   const TOKEN_HEADER = "X-Clip-Token";
   const ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
   const SVG = "http://www.w3.org/2000/svg";
+  const SILENT_AFTER = 10; // seconds of main-loop silence worth showing
   const $ = (id) => document.getElementById(id);
   // jobStates and jobFields come from /api/info (worker/protocol.py): the page names no
   // job state of its own.
@@ -193,6 +194,30 @@
     box.hidden = hosts.size === 0;
   }
 
+  // One banner per worker slot of this supervisor that gave up starting workers (FATAL):
+  // only this master knows of them (such a slot has no worker in Redis).
+  function drawFatal(data) {
+    const box = $("fatal");
+    const host = String(data.host ?? "?");
+    box.replaceChildren(...(data.fatal || []).map((f) => el("div",
+      { class: "fatal-slot", role: "alert", "data-slot": String(f.slot) },
+      el("strong", { text: host }),
+      " worker slot " + f.slot + " gave up (FATAL) at " +
+        new Date(Number(f.since) * 1000).toLocaleTimeString() + " after failing to start " +
+        f.failures + " times in a row; last: " + String(f.last_failure || "?") +
+        ". Fix the cause, then send HUP or TTIN to the supervisor.")));
+    box.hidden = !(data.fatal || []).length;
+  }
+
+  // A worker's main loop that has shown no sign of life for a while (its heartbeat says
+  // how long): its supervisor kills it once that passes what it may legitimately take.
+  function loopSilence(w) {
+    const silent = Number(w.loop_silent);
+    if (!w.alive || !(silent >= SILENT_AFTER)) return null;
+    return el("span", { class: "silent", title: "seconds since the worker's main loop last " +
+                        "showed a sign of life", text: " loop silent " + duration(silent) });
+  }
+
   function drawStats(data) {
     $("prefix").textContent = "prefix " + data.prefix;
     drawFaults(data);
@@ -212,7 +237,7 @@
         el("td", { text: String(w.pid ?? "") }),
         el("td", { text: String(w.slot ?? "") }),
         el("td", { text: duration(w.uptime) }),
-        el("td", {}, badge(w.status)),
+        el("td", {}, badge(w.status), loopSilence(w)),
         el("td", { class: "id" }, jobLink(job)),
         el("td", {}, job ? progressBar(w.progress) : ""),
         el("td", { text: String(w.jobs_done ?? 0) }));
@@ -378,6 +403,7 @@
     }
     $("overview").hidden = false;
     const stats = every("stats", 1000, async () => drawStats(await getJSON("/api/stats")));
+    every("slots", 2000, async () => drawFatal(await getJSON("/api/slots")));
     const recent = every("recent", 2000, async () => drawRecent(await getJSON(
       "/api/recent?q=" + encodeURIComponent(state.search))));
     every("chart", 10000, async () => drawChart(await getJSON("/api/throughput")));
