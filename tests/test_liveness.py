@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import threading
+import time
 
 import pytest
 
@@ -21,7 +23,7 @@ from tests.conftest import Env, free_port, wait_for
 from tests.test_observability import _get, _sample
 from worker import config as config_mod
 from worker.queue import sha1
-from worker.runner import Activity, LoopClock, silence_limit
+from worker.runner import Activity, LoopClock, Worker, silence_limit
 
 # Short timeouts so that a wedge shows within seconds: the busy limit is then
 # 1.5 x max(block_timeout + 2 x socket_timeout, REDIS_BACKOFF_MAX 5 s) + 5 s = 12.5 s.
@@ -70,6 +72,34 @@ def test_the_silence_limits_leave_room_for_every_legitimate_wait():
     # busy: a Cloud Storage request retried to its deadline (5 + 60 + 30 s by default)
     assert 16 < idle < busy and paused > 60 + 16
     assert busy > config.job.stall_timeout and busy > 95
+
+
+def test_a_wedged_loop_withholds_the_heartbeat_and_only_the_loop_thread_counts(caplog):
+    # (so that another host recovers what it holds when its own supervisor is gone too)
+    config = config_mod.load(None, env={})
+    clock = LoopClock(0.0)
+    worker = Worker(config, slot=1, liveness=clock)
+    worker.busy = True
+    worker._alive()
+    assert not worker._loop_wedged()
+    last, activity = clock.read()
+    assert activity is Activity.BUSY and abs(last - time.monotonic()) < 1
+
+    # A sign of life from another thread (the heartbeat's, the relay's) proves nothing
+    worker.alive_at -= silence_limit(config, Activity.BUSY) + 1
+    thread = threading.Thread(target=worker._alive)
+    thread.start()
+    thread.join()
+    assert worker._loop_wedged() and worker._loop_wedged()
+    (said,) = [r.getMessage() for r in caplog.records]  # once, not at every beat
+    assert re.match(r"main loop silent for \d+ s \(limit \d+ s, busy\): heartbeat withheld",
+                    said), said
+
+    # Once the loop moves again, the heartbeat resumes
+    worker._alive()
+    assert not worker._loop_wedged()
+    assert "main loop alive again" in caplog.records[-1].getMessage()
+    clock.close()
 
 
 @pytest.mark.settings({**FAST, "supervisor": {"workers": 1}})
