@@ -6,12 +6,18 @@ a bad value fails at start with a message naming its key, never later inside a j
 
 Precedence, lowest first: built-in defaults, the INI file, ``CLIP_SUPERVISOR_<SECTION>_<KEY>``
 environment variables, then explicit overrides (the CLI flags).
+
+A misspelled name is an error, never a silent default: an unknown section or key in the file
+stops the start, and so does a ``CLIP_SUPERVISOR_*`` variable that names no key (an operator
+who sets ``CLIP_SUPERVISOR_REDIS_URI`` would otherwise run against the default Redis).
+``NOT_KEYS`` lists the few variables of that prefix that are not keys.
 """
 
 from __future__ import annotations
 
 import configparser
 import dataclasses
+import difflib
 import os
 import re
 import socket
@@ -23,7 +29,15 @@ from urllib.parse import urlsplit
 from .fsafe import default_work_dir
 
 DEFAULT_PATH = "/etc/clip-supervisor.conf"
+# The documented sample, every key with its default: etc/ beside worker/ in a checkout, and
+# in the installed package too (setup.cfg ships it there as package data).
+SAMPLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "etc", "clip-supervisor.conf")
 ENV_PREFIX = "CLIP_SUPERVISOR_"
+# Variables with our prefix that are not configuration keys: the init script's pointer to
+# its defaults file (etc/init.d/clip-supervisor drops it before starting the daemon, but an
+# operator's shell may export it to every command).
+NOT_KEYS = frozenset({"CLIP_SUPERVISOR_DEFAULTS"})
 
 
 class ConfigError(ValueError):
@@ -251,8 +265,8 @@ class JobConfig:
     max_source_bytes: int = _opt(_size, "2GiB")
     max_message_bytes: int = _opt(_size, "1MiB")
     connect_timeout: float = _opt(_positive_float, "10")
-    range_requests: bool = _opt(_bool, "true", "read http(s) sources in place with Range "
-                                "requests when their server supports them")
+    range_requests: bool = _opt(_bool, "true", "read http(s) and gs sources in place with "
+                                "Range requests when their server supports them")
     cache_max_bytes: int = _opt(_size_or_zero, "2GiB",
                                 "whole sources kept on this host for more clips; 0 = off")
     cache_dir: str = _opt(_optional_path, "", "empty = <work_dir>/cache")
@@ -377,6 +391,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
             for key in parser[section]:
                 if key not in known:
                     raise ConfigError(f"{path}: unknown key [{section}] {key}")
+    _check_environment(env)
     overrides = overrides or {}
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -400,6 +415,24 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     config = Config(path=path, **sections)
     _check_consistency(config)
     return config
+
+
+def env_names() -> list[str]:
+    """The environment variable of every key, ``CLIP_SUPERVISOR_<SECTION>_<KEY>``."""
+    return [f"{ENV_PREFIX}{section.upper()}_{key.upper()}" for section, key, _, _ in options()]
+
+
+def _check_environment(env: Mapping[str, str]) -> None:
+    known = set(env_names()) | NOT_KEYS
+    unknown = sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(known - NOT_KEYS), n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else \
+        f" (expected {ENV_PREFIX}<SECTION>_<KEY> of a configuration key)"
+    more = f"; {len(unknown) - 1} more: {', '.join(unknown[1:])}" if len(unknown) > 1 else ""
+    raise ConfigError(f"unknown environment variable {name}{hint}{more}")
 
 
 def _check_consistency(config: Config) -> None:

@@ -25,6 +25,32 @@ LOG = "clip-supervisor"
 LOG_MODE = 0o640
 _state = {"role": "main", "format": "text"}
 _streams: dict[str, str] = {}  # where a daemon's stdout/stderr point (see streams_follow)
+# The structured fields of a JSON line, in the order they are written.
+FIELDS = ("job_id", "worker_id", "stage", "reason")
+_bound: dict[str, str] = {}
+
+
+def bind(**fields: object) -> None:
+    """Name ``job_id``, ``worker_id``, ``stage`` or ``reason`` in every line this process
+    logs from now on (JSON format); a value of None or "" removes the field."""
+    for name, value in fields.items():
+        if name not in FIELDS:
+            raise TypeError(f"logs.bind: unknown field {name!r} (known: {', '.join(FIELDS)})")
+        if value is None or value == "":
+            _bound.pop(name, None)
+        else:
+            _bound[name] = str(value)
+
+
+def unbind(*names: str) -> None:
+    """Stop naming these fields (all of them when none is given)."""
+    for name in names or FIELDS:
+        _bound.pop(name, None)
+
+
+def bound() -> dict[str, str]:
+    """The fields bound now (a copy)."""
+    return dict(_bound)
 
 
 class _RoleFilter(logging.Filter):
@@ -41,8 +67,14 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "role": getattr(record, "role", _state["role"]),
             "pid": record.process,
-            "message": record.getMessage(),
         }
+        for name in FIELDS:
+            value = getattr(record, name, None)  # extra={...} of this one call
+            if value is None or value == "":
+                value = _bound.get(name)
+            if value is not None and value != "":
+                entry[name] = str(value)
+        entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -86,7 +118,10 @@ def setup(role: str, logfile: str = "", level: str = "INFO", fmt: str = "text") 
 
 
 def set_role(role: str) -> None:
+    """A new process identity (a worker just forked from the master): nothing the parent
+    had bound speaks for it."""
     _state["role"] = role
+    _bound.clear()
 
 
 def role() -> str:
