@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import psutil
 
+import worker
 from worker import config as config_mod
 from worker import logs
 from worker.config import Config, ConfigError
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=PROG, description="Clip videos from a Redis queue "
                                      "with a pool of supervised worker processes.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {worker.version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common, pid], help="run the supervisor")
@@ -87,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     dretry.add_argument("--all", action="store_true")
     dead_sub.add_parser("purge", parents=[common], help="delete all dead letters")
 
+    sub.add_parser("sample-config", help="print the documented sample configuration (every "
+                   "key, its default and what it does), e.g. > /etc/clip-supervisor.conf")
+
     demo = sub.add_parser("demo", parents=[common],
                           help="run the whole main job on a generated sample, end to end")
     demo.add_argument("--jobs", type=int, default=6)
@@ -113,6 +118,8 @@ def _fail(message: str, code: int = 1) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "sample-config":  # needs no configuration: it shows how to write one
+        return cmd_sample_config()
     try:
         config = _load(args)
     except ConfigError as exc:
@@ -391,6 +398,17 @@ def cmd_dead(args: argparse.Namespace, config: Config) -> int:
         return 1 if missing else 0
     count = admin.purge_dead(queue)
     print(f"purged {count} dead letter(s)")
+    return 0
+
+
+def cmd_sample_config() -> int:
+    try:
+        with open(config_mod.SAMPLE_PATH, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        return _fail(f"cannot read the sample configuration {config_mod.SAMPLE_PATH}: "
+                     f"{exc.strerror}")
+    sys.stdout.write(text)
     return 0
 
 
