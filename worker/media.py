@@ -18,6 +18,9 @@ retried. The reasons, first match wins:
   outside), seen directly, or as a wrapper shell's exit status 128 + N (read after the
   messages below, since a later ffmpeg's own exit status may look the same).
 - ``ffmpeg_missing`` (retried, a host fault): the program could not be started.
+- ``ffmpeg_broken`` (retried, a host fault): it was started, but the system's loader could
+  not run it (a shared library missing or of the wrong version: exit 127), or a wrapper's
+  shell could not execute it (exit 126).
 - ``out_of_memory`` (retried): ffmpeg could not allocate memory.
 - ``disk_full`` (retried, a host fault): no space left for the clip in work_dir.
 - ``fetch_failed`` (retried): reading the input failed (connection refused, reset or timed
@@ -227,6 +230,9 @@ _NO_SPACE = ("No space left on device", "Disk quota exceeded")
 _READ_FAILED = ("Connection refused", "Connection reset", "Connection timed out",
                 "Input/output error", "Network is unreachable", "No route to host",
                 "Broken pipe", "Server returned")
+# What the loader (ld.so) and a shell say when a program cannot run at all
+_CANNOT_RUN = ("error while loading shared libraries", "symbol lookup error",
+               "cannot execute binary file", "Exec format error")
 # What ffmpeg says about the input itself: it is not a format it reads (or may read), or
 # it is damaged, or its streams cannot go into the chosen format.
 _NOT_MEDIA = ("Invalid data found when processing input", "moov atom not found",
@@ -281,6 +287,8 @@ def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, sta
         return Transient("ffmpeg_crashed", detail)
     if returncode in (126, 127) and "failed to execute" in tail:  # setpriv could not exec it
         return Transient("ffmpeg_missing", detail)
+    if returncode in (126, 127) and _said(tail, _CANNOT_RUN):
+        return Transient("ffmpeg_broken", detail)
     if returncode != 0 and _said(tail, _NO_MEMORY):
         return Transient("out_of_memory", detail)
     if returncode != 0 and _said(tail, _NO_SPACE):

@@ -26,10 +26,13 @@ from urllib.parse import urljoin, urlsplit
 
 from .context import FetchLimits, Identity, JobContext
 from .errors import Aborted, Permanent, Transient
-from .health import is_disk_error, work_dir_failure
+from .health import MIN_FREE_BYTES, is_disk_error, work_dir_failure
 from .wake import Waker
 
 CHUNK = 256 * 1024
+# A body of unannounced length is written this much at a time at most between two looks at
+# the free space (an fstatvfs each: nothing next to the read)
+ROOM_STEP = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
 USER_AGENT = "clip-supervisor/0.1"
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, not a FIN
@@ -277,7 +280,10 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
     """Write the body of ``answer`` (a 200) into ``dest``; return the number of bytes and
     the source's identity (see fetch_http). The connection is closed in the end. The job's
     room check (``ctx.room``) is asked for the announced length before the first byte is
-    written.
+    written. A body of unannounced length (chunked, or up to the connection's close) is
+    measured as it comes: it stops before work_dir's free space drops below MIN_FREE_BYTES,
+    failing the job as ``source_too_large_for_disk``: filling the disk to the last byte
+    would fail the other workers' jobs, and pause the host for a job's problem.
 
     A write that fails (a full or read-only work_dir) is the host's failure, not a failed
     fetch: ``disk_full`` or ``work_dir_not_writable`` (see worker.health)."""
@@ -289,11 +295,13 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
         if length and length.isdigit() and int(length) > limits.max_bytes:
             raise Permanent("source_too_large",
                             f"Content-Length {length} > max_source_bytes {limits.max_bytes}")
-        if length and length.isdigit():
+        announced = bool(length and length.isdigit())
+        if announced:
             ctx.room(int(length))
         if conn.live_sock is not None:
             conn.live_sock.settimeout(limits.stall_timeout)
         total = 0
+        allowed = 0  # bytes that may be written before the next look at the free space
         with open(dest, "wb") as out, ctx.waker.watching(conn.live_sock):
             while True:
                 ctx.check(f"fetching {url}")
@@ -308,6 +316,10 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
                 if total > limits.max_bytes:
                     raise Permanent("source_too_large",
                                     f"more than max_source_bytes {limits.max_bytes}")
+                if not announced and total > allowed:
+                    allowed = total - len(chunk) + _room_for_more(out.fileno(), ctx, url,
+                                                                  total - len(chunk),
+                                                                  len(chunk))
                 out.write(chunk)
         if ctx.should_abort():
             raise Aborted()
@@ -322,6 +334,28 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
     finally:
         close(conn, resp)
+
+
+def _room_for_more(fd: int, ctx: JobContext, url: str, written: int, wanted: int) -> int:
+    """How many more bytes (at most ROOM_STEP, at least ``wanted``) the file ``fd`` may
+    grow by and leave MIN_FREE_BYTES free, for the clip and the other jobs; the source cache
+    gives way first (``ctx.room``). Else the source is too large for this disk now: that
+    job's failure, counted (another host may have room)."""
+    def headroom() -> int:
+        st = os.fstatvfs(fd)
+        return st.f_bavail * st.f_frsize - MIN_FREE_BYTES
+
+    room = headroom()
+    if room < ROOM_STEP:
+        with contextlib.suppress(Transient):
+            ctx.room(ROOM_STEP)  # what the cache can give; its verdict is ours to make
+        room = headroom()
+    if room < wanted:
+        raise Transient("source_too_large_for_disk",
+                        f"{url} sent more than {written} bytes without announcing its "
+                        f"length, and work_dir has no room for more ({max(room, 0)} bytes "
+                        f"free beyond the {MIN_FREE_BYTES} jobs keep free)")
+    return min(room, ROOM_STEP)
 
 
 @dataclass(frozen=True)

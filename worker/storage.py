@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import os
 import shutil
 import stat
@@ -25,7 +27,9 @@ from urllib.parse import urlsplit
 from .config import StorageConfig
 from .context import JobContext
 from .errors import JobFailed, Permanent, Transient
-from .fsafe import UnsafePath, open_subdir
+from .fsafe import DIR_FLAGS, UnsafePath, open_subdir
+
+log = logging.getLogger(__name__)
 
 PENDING_FILE = "pending-output"
 
@@ -48,8 +52,9 @@ class LocalStore:
     The clip is written inside the worker's own folder under ``work_dir`` and renamed onto its
     final name, so nothing partial ever appears under ``output_base``. When ``work_dir`` is on
     another filesystem the rename cannot cross it: the clip is then copied to a hidden
-    ``.name.<token>.part`` beside the target and renamed; the part file's path is recorded in
-    the worker's folder first, so the supervisor can delete it if the worker is killed midway.
+    ``.name.<token>.part`` beside the target and renamed; the part file's path and root are
+    recorded in the worker's folder first, so the supervisor can delete it (walking from the
+    root, as ``put`` does) if the worker is killed midway.
 
     The configured roots (``output_base``, ``allowed_outputs``) are trusted as the operator
     wrote them; below a root, nothing is followed through a symbolic link. The path is walked
@@ -102,6 +107,10 @@ class LocalStore:
         except OSError as exc:
             raise _failure(exc, target) from None
 
+    def root_of(self, target: str) -> str:
+        """The configured root ``target`` lies under (Permanent when none)."""
+        return self._root_of(target)[0]
+
     def _root_of(self, target: str) -> tuple[str, list[str]]:
         """The longest configured root above ``target``, and the names below it."""
         for root in sorted(self.roots, key=len, reverse=True):
@@ -136,6 +145,22 @@ class LocalStore:
             raise
         return fd, names[-1]
 
+    def deepest_folder(self, target: str) -> tuple[int, str]:
+        """(fd, path) of the deepest folder of ``target``'s path that exists, walked from its
+        root as ``_walk`` does; the walk stops before a name that is missing, is no folder
+        or is a symbolic link (never followed)."""
+        root, names = self._root_of(target)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        shown = root
+        for name in names[:-1]:
+            try:
+                sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except OSError:  # ENOENT, ENOTDIR; ELOOP for a link
+                break
+            os.close(fd)
+            fd, shown = sub, os.path.join(shown, name)
+        return fd, shown
+
     @staticmethod
     def _check_name(folder_fd: int, name: str, target: str) -> None:
         try:
@@ -153,8 +178,8 @@ class LocalStore:
         part_name = f".{name}.{uuid.uuid4().hex[:12]}.part"
         part = os.path.join(os.path.dirname(target), part_name)
         marker = os.path.join(self.worker_dir, PENDING_FILE)
-        with open(marker, "w") as fh:
-            fh.write(part)
+        with open(marker, "w") as fh:  # with its root: see remove_pending
+            json.dump({"root": self.root_of(target), "part": part}, fh)
         out = None
         try:
             out = os.open(part_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -192,24 +217,55 @@ def _failure(exc: OSError, target: str) -> JobFailed:
 
 
 def remove_pending(worker_dir: str) -> None:
-    """Delete a part file that a killed worker left beside an output (supervisor cleanup)."""
+    """Delete a part file that a killed worker left beside an output (supervisor cleanup).
+
+    The marker names the part file and the configured root it lies under; the path is
+    walked from that root as ``put`` walks it, without following a link, and the part file
+    is unlinked relative to its folder. A link planted in the output tree since (a folder
+    swapped for a link elsewhere) so cannot make the supervisor, perhaps root, delete a file
+    of the same name anywhere else: the part file is left, and the log says so."""
     marker = os.path.join(worker_dir, PENDING_FILE)
     try:
         with open(marker) as fh:
-            part = fh.read().strip()
+            text = fh.read()
     except OSError:  # no marker (the usual case), or the folder itself is gone or broken
         return
-    if part.endswith(".part") and os.path.basename(part).startswith("."):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
+    try:
+        record = json.loads(text)
+        root, part = str(record["root"]), str(record["part"])
+    except (ValueError, TypeError, KeyError):
+        # A marker of an older version holds the path alone: walked from / as well
+        root, part = "/", text.strip()
+    name = os.path.basename(part)
+    if not (part.startswith("/") and name.startswith(".") and name.endswith(".part")):
+        return
+    try:
+        folder_fd, name = LocalStore(worker_dir, [root])._walk(part, create=False)
+    except FileNotFoundError:
+        return
+    except (OSError, JobFailed) as exc:
+        log.warning("part file %s left in place: %s", part, exc)
+        return
+    try:
+        os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove part file %s: %s", part, exc.strerror or exc)
+    finally:
+        os.close(folder_fd)
+
+
+def file_roots(storage: StorageConfig) -> list[str]:
+    """The paths of the ``file://`` roots outputs may go under (output_base, allowed_outputs)."""
+    return [urlsplit(root).path for root in (storage.output_base, *storage.allowed_outputs)
+            if urlsplit(root).scheme == "file"]
 
 
 def store_for(url: str, worker_dir: str, storage: StorageConfig) -> Store:
     scheme = urlsplit(url).scheme
     if scheme == "file":
-        roots = [urlsplit(root).path for root in (storage.output_base, *storage.allowed_outputs)
-                 if urlsplit(root).scheme == "file"]
-        return LocalStore(worker_dir, roots)
+        return LocalStore(worker_dir, file_roots(storage))
     if scheme == "gs":
         # Imported here: the Cloud Storage library costs ~0.5 s to import, and neither the
         # master nor a worker that only writes files needs it.
