@@ -34,6 +34,7 @@ import pytest
 from supervisor.recovery import clean_worker_dir
 from tests import test_host_faults as host_faults
 from tests.conftest import ROOT, wait_for
+from tests.httpd import TestServer
 from tests.test_host_faults import (
     MiB,
     _jobs,
@@ -46,11 +47,13 @@ from tests.test_host_faults import (
     remount,
 )
 from worker import config as config_mod
-from worker import health
+from worker import health, source
+from worker.context import FetchLimits, JobContext
 from worker.errors import Transient
 from worker.health import MIN_FREE_BYTES, probe
 from worker.media import InputReport, failure
 from worker.storage import PENDING_FILE
+from worker.wake import Waker
 
 FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
 NO_LIBRARY = ("ffmpeg: error while loading shared libraries: libavdevice.so.59: cannot open "
@@ -348,7 +351,8 @@ def test_a_source_without_a_length_stops_before_the_disk_is_full(tmpfs, chunked,
 
 
 @needs_root
-@pytest.mark.settings({"job": {"max_attempts": 2, "range_requests": "false"}})
+@pytest.mark.settings({"supervisor": {"workers": 1},
+                       "job": {"max_attempts": 2, "range_requests": "false"}})
 def test_a_huge_source_without_a_length_is_dead_lettered_and_the_host_runs_on(
         tmpfs, env, chunked):
     base, _ = chunked
@@ -357,7 +361,7 @@ def test_a_huge_source_without_a_length_is_dead_lettered_and_the_host_runs_on(
     env.work = env.settings["job"]["work_dir"] = work
     port = _listen(env)
     proc = env.start()
-    env.wait_workers(proc, 2)
+    env.wait_workers(proc, 1)
     # When a 120 MB source without a length comes among good jobs
     huge = {"id": "huge", "url": f"{base}/zeros/{120 * 1000 * 1000}", "duration": 1}
     good = _jobs(env, "good", 3)
@@ -369,6 +373,46 @@ def test_a_huge_source_without_a_length_is_dead_lettered_and_the_host_runs_on(
     assert sorted(e["id"] for e in env.done_events()) == sorted(j["id"] for j in good)
     assert "host fault" not in env.log_text()
     assert port and env.stop(proc) == 0
+
+
+@needs_root
+def test_an_announced_length_is_taken_on_disk_before_the_bytes_arrive(tmpfs, tmp_path):
+    # Given a 20 MiB source whose server announces its length and sends it slowly
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    with open(folder / "twenty.bin", "wb") as fh:
+        fh.truncate(20 * MiB)
+    server = TestServer(str(folder))
+    work = tmpfs("work", 48 * MiB)
+    dest = os.path.join(work, "source")
+    before = shutil.disk_usage(work).free
+    stop = threading.Event()
+    limits = FetchLimits(connect_timeout=5, stall_timeout=5, max_bytes=1 << 30,
+                         allow_private=True)
+    ctx = JobContext(time.monotonic() + 30, limits, Waker(), should_abort=stop.is_set)
+    failed: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            source.fetch_http(server.url("twenty.bin", slow=10), dest, ctx)
+        except BaseException as exc:  # noqa: BLE001 - told to the test
+            failed.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    try:
+        # When its download has begun
+        wait_for(lambda: os.path.exists(dest) and os.path.getsize(dest) > 0, 10,
+                 what="the download to begin")
+        # Then the whole length is taken from the free space already (another worker's
+        # room check, or a download of unannounced length, cannot count it as free)
+        free, size = shutil.disk_usage(work).free, os.path.getsize(dest)
+        assert size < 10 * MiB and free <= before - 20 * MiB, (before, free, size)
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
+    assert [type(exc).__name__ for exc in failed] == ["Aborted"]
 
 
 # --- 4. a killed worker's part file -------------------------------------------------------------

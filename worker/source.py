@@ -10,6 +10,8 @@ bounded amount of time and disk.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import http.client
 import ipaddress
 import os
@@ -280,10 +282,11 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
     """Write the body of ``answer`` (a 200) into ``dest``; return the number of bytes and
     the source's identity (see fetch_http). The connection is closed in the end. The job's
     room check (``ctx.room``) is asked for the announced length before the first byte is
-    written. A body of unannounced length (chunked, or up to the connection's close) is
-    measured as it comes: it stops before work_dir's free space drops below MIN_FREE_BYTES,
-    failing the job as ``source_too_large_for_disk``: filling the disk to the last byte
-    would fail the other workers' jobs, and pause the host for a job's problem.
+    written, and that length is then taken on disk at once (``reserve``). A body of
+    unannounced length (chunked, or up to the connection's close) is measured as it comes:
+    it stops before work_dir's free space drops below MIN_FREE_BYTES, failing the job as
+    ``source_too_large_for_disk``: filling the disk to the last byte would fail the other
+    workers' jobs, and pause the host for a job's problem.
 
     A write that fails (a full or read-only work_dir) is the host's failure, not a failed
     fetch: ``disk_full`` or ``work_dir_not_writable`` (see worker.health)."""
@@ -303,6 +306,8 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
         total = 0
         allowed = 0  # bytes that may be written before the next look at the free space
         with open(dest, "wb") as out, ctx.waker.watching(conn.live_sock):
+            if announced:
+                reserve(out.fileno(), int(length))
             while True:
                 ctx.check(f"fetching {url}")
                 try:
@@ -334,6 +339,29 @@ def download(answer: Answer, url: str, dest: str, ctx: JobContext,
         raise Transient("fetch_failed", f"reading {url} failed: {exc}") from None
     finally:
         close(conn, resp)
+
+
+try:  # Linux fallocate(2), 64-bit offsets
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+except (OSError, AttributeError):  # not Linux
+    _fallocate = None
+_KEEP_SIZE = 0x01  # FALLOC_FL_KEEP_SIZE: blocks allocated, the file's size unchanged
+
+
+def reserve(fd: int, size: int) -> None:
+    """Take the ``size`` bytes the room check granted a download at once, in the file
+    system's own count (fallocate with the file's size unchanged), rather than as they
+    arrive: meanwhile another worker's room check, or a download of unannounced length,
+    would count them as free and fill the disk under this one. Where the file system
+    cannot (fallocate unsupported), the room check alone stands."""
+    if _fallocate is None or size <= 0:
+        return
+    if _fallocate(fd, _KEEP_SIZE, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):  # taken since the room check: a full disk
+            raise OSError(err, os.strerror(err))
 
 
 def _room_for_more(fd: int, ctx: JobContext, url: str, written: int, wanted: int) -> int:
