@@ -209,7 +209,8 @@ def test_the_probe_checks_the_folder_the_failed_output_goes_to(tmpfs, tmp_path):
 
 
 @needs_root
-def test_a_read_only_mount_below_output_base_is_the_hosts_fault(tmpfs, tmp_path):
+def test_a_read_only_mount_below_output_base_is_the_jobs_fault_a_full_one_the_hosts(
+        tmpfs, tmp_path):
     # Given output_base with a separate file system mounted below it, gone read-only
     out = tmpfs("out", 32 * MiB)
     below = os.path.join(out, "archive")
@@ -219,9 +220,15 @@ def test_a_read_only_mount_below_output_base_is_the_hosts_fault(tmpfs, tmp_path)
         os.makedirs(os.path.join(below, "2024"))
         remount(below, "ro")
         cfg = make_config(str(tmp_path / "work"), out)
-        # Then a job storing there finds the host at fault, naming the deepest folder
-        assert probe(cfg, str(tmp_path / "work"), output=f"file://{below}/2024/x/a.mp4") == (
-            "output_not_writable", f"output folder {below}/2024: Read-only file system")
+        # Then a job storing there does not find the host at fault: a read-only mount below
+        # the root may be an operator's snapshot, and a producer naming it must not pause
+        # every host in turn (the job is retried and dead-lettered as usual)
+        assert probe(cfg, str(tmp_path / "work"), output=f"file://{below}/2024/x/a.mp4") is None
+        # but once it is writable and full, the host is at fault, naming the deepest folder
+        remount(below, "rw")
+        fill(below, 0)
+        assert probe(cfg, str(tmp_path / "work"), output=f"file://{below}/2024/x/a.mp4")[:1] == (
+            "disk_full",)
         # while output_base itself is fine
         health._suspects.clear()
         assert probe(cfg, str(tmp_path / "work"), output=f"file://{out}/a.mp4") is None

@@ -149,10 +149,12 @@ def output_fault(config: Config, url: str) -> Fault | None:
     """The folders a ``file://`` output goes to: the configured root it lies under
     (``output_base`` or an ``allowed_outputs`` root), probed like ``folder_fault``, and the
     deepest folder of its path that exists below that root (reached without following a
-    link: a separate mount, say). There only a full or read-only file system is the host's
-    fault: a folder that refuses us by its permissions is that job's problem (another job
-    writes elsewhere), counted as usual. None for other outputs, and for outputs under no
-    root (refused as the job's own fault when it is stored)."""
+    link: a separate mount, say). There only a full file system is the host's fault: a
+    folder that refuses us by its permissions, or a read-only mount below the root, is that
+    job's problem, counted as usual (an operator may keep a read-only snapshot there on
+    purpose; a producer naming an output in it must not pause every host in turn). None for
+    other outputs, and for outputs under no root (refused as the job's own fault when it is
+    stored)."""
     parts = urlsplit(url)
     if parts.scheme != "file":
         return None
@@ -209,7 +211,7 @@ def _probe_fd(dir_fd: int, folder: str, what: str, not_writable: str | None,
     except OSError as exc:
         if exc.errno in _FULL:
             return "disk_full", f"{what} {folder}: {exc.strerror or exc}"
-        if not_writable is None and exc.errno in (errno.EACCES, errno.EPERM):
+        if not_writable is None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return None
         return not_writable or "output_not_writable", f"{what} {folder}: {exc.strerror or exc}"
     free = st.f_bavail * st.f_frsize
