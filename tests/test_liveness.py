@@ -26,10 +26,12 @@ from worker.queue import sha1
 from worker.runner import Activity, LoopClock, Worker, silence_limit
 
 # Short timeouts so that a wedge shows within seconds: the busy limit is then
-# 1.5 x max(block_timeout + 2 x socket_timeout, REDIS_BACKOFF_MAX 5 s) + 5 s = 12.5 s.
+# 1.5 x max(block_timeout + 2 x socket_timeout, REDIS_BACKOFF_MAX, stall_timeout,
+# 3 x connect_timeout, the Cloud Storage sum) + 5 s = 1.5 x 5 + 5 = 12.5 s. Attempts to
+# spare: a loaded machine may fail an attempt (a stall) before the one that wedges.
 FAST = {"redis": {"socket_timeout": 1.5},
-        "job": {"stall_timeout": 2, "connect_timeout": 1},
-        "storage": {"gcs_connect_timeout": 1, "gcs_timeout": 1, "gcs_retry_deadline": 1}}
+        "job": {"stall_timeout": 5, "connect_timeout": 1.5, "max_attempts": 6},
+        "storage": {"gcs_connect_timeout": 1, "gcs_timeout": 2, "gcs_retry_deadline": 2}}
 
 
 def _listen(env: Env) -> str:
@@ -72,6 +74,8 @@ def test_the_silence_limits_leave_room_for_every_legitimate_wait():
     # busy: a Cloud Storage request retried to its deadline (5 + 60 + 30 s by default)
     assert 16 < idle < busy and paused > 60 + 16
     assert busy > config.job.stall_timeout and busy > 95
+    # storing: a copy to another file system and its sync, which nothing interrupts
+    assert silence_limit(config, Activity.STORING) > config.job.timeout
 
 
 def test_a_wedged_loop_withholds_the_heartbeat_and_only_the_loop_thread_counts(caplog):
@@ -84,6 +88,9 @@ def test_a_wedged_loop_withholds_the_heartbeat_and_only_the_loop_thread_counts(c
     assert not worker._loop_wedged()
     last, activity = clock.read()
     assert activity is Activity.BUSY and abs(last - time.monotonic()) < 1
+    worker._on_stage("store")
+    assert clock.read()[1] is Activity.STORING
+    worker._on_stage("clip")
 
     # A sign of life from another thread (the heartbeat's, the relay's) proves nothing
     worker.alive_at -= silence_limit(config, Activity.BUSY) + 1
@@ -133,6 +140,7 @@ def test_a_worker_wedged_in_a_call_that_never_returns_is_killed_and_its_job_requ
                      r"\(attempt counted\)", text)
     # and a new worker does the job, whose crash was counted
     env.wait_finished(1, timeout=30)
+    assert env.dead_letters() == [], env.log_text()[-3000:]
     (event,) = env.done_events()
     assert event["id"] == "wedge" and f":{pid}:" not in event["worker"]
     assert _metric(base, "clip_worker_exits_total", cause="wedged") == 1

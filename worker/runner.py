@@ -39,6 +39,7 @@ from .protocol import (
     EXIT_PARENT_GONE,
     EXIT_RECYCLE,
     JobState,
+    Stage,
     worker_dir_name,
     worker_id_for,
 )
@@ -463,8 +464,8 @@ class Worker:
     # --- progress and liveness ---------------------------------------------------------------
 
     def _on_stage(self, stage: str) -> None:
-        self._alive()
         self.stage = stage
+        self._alive()  # after: the stage says how long the loop may be silent now
         self._title(stage)
         if self.current is not None and self.queue is not None:
             with contextlib.suppress(*REDIS_ERRORS):
@@ -491,7 +492,11 @@ class Worker:
                                       f"{self.current.id[:12]} {state} {self.progress:.0f}%")
 
     def _activity(self) -> Activity:
-        return Activity.PAUSED if self.fault else Activity.BUSY if self.busy else Activity.IDLE
+        if self.fault:
+            return Activity.PAUSED
+        if not self.busy:
+            return Activity.IDLE
+        return Activity.STORING if self.stage == Stage.STORE else Activity.BUSY
 
     def _alive(self) -> None:
         """Record a sign of life of the main loop: a turn, a step of a job (_poll), a stage
@@ -611,6 +616,7 @@ class Activity(enum.IntEnum):
     IDLE = 0  # waiting for a message (BLMOVE), or for Redis to come back
     BUSY = 1  # running a job
     PAUSED = 2  # a host fault: sleeping between probes
+    STORING = 3  # storing a job's clip
 
 
 def silence_limit(config: Config, activity: Activity) -> float:
@@ -621,20 +627,24 @@ def silence_limit(config: Config, activity: Activity) -> float:
     up to REDIS_BACKOFF_MAX before the next try; paused, a sleep of up to PAUSE_MAX between
     probes; busy, a read that waits ``stall_timeout`` for a byte, resolving and connecting
     to a source (``connect_timeout`` each, and its answer), a Cloud Storage request retried
-    until ``gcs_retry_deadline``. The job's timeout is no bound: each step returns to the
-    loop long before it (a download after each chunk, ffmpeg's watch every second), and a
-    long job is a series of short silences. Half as much again plus LIVENESS_MARGIN covers
-    a loaded machine.
+    until ``gcs_retry_deadline``. The job's timeout is no bound there: each step returns to
+    the loop long before it (a download after each chunk, ffmpeg's watch every second), and
+    a long job is a series of short silences. Storing is the exception: a clip copied to an
+    output folder on another file system, then synced, takes as long as that disk takes,
+    with nothing to interrupt it; the job's timeout is what it may take. Half as much
+    again plus LIVENESS_MARGIN covers a loaded machine.
     """
     wait = max(config.redis.block_timeout + 2 * config.redis.socket_timeout,
                REDIS_BACKOFF_MAX)
     if activity is Activity.PAUSED:
         wait += PAUSE_MAX
-    elif activity is Activity.BUSY:
+    elif activity is not Activity.IDLE:
         job, storage = config.job, config.storage
         wait = max(wait, job.stall_timeout, 3 * job.connect_timeout,
                    storage.gcs_connect_timeout + storage.gcs_timeout
                    + storage.gcs_retry_deadline)
+        if activity is Activity.STORING:
+            wait = max(wait, job.timeout)
     return 1.5 * wait + LIVENESS_MARGIN
 
 
