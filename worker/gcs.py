@@ -403,6 +403,7 @@ class GcsSource:
             ctx.room(blob.size)
         try:
             with open(dest, "wb") as fh:
+                source.reserve(fh.fileno(), blob.size or 0)  # claimed now, as http does
                 sink = _CappedSink(fh, url, ctx)
                 try:
                     blob.download_to_file(sink, timeout=self.timeout, retry=self.retry,
