@@ -133,6 +133,7 @@ class Worker:
     # --- life cycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
+        logs.bind(worker_id=self.worker_id)  # a field of every JSON log line of this worker
         self.install_signals()
         if self.parent_pid is not None:
             set_parent_death_signal(PARENT_DEATH_SIGNAL)
@@ -261,12 +262,14 @@ class Worker:
             self.busy = False
             self._alive()
             self.stage = "idle"
+            logs.unbind("job_id", "stage", "reason")
             if self.stopping and not self.aborting:
                 self.waker.interrupt()
 
     def _run_job(self, raw: bytes, started: float) -> None:
         assert self.queue is not None
         job = intake(raw, self.config)
+        logs.bind(job_id=job.id, stage="fetch")
         if isinstance(job, Rejected):
             self._dead(raw, job.id, job.error, attempts=0)
             return
@@ -325,8 +328,9 @@ class Worker:
         """Whether a failure was this host's rather than the job's: (reason, error) or None."""
         if not isinstance(exc, HostFault) and exc.reason not in health.HOST_REASONS:
             return None
-        try:
-            return health.probe(self.config, self.dir)
+        output = self.current.output if self.current is not None else None
+        try:  # the host, and the very folder this job's output goes to
+            return health.probe(self.config, self.dir, output=output, reason=exc.reason)
         except Exception:  # a probe that fails cannot prove a fault: the job pays, counted
             log.exception("host probe failed")
             return None
@@ -339,7 +343,8 @@ class Worker:
         self.stage, self.progress = "paused", 0.0
         metrics.HOST_FAULTS.labels(reason).inc()
         metrics.PAUSED.set(1)
-        log.error("host fault (%s): %s; fetching paused until it clears", reason, error)
+        log.error("host fault (%s): %s; fetching paused until it clears", reason, error,
+                  extra={"reason": reason})
         self._title(f"paused ({reason})")
         with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
             self._beat()
@@ -356,10 +361,10 @@ class Worker:
                     found = self.fault[:2]
                 if found is None:
                     log.warning("host fault cleared (%s) after %.0f s: fetching again",
-                                reason, time.time() - self.fault[2])
+                                reason, time.time() - self.fault[2], extra={"reason": reason})
                     break
                 if found[0] != self.fault[0]:
-                    log.error("host fault (%s): %s", *found)
+                    log.error("host fault (%s): %s", *found, extra={"reason": found[0]})
                     self.fault = (*found, self.fault[2])
                 delay = min(delay * 2, PAUSE_MAX)
         finally:
@@ -379,6 +384,7 @@ class Worker:
             return False
 
     def _done(self, job: Job, result: Result, started: float, reused: bool = False) -> None:
+        logs.bind(stage="done")
         assert self.queue is not None
         elapsed = round(time.monotonic() - started, 3)
         finished = now_iso()
@@ -426,6 +432,7 @@ class Worker:
                     outcome)
 
     def _dead(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> None:
+        logs.bind(job_id=job_id, stage="dead", reason=exc.reason)
         assert self.queue is not None
         letter = self._letter(raw, job_id, exc, attempts)
         fields = {"stage": "dead", "reason": exc.reason, "error": exc.error[-500:],
@@ -442,6 +449,7 @@ class Worker:
         log.warning("job %s dead (%s): %s", job_id, exc.reason, _one_line(exc.error))
 
     def _retry(self, raw: bytes, job_id: str, exc: Transient) -> None:
+        logs.bind(job_id=job_id, stage="waiting", reason=exc.reason)
         assert self.queue is not None
         letter = self._letter(raw, job_id, exc, attempts=0)
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
@@ -464,6 +472,7 @@ class Worker:
     # --- progress and liveness ---------------------------------------------------------------
 
     def _on_stage(self, stage: str) -> None:
+        logs.bind(stage=stage)
         self.stage = stage
         self._alive()  # after: the stage says how long the loop may be silent now
         self._title(stage)
