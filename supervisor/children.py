@@ -39,7 +39,9 @@ from worker.runner import LoopClock
 
 CLEAN_EXITS = frozenset({EXIT_OK, EXIT_RECYCLE, EXIT_ABORTED, EXIT_PARENT_GONE})
 BACKOFF_BASE = 0.5
-MAX_START_FAILURES = 10  # failed starts in a row before a slot is FATAL (0.5 s ... ~2 min)
+# Failed starts in a row before a slot is FATAL (0.5 s ... ~2 min of backoff); the default
+# of [supervisor] max_start_failures.
+MAX_START_FAILURES = 10
 _CAUSES = {EXIT_OK: "stopped", EXIT_RECYCLE: "recycled", EXIT_ABORTED: "aborted",
            EXIT_PARENT_GONE: "parent_gone", EXIT_BOOT_ERROR: "boot_error"}
 
@@ -137,7 +139,7 @@ class Slot:
             self.failures = 0
 
     def exited(self, how: Exit, now: float, min_uptime: float, backoff_max: float,
-               wall_time: float = 0.0) -> float:
+               wall_time: float = 0.0, max_failures: int = MAX_START_FAILURES) -> float:
         """Record the worker's death; return the delay before the slot may start again
         (0: now; inf: never, the slot is FATAL)."""
         uptime = now - self.spawned_at
@@ -148,7 +150,7 @@ class Slot:
         if failed_start:
             self.failures += 1
             self.last_failure = how.describe()
-            if self.failures >= MAX_START_FAILURES:
+            if max_failures and self.failures >= max_failures:
                 self.state = SlotState.FATAL
                 self.fatal_since = wall_time
                 return math.inf

@@ -44,7 +44,7 @@ from worker.queue import REDIS_ERRORS, JobQueue, connect
 from worker.runner import Worker, silence_limit
 
 from . import recovery
-from .children import MAX_START_FAILURES, Exit, Slot, SlotState
+from .children import Exit, Slot, SlotState
 from .metrics import worker_exited as worker_metrics_done
 
 log = logging.getLogger("clip-supervisor.master")
@@ -55,7 +55,7 @@ WORKER_EXITS = Counter("clip_worker_exits_total", "Worker processes that exited,
                        "(stopped, recycled, aborted, parent_gone, boot_error, exit_N, "
                        "sigkill, ..., killed_by_us, wedged).", ["cause"])
 SLOTS_FATAL = Gauge("clip_slots_fatal", "Worker slots that gave up after failing to start "
-                    f"{MAX_START_FAILURES} times in a row (HUP or TTIN revives them).",
+                    "max_start_failures times in a row (HUP or TTIN revives them).",
                     multiprocess_mode="livesum")
 FAST_STOP_TIMEOUT = 5.0  # seconds workers get to give back their jobs on a fast stop
 # A start that waits longer than this for another machine's host claim to expire is reported
@@ -484,8 +484,9 @@ class Master:
 
     def _start_failed(self, slot: Slot, how: Exit) -> None:
         """Tell the slot its worker is gone; report a failed start, a slot gone FATAL."""
-        delay = slot.exited(how, self.system.monotonic(), self.config.supervisor.min_uptime,
-                            self.config.supervisor.restart_backoff_max, self.system.time())
+        sup = self.config.supervisor
+        delay = slot.exited(how, self.system.monotonic(), sup.min_uptime,
+                            sup.restart_backoff_max, self.system.time(), sup.max_start_failures)
         if slot.state is SlotState.FATAL:
             log.error("worker %d failed to start %d times in a row (last: %s): giving up on "
                       "this slot (FATAL); fix the cause, then send HUP or TTIN to the master",

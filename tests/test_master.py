@@ -379,3 +379,26 @@ def test_a_paused_worker_may_sleep_between_probes(make):
     run_for(m, 61, alive=False)  # PAUSE_MAX, the longest sleep between two probes
     assert sys_of(m).signals_to(pid) == []
     assert silence_limit(m.config, Activity.PAUSED) > 60
+
+
+def test_max_start_failures_is_a_setting_and_zero_means_never_fatal(make):
+    m = make(supervisor__workers="1", supervisor__restart_backoff_max="1",
+             supervisor__max_start_failures="3")
+    started(m)
+    for _ in range(3):
+        slot = m.slots[0]
+        while slot.pid is None:
+            run_for(m, 0.25, step=0.25)
+        sys_of(m).exit(slot.pid, code=EXIT_BOOT_ERROR)
+        m.turn()
+    assert m.slots[0].state is SlotState.FATAL and m.slots[0].failures == 3
+    never = make(supervisor__workers="1", supervisor__restart_backoff_max="1",
+                 supervisor__max_start_failures="0", supervisor__host_id="another-host")
+    started(never)
+    for _ in range(MAX_START_FAILURES + 2):
+        slot = never.slots[0]
+        while slot.pid is None:
+            run_for(never, 0.25, step=0.25)
+        sys_of(never).exit(slot.pid, code=EXIT_BOOT_ERROR)
+        never.turn()
+    assert never.slots[0].state is not SlotState.FATAL

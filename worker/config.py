@@ -234,6 +234,8 @@ class SupervisorConfig:
     min_uptime: float = _opt(_positive_float, "2",
                              "a worker that dies sooner counts as a failed start")
     restart_backoff_max: float = _opt(_positive_float, "30")
+    max_start_failures: int = _opt(_non_negative_int, "10", "failed starts in a row before a "
+                                   "worker slot is FATAL (HUP or TTIN revives it); 0 = never")
 
 
 @dataclass

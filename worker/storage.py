@@ -17,7 +17,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import stat
 import uuid
 from collections.abc import Sequence
@@ -100,7 +99,7 @@ class LocalStore:
                 except OSError as exc:
                     if exc.errno != errno.EXDEV:
                         raise
-                    self._copy_across(local_path, folder_fd, target)
+                    self._copy_across(local_path, folder_fd, target, ctx)
                 os.fsync(folder_fd)  # the rename itself survives a crash
             finally:
                 os.close(folder_fd)
@@ -173,7 +172,8 @@ class LocalStore:
         if stat.S_ISDIR(st.st_mode):
             raise Permanent("output_not_allowed", f"{target} is a folder")
 
-    def _copy_across(self, local_path: str, folder_fd: int, target: str) -> None:
+    def _copy_across(self, local_path: str, folder_fd: int, target: str,
+                     ctx: JobContext | None = None) -> None:
         name = os.path.basename(target)
         part_name = f".{name}.{uuid.uuid4().hex[:12]}.part"
         part = os.path.join(os.path.dirname(target), part_name)
@@ -185,7 +185,11 @@ class LocalStore:
             out = os.open(part_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
             with open(local_path, "rb") as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1024 * 1024)
+                # chunk by chunk, each a sign of life and a chance to stop (abort, timeout)
+                while chunk := src.read(1024 * 1024):
+                    dst.write(chunk)
+                    if ctx is not None:
+                        ctx.check(f"storing {target}")
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(part_name, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
