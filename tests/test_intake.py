@@ -214,3 +214,22 @@ def test_an_id_behind_a_form_feed_is_the_same_id_for_the_parser_and_the_letter()
     rejected = intake(b'\x0c\x0b {"id": "d", "url": "ftp://x/v"}', config_mod.load(None, env={}))
     assert isinstance(rejected, Rejected) and rejected.id == "d"
     assert rejected.error.reason == "scheme_not_allowed"
+
+
+def test_a_callback_must_be_https_or_http_where_private_networks_are_allowed():
+    from worker import config as config_mod
+    from worker.job import Job, Rejected, intake
+
+    public = config_mod.load(None, env={})
+    private = config_mod.load(None, env={"CLIP_SUPERVISOR_JOB_ALLOW_PRIVATE_NETWORKS": "true"})
+
+    def job(callback: object, cfg) -> Job | Rejected:
+        return intake(json.dumps({"id": "c", "url": "http://h/v.mp4",
+                                  "callback": callback}).encode(), cfg)
+
+    assert job("https://hooks.example/clip", public).callback == "https://hooks.example/clip"
+    assert job("http://127.0.0.1:8080/hook", private).callback == "http://127.0.0.1:8080/hook"
+    for bad in ("http://hooks.example/clip", "ftp://h/x", "https:///nohost", 7,
+                "https://h/a b", "https://h:99999/x"):
+        refused = job(bad, public)
+        assert isinstance(refused, Rejected) and refused.error.reason == "bad_callback", bad

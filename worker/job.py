@@ -26,7 +26,8 @@ from .errors import Permanent
 log = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-KNOWN_FIELDS = frozenset({"id", "url", "start", "end", "duration", "output", "mode", "format"})
+KNOWN_FIELDS = frozenset({"id", "url", "start", "end", "duration", "output", "mode", "format",
+                          "callback"})
 # container name -> ffmpeg muxer
 FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska", "webm": "webm", "ts": "mpegts"}
 _WHITESPACE = b" \t\n\r\f\v"
@@ -50,6 +51,7 @@ class Job:
     format: str
     raw: bytes = field(repr=False)
     warnings: tuple[str, ...] = ()
+    callback: str = ""  # a URL the outcome is POSTed to (supervisor.webhooks); "" = none
 
     @property
     def muxer(self) -> str:
@@ -168,8 +170,31 @@ def parse(raw: bytes, config: Config) -> Job:
     output = resolve_output(obj.get("output"), job_id, fmt, config)
     warnings = tuple(f"unknown field {name!r} ignored"
                      for name in sorted(set(obj) - KNOWN_FIELDS))
+    callback = _callback(obj.get("callback"), config)
     return Job(id=job_id, url=url, start=start, end=end, output=output, mode=mode,
-               format=fmt, raw=raw, warnings=warnings)
+               format=fmt, raw=raw, warnings=warnings, callback=callback)
+
+
+def _callback(value: object, config: Config) -> str:
+    """A job's webhook URL: https, or http where private networks are allowed (a test or an
+    internal receiver). Its address is checked when it is called, on every attempt."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 8192 or _SPACE.search(value):
+        raise Permanent("bad_callback", "callback must be an http(s) URL")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
+    except ValueError as exc:
+        raise Permanent("bad_callback", f"callback is malformed: {exc}") from None
+    allowed = ("https", "http") if config.job.allow_private_networks else ("https",)
+    if parts.scheme.lower() not in allowed or not parts.hostname:
+        raise Permanent("bad_callback", f"callback must be an {' or '.join(allowed)} URL "
+                        "with a host")
+    if not parts.hostname.isascii():
+        raise Permanent("bad_callback", "the callback's host name is not ASCII: give its "
+                        "IDNA form (xn--...)")
+    return value
 
 
 def _check_text(obj: object) -> None:
