@@ -2,7 +2,8 @@
 
 Real processes and real signals: each daemon is started with ``clip-supervisor run
 --daemon`` as an operator would, found through its pid file, and watched through the pid
-file lock (FIELD-NOTES: PID 1 reaps orphans late here, so ``kill -0`` would lie). The
+file lock (a daemon's parent is PID 1, which may reap it late: a zombie still answers
+``kill -0``, so that would lie). The
 control commands (status, stop, reload) run through ``cli.main`` in the test's process: the
 same code, without a Python start-up each; tests/test_init_script.py runs them as commands.
 """
