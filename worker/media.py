@@ -130,16 +130,75 @@ def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
     return text.strip()[-limit:]
 
 
+# How a clip is cut, and why each option is there.
+#
+# copy: "-ss start" before "-i" seeks to the keyframe at or before `start`, and the clip starts
+# there, up to a GOP early (a stream copy cannot start between keyframes); "-t" counts from that
+# keyframe. Only keyframe-aligned starts are exact. Nothing below applies to it.
+#
+# encode is frame-exact: the clip holds the source frames whose time t (counted from the file's
+# start, as -ss counts) is in [start, start + length), each once, with their own timestamps.
+# - "-ss start-preroll" before "-i", then "-ss preroll" after it: ffmpeg decodes from the
+#   keyframe its seek finds and keeps only the frames from `start` on. The preroll is there
+#   for the seeks that land too late. An MPEG-TS or MPEG-PS file has no index: its seek
+#   searches packet times and takes every packet for a keyframe, so it lands mid-GOP, the
+#   decoder drops the frames up to the next keyframe, and the clip started up to a GOP late
+#   (its video seconds after its audio); UNINDEXED_PREROLL covers GOPs that long. An MP4's
+#   index holds decoding times: with an open GOP (x265's default) its seek may pick a keyframe
+#   whose leading frames are shown before it but need the GOP before, and were dropped; a
+#   PREROLL of one second covers those.
+# - "-fps_mode passthrough": each decoded frame is encoded once. The default for MP4 (cfr)
+#   duplicates the first frame when `start` falls between two frames (the gap up to it is
+#   "filled"), and so loses the last one to "-t".
+# - "-enc_time_base:v -1": frames keep the source's timestamps. By default the encoder counts
+#   in 1/fps from `start`, rounding a frame half a frame off the grid up to the next tick (the
+#   last frame then falls at start + length and is cut), and 29.97 fps times stored in
+#   Matroska's milliseconds round onto one another.
+# Audio is cut at `start` and `start + length` to the sample; the video's first frame is the
+# first at or after `start`, so the two may start up to one frame apart, as in the source.
+PREROLL = 1.0  # seconds
+UNINDEXED_PREROLL = 10.0
+_UNINDEXED_SUFFIXES = (".ts", ".m2ts", ".mts", ".mpg", ".mpeg", ".vob")
+
+
+def preroll(name: str, path: str | None = None) -> float:
+    """Seconds to decode before a clip's start for a source called ``name`` (a URL or a file
+    name), read from the local file ``path`` if there is one: UNINDEXED_PREROLL for MPEG
+    transport and program streams, known by their first bytes, or without a local file by the
+    name's suffix; PREROLL otherwise."""
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(400)
+        except OSError:
+            head = b""
+        if _unindexed(head):
+            return UNINDEXED_PREROLL
+        if head:
+            return PREROLL
+    suffix = name.split("?", 1)[0].split("#", 1)[0].lower()
+    return UNINDEXED_PREROLL if suffix.endswith(_UNINDEXED_SUFFIXES) else PREROLL
+
+
+def _unindexed(head: bytes) -> bool:
+    """True for the start of an MPEG-TS (188-byte packets, or 192 in M2TS) or MPEG-PS file."""
+    ts = len(head) >= 377 and all(head[i] == 0x47 for i in (0, 188, 376))
+    m2ts = len(head) >= 389 and all(head[i] == 0x47 for i in (4, 196, 388))
+    return ts or m2ts or head.startswith(b"\x00\x00\x01\xba")
+
+
 @dataclass(frozen=True)
 class Cut:
     """What a clip is: ``length`` seconds (None: to the end) from ``start``, stream copied
-    or re-encoded with libx264 at ``preset`` (``mode``), in the container ``muxer``."""
+    or re-encoded with libx264 at ``preset`` (``mode``), in the container ``muxer``;
+    re-encoding decodes from ``preroll`` seconds before ``start`` (see above)."""
 
     start: float
     length: float | None
     mode: str = "copy"
     muxer: str = "mp4"
     preset: str = "veryfast"
+    preroll: float = PREROLL
 
     @property
     def end(self) -> float | None:
@@ -148,10 +207,8 @@ class Cut:
 
 def clip_command(ffmpeg: str, src: str, dst: str, cut: Cut, rw_timeout: float | None = None,
                  ) -> list[str]:
-    """The clip's ffmpeg command. ``rw_timeout`` (seconds) marks ``src`` as the job's range
-    relay (worker.relay), read over HTTP; otherwise it is a local file."""
-    # -ss before -i: a fast input seek. With stream copy the clip starts at the keyframe at or
-    # before `start`; re-encoding decodes from there and drops frames up to `start` exactly.
+    """The clip's ffmpeg command (the rules above). ``rw_timeout`` (seconds) marks ``src`` as
+    the job's range relay (worker.relay), read over HTTP; otherwise it is a local file."""
     # "-v info" makes ffmpeg describe its input (duration, streams) on stderr: that report
     # validates the job in place of a separate ffprobe process (see InputReport).
     cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "info", "-xerror"]
@@ -159,15 +216,20 @@ def clip_command(ffmpeg: str, src: str, dst: str, cut: Cut, rw_timeout: float | 
         cmd += ["-protocol_whitelist", PROTOCOLS]
     else:
         cmd += ["-protocol_whitelist", RELAY_PROTOCOLS, "-rw_timeout", str(int(rw_timeout * 1e6))]
-    cmd += ["-format_whitelist", DEMUXERS, "-ss", f"{cut.start:.6f}", "-i", src]
+    encode = cut.mode != "copy"
+    preroll = min(cut.start, cut.preroll) if encode else 0.0
+    cmd += ["-format_whitelist", DEMUXERS, "-ss", f"{cut.start - preroll:.6f}", "-i", src]
+    if preroll > 0:
+        cmd += ["-ss", f"{preroll:.6f}"]
     if cut.length is not None:
         cmd += ["-t", f"{cut.length:.6f}"]
     cmd += ["-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1"]
-    if cut.mode == "copy":
-        cmd += ["-c", "copy", "-avoid_negative_ts", "make_zero"]
-    else:
-        cmd += ["-c:v", "libx264", "-preset", cut.preset, "-pix_fmt", "yuv420p",
+    if encode:
+        cmd += ["-fps_mode", "passthrough", "-enc_time_base:v", "-1",
+                "-c:v", "libx264", "-preset", cut.preset, "-pix_fmt", "yuv420p",
                 "-c:a", "aac", "-b:a", "128k"]
+    else:
+        cmd += ["-c", "copy", "-avoid_negative_ts", "make_zero"]
     if cut.muxer in ("mp4", "mov"):
         cmd += ["-movflags", "+faststart"]
     cmd += ["-progress", "pipe:1", "-f", cut.muxer, "-y", dst]

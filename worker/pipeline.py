@@ -226,8 +226,12 @@ class Pipeline:
         if feed is None:
             ctx.stage("clip")
         cfg = self.config.job
+        # How far before the start to decode depends on whether the source's container has
+        # an index (media.preroll): a local file says so by its first bytes, a remote one by
+        # its name.
         cut = media.Cut(job.start, None if job.end is None else job.end - job.start,
-                        job.mode, job.muxer, cfg.encode_preset)
+                        job.mode, job.muxer, cfg.encode_preset,
+                        media.preroll(job.url, src if feed is None else None))
         # ffmpeg's own network timeout, after the relay's and ours
         rw_timeout = None if feed is None else ctx.limits.stall_timeout + 5
         cmd = media.clip_command(cfg.ffmpeg, src, clip_path, cut, rw_timeout)
