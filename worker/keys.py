@@ -47,6 +47,16 @@ class Keys:
         return f"{self.base}:dead"
 
     @property
+    def events(self) -> str:
+        """A stream of every job's state changes (worker.queue: the ``events_*`` methods)."""
+        return f"{self.base}:events"
+
+    @property
+    def cancels(self) -> str:
+        """The pub/sub channel a cancel names its job on, for the worker that runs it."""
+        return f"{self.base}:cancels"
+
+    @property
     def processing_pattern(self) -> str:
         return f"{self.base}:processing:*"
 

@@ -442,6 +442,112 @@ class JobQueue:
         return JobHash(fields, ttl if ttl and ttl > 0 else None,
                        int(attempts) if attempts is not None else None)
 
+    # --- the event stream ---------------------------------------------------------------------
+
+    @property
+    def events_key(self) -> str:
+        """The stream every job's state changes are appended to: ``{prefix}:events``."""
+        return self.keys.events
+
+    @property
+    def events_max(self) -> int:
+        """Its approximate length cap (XADD MAXLEN ~): ``[job] events_max``, else EVENTS_MAX."""
+        return int(getattr(self.config.job, "events_max", EVENTS_MAX))
+
+    def events_ensure_group(self, group: str, start_id: str = "$") -> bool:
+        """Make sure consumer group ``group`` exists on the stream (made with the stream if
+        there is none yet), first reading after ``start_id`` ("$": only entries added from
+        now, "0": everything the stream holds). True when it was made now, False when it
+        existed (its position is then left as it is)."""
+        try:
+            self.client.xgroup_create(self.keys.events, group, id=start_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            return False
+        return True
+
+    def events_read_group(self, group: str, consumer: str, count: int = 100,
+                          block_ms: int = 0) -> list[StreamEntry]:
+        """Entries never delivered to ``group`` before, now delivered to ``consumer`` (and
+        pending for it until ``events_ack``): at most ``count``, oldest first. With
+        ``block_ms`` > 0 it waits up to that long for one when there is none (capped below
+        the client's socket timeout); 0 answers at once. A group that does not exist (the
+        stream was deleted with it) is made again, reading from the start, and this call
+        answers []."""
+        block = self._block_ms(block_ms)
+        try:
+            reply = self.client.xreadgroup(group, consumer, {self.keys.events: ">"},
+                                           count=count, block=block)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.events_ensure_group(group, "0")
+            return []
+        return _read_entries(reply)
+
+    def events_ack(self, group: str, *entry_ids: str) -> int:
+        """Acknowledge entries of ``group`` (XACK): they leave its pending list. Returns how
+        many were pending."""
+        if not entry_ids:
+            return 0
+        return int(self.client.xack(self.keys.events, group, *entry_ids))
+
+    def events_claim_stale(self, group: str, consumer: str, min_idle_ms: int,
+                           count: int = 100) -> list[StreamEntry]:
+        """Entries delivered to a consumer of ``group`` that has not acknowledged them for
+        ``min_idle_ms`` (it died, or hangs), now delivered to ``consumer`` instead
+        (XAUTOCLAIM, Redis >= 6.2): at most ``count``, oldest first. Entries the length cap
+        trimmed away meanwhile are dropped from the pending list by Redis, not returned."""
+        found: list[StreamEntry] = []
+        cursor: Any = "0-0"
+        try:
+            while len(found) < count:
+                reply = self.client.xautoclaim(self.keys.events, group, consumer,
+                                               min_idle_ms, start_id=cursor,
+                                               count=count - len(found))
+                cursor = reply[0]
+                found += _stream_entries(reply[1])
+                if _str(cursor) == "0-0":
+                    break
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.events_ensure_group(group, "0")
+        return found
+
+    def events_read(self, after: str, count: int = 100, block_ms: int = 0,
+                    ) -> list[StreamEntry]:
+        """Entries after ``after`` (an entry id; "$": from now), without a group (XREAD):
+        at most ``count``, oldest first, waiting up to ``block_ms`` (0: not at all)."""
+        block = self._block_ms(block_ms)
+        return _read_entries(self.client.xread({self.keys.events: after}, count=count,
+                                               block=block))
+
+    def events_last_id(self) -> str:
+        """The id of the newest entry ("0-0": the stream is empty or does not exist)."""
+        newest = self.client.xrevrange(self.keys.events, count=1)
+        return _str(newest[0][0]) if newest else "0-0"
+
+    def events_before(self, before: str, count: int) -> list[StreamEntry]:
+        """Up to ``count`` entries older than ``before`` ("+": the newest), newest first."""
+        if before != "+":
+            before = "(" + before
+        return _stream_entries(self.client.xrevrange(self.keys.events, max=before,
+                                                     count=count))
+
+    def _block_ms(self, block_ms: int) -> int | None:
+        """A BLOCK argument that ends before the client's socket timeout does (None: do not
+        block: BLOCK 0 would wait for ever)."""
+        if block_ms <= 0:
+            return None
+        pool = getattr(self.client, "connection_pool", None)
+        timeout = (getattr(pool, "connection_kwargs", None) or {}).get(
+            "socket_timeout", self.config.redis.socket_timeout)
+        if timeout:
+            block_ms = min(block_ms, max(1, int(timeout * 800)))
+        return int(block_ms)
+
     def entries(self, which: str, start: int, stop: int) -> list[bytes]:
         """Entries ``start`` to ``stop`` (inclusive, -1 = the last) of the completion events
         (``which`` = "done") or the dead letters ("dead"), newest first."""
@@ -451,6 +557,30 @@ class JobQueue:
 
 
 LISTS = ("queue", "retry", "delayed", "dead", "done")  # the lists overview() measures
+
+# The approximate length cap of the event stream (XADD MAXLEN ~), unless the configuration
+# says otherwise (``[job] events_max``).
+EVENTS_MAX = 100_000
+
+StreamEntry = tuple[str, dict[str, str]]  # (entry id, fields), decoded
+
+
+def _stream_entries(entries: Any) -> list[StreamEntry]:
+    """Entries of XRANGE, XREVRANGE or XAUTOCLAIM, decoded; an entry trimmed away meanwhile
+    (no fields) is left out."""
+    return [(_str(entry_id), {_str(k): _str(v) for k, v in fields.items()})
+            for entry_id, fields in entries or [] if fields]
+
+
+def _read_entries(reply: Any) -> list[StreamEntry]:
+    """The entries of an XREAD or XREADGROUP reply of our one stream, decoded."""
+    if isinstance(reply, dict):  # RESP3
+        return [entry for entries in reply.values() for entry in _stream_entries(entries[0])]
+    return [entry for _, entries in reply or [] for entry in _stream_entries(entries)]
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
