@@ -13,12 +13,14 @@ mkv and ts.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from tests import corpus
 from tests.httpd import TestServer
+from worker import media
 
 FORMATS = ("mp4", "mkv", "ts")
 
@@ -121,3 +123,18 @@ def test_encode_is_frame_exact_on_the_corpus(env, tmp_path_factory, corpus_http,
     checks = cut_and_check(env, corpus_http, source, jobs)
     # Then every clip holds exactly the frames asked for
     assert_exact(source, checks)
+
+
+def test_the_preroll_is_a_gop_long_only_for_containers_without_an_index(tmp_path_factory,
+                                                                        tmp_path):
+    # Given an MPEG-TS and an MP4 source of the corpus, and the TS copied under a bare name
+    sources = corpus.session_corpus(tmp_path_factory, ["h264_main_60.ts", "hevc_25.mp4"])
+    ts, mp4 = sources["h264_main_60.ts"].path, sources["hevc_25.mp4"].path
+    bare = tmp_path / "source"
+    shutil.copyfile(ts, bare)
+    # Then a local file is known by its first bytes, a remote one by its name
+    assert media.preroll("http://h/x.mp4", ts) == media.preroll("x", str(bare)) == \
+        media.UNINDEXED_PREROLL
+    assert media.preroll("http://h/x.ts", mp4) == media.PREROLL
+    assert media.preroll("http://h/live.TS?token=1") == media.UNINDEXED_PREROLL
+    assert media.preroll("gs://b/talk.mp4") == media.PREROLL
