@@ -46,6 +46,7 @@ from worker.runner import Worker, silence_limit
 from . import recovery
 from .children import Exit, Slot, SlotState
 from .metrics import worker_exited as worker_metrics_done
+from .webhooks import DelivererProcess
 
 log = logging.getLogger("clip-supervisor.master")
 
@@ -128,6 +129,8 @@ class Master:
         # The FATAL slots as the listener's threads read them (replaced, never changed).
         self.fatal: list[dict[str, Any]] = []
         self.metrics: Any = None  # a supervisor.metrics.MetricsServer when listening
+        # The webhook deliverer, a child of ours like the workers (supervisor.webhooks).
+        self.webhooks = DelivererProcess(self.config)
 
     # --- signals -------------------------------------------------------------------------------
 
@@ -187,6 +190,7 @@ class Master:
         self.redis_housekeeping()
         if self.state == State.RUNNING and self.claim.held:
             self.spawn_due()
+            self.webhooks.keep(self.system.fork, self.system.monotonic(), self.close_in_child)
         self.check_memory()
         self.check_liveness()
         if self.state != State.RUNNING and self.stop_progress():
@@ -318,6 +322,7 @@ class Master:
                            logs.log_format())
                 logs.reopen_streams(new.supervisor.logfile)
         self.config = new
+        self.webhooks.reload(new)
         self.target = new.supervisor.workers
         self.generation += 1
         log.info("HUP: configuration reloaded; replacing workers (now %d)", self.target)
@@ -351,9 +356,13 @@ class Master:
     def stop_progress(self) -> bool:
         """True once every worker is gone; kills the rest when the deadline passes."""
         alive = [slot for slot in self.slots if slot.pid is not None]
-        if not alive:
+        if not alive and self.webhooks.pid is None:
             return True
         if self.system.monotonic() >= self.stop_deadline:
+            if self.webhooks.pid is not None:
+                log.warning("the webhook deliverer (pid %d) did not stop in time: killing it "
+                            "(what it held stays pending in Redis)", self.webhooks.pid)
+                self._kill(self.webhooks.pid, signal.SIGKILL)
             for slot in alive:
                 log.warning("worker %d (pid %d) did not stop in time: killing it", slot.index,
                             slot.pid)
@@ -363,6 +372,7 @@ class Master:
         return False
 
     def signal_workers(self, sig: int) -> None:
+        self.webhooks.signal(sig)  # TERM, QUIT: it stops too; USR1: it reopens its log
         for slot in self.slots:
             if slot.pid is not None:
                 if sig in (signal.SIGTERM, signal.SIGQUIT):
@@ -428,11 +438,7 @@ class Master:
             # must reach only the master, which stops its workers gracefully; INT sent to a
             # worker itself still means "abort".
             os.setpgid(0, 0)
-            if self._pipe is not None:
-                for fd in self._pipe:
-                    os.close(fd)
-            if self.metrics is not None:
-                self.metrics.close_in_child()
+            self.close_in_child()
             logs.set_role(f"worker {slot.index}")
             worker = Worker(self.config, slot.index, started_ms, parent_pid=self.pid,
                             liveness=slot.clock)
@@ -445,6 +451,14 @@ class Master:
         finally:
             logging.shutdown()
             os._exit(code)
+
+    def close_in_child(self) -> None:
+        """In a forked child: let go of the master's wake-up pipe and listening socket."""
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+        if self.metrics is not None:
+            self.metrics.close_in_child()
 
     def reap(self) -> None:
         while True:
@@ -460,6 +474,7 @@ class Master:
                 return
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
+                self.webhooks.reaped(pid, status, self.system.monotonic())
                 continue
             self.worker_exited(slot, Exit.from_status(status))
 

@@ -340,6 +340,35 @@ class MetricsConfig:
                            "token for the dashboard's actions (retry, purge); empty = read-only")
 
 
+def _webhook_url(raw: str) -> str:
+    if raw == "":
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an https:// URL (http:// where [job] "
+                         "allow_private_networks is true), or nothing")
+    return raw
+
+
+def _secret(raw: str) -> str:
+    if raw and (len(raw) < 16 or re.search(r"\s", raw)):
+        raise ValueError("expected at least 16 characters without spaces "
+                         "(e.g. openssl rand -hex 32), or nothing")
+    return raw
+
+
+@dataclass
+class NotifyConfig:
+    url: str = _opt(_webhook_url, "", "webhook called for jobs that name no callback; "
+                    "empty = none")
+    secret: str = _opt(_secret, "", "key of the X-Clip-Signature HMAC; empty = no webhook "
+                       "is called")
+    max_age: float = _opt(_positive_float, "86400", "seconds a webhook is retried before it "
+                          "is given up")
+    timeout: float = _opt(_positive_float, "10", "seconds one webhook call may take")
+    concurrency: int = _opt(_positive_int, "4", "webhook calls in flight at once")
+
+
 @dataclass
 class Config:
     supervisor: SupervisorConfig
@@ -347,6 +376,7 @@ class Config:
     job: JobConfig
     storage: StorageConfig
     metrics: MetricsConfig
+    notify: NotifyConfig
     path: str | None = None
 
     @property
@@ -360,6 +390,7 @@ _SECTIONS: dict[str, type] = {
     "job": JobConfig,
     "storage": StorageConfig,
     "metrics": MetricsConfig,
+    "notify": NotifyConfig,
 }
 
 
@@ -447,3 +478,11 @@ def _check_consistency(config: Config) -> None:
         # or a dead connection and an empty queue look alike (redis-py can otherwise hang
         # for ever on a blocking call after a network fault).
         raise ConfigError("[redis] socket_timeout must be greater than block_timeout")
+    notify = config.notify
+    if notify.url and not notify.secret:
+        raise ConfigError("[notify] url needs [notify] secret: webhooks are always signed")
+    if notify.url.lower().startswith("http:") and not config.job.allow_private_networks:
+        raise ConfigError("[notify] url must be https:// unless [job] allow_private_networks "
+                          "is true, as a job's callback")
+    if notify.timeout > notify.max_age:
+        raise ConfigError("[notify] timeout must not exceed [notify] max_age")
