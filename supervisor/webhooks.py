@@ -417,7 +417,8 @@ class Deliverer:
     def drain(self) -> None:
         """On a stop: wait for the calls in flight (at most ``timeout``) and acknowledge
         what they delivered; the rest stays pending for the next start."""
-        self._wait_calls(self.config.notify.timeout + 1.0)
+        if self.in_flight:
+            wait(list(self.in_flight), timeout=self.config.notify.timeout + 1.0)
         with contextlib.suppress(*REDIS_ERRORS, redis.RedisError):
             self.settle()
         self.pool.shutdown(wait=False, cancel_futures=True)
