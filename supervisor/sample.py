@@ -1,7 +1,8 @@
 """Sample videos and a small Range-capable HTTP server, for the demo, tests and benchmarks.
 
 Python's http.server ignores Range requests, and ffmpeg seeking over HTTP relies on them
-(without them it reads from the start up to the point it seeks to), so this server answers ``Range: bytes=a-b`` with 206. It binds to loopback.
+(without them it reads from the start up to the point it seeks to), so this server answers
+``Range: bytes=a-b`` with 206. It binds to loopback.
 Run it on its own: ``python -m supervisor.sample serve DIR [PORT]`` prints the port it got.
 """
 
