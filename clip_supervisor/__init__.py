@@ -21,7 +21,20 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["activate", "main", "root"]
+__all__ = ["Client", "Event", "Job", "JobCancelled", "JobDead", "JobRefused", "activate",
+           "main", "root"]
+
+# The producer's client (clip_supervisor.client), loaded on first use: importing this package
+# stays cheap for the command, which needs none of it.
+_CLIENT_NAMES = frozenset({"Client", "Event", "Job", "JobCancelled", "JobDead", "JobRefused"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _CLIENT_NAMES:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

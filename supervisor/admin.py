@@ -1,4 +1,5 @@
-"""Operator commands: enqueue, stats, dead letters, and the dashboard's read models.
+"""Operator commands: following and cancelling jobs, stats, dead letters, and the
+dashboard's read models.
 
 Every read and write of Redis goes through the queue module (worker.queue); here is what
 people see of it.
@@ -9,56 +10,29 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
 
-from worker.job import Rejected, intake
-from worker.protocol import ENDED_STAGES, JOB_FIELDS, JobState, Stage
-from worker.queue import JobQueue
+from worker.protocol import ENDED_STAGES, JOB_FIELDS, EventType, JobState, Stage
+from worker.queue import CancelOutcome, JobQueue
 
 WORKER_EXPIRED = "expired"  # a worker's status when its heartbeat is gone
 
 
-def build_message(url: str, *, start: float | None = None, end: float | None = None,
-                  duration: float | None = None, output: str | None = None,
-                  mode: str | None = None, fmt: str | None = None,
-                  job_id: str | None = None) -> bytes:
-    body: dict[str, Any] = {"url": url}
-    for key, value in (("id", job_id), ("start", start), ("end", end), ("duration", duration),
-                       ("output", output), ("mode", mode), ("format", fmt)):
-        if value is not None:
-            body[key] = value
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def enqueue(queue: JobQueue, message: bytes, *, validate: bool = True) -> str:
-    """LPUSH one message and return its job id; refuse (Permanent, with the reason) what a
-    worker would dead-letter: the worker's own intake decides."""
-    job = intake(message, queue.config)
-    if isinstance(job, Rejected):
-        if validate:
-            raise job.error
-        job_id = job.id
-    else:
-        job_id = job.id
-    queue.enqueue(message, job_id)  # its hash says "queued" from now: see JobQueue.enqueue
-    return job_id
-
-
-def wait_for_job(queue: JobQueue, job_id: str, out: TextIO, timeout: float | None = None,
-                 interval: float = 0.2) -> int:
-    """Follow a job until it is done (0) or dead (2); 3 when ``timeout`` runs out first.
+def follow_job(job_id: str, events: Iterable[Any], out: TextIO,
+               timeout: float | None = None) -> int:
+    """Print a job's progress from its events (``clip_supervisor.client.Job.follow``) until
+    it is done (0) or dead (2, cancelled included); 3 when ``timeout`` runs out first.
 
     On a terminal it draws one progress bar line; otherwise it prints a plain line whenever
     the stage changes or the progress passes another 10 %.
     """
     tty = out.isatty()
-    deadline = None if timeout is None else time.monotonic() + timeout
+    label, percent, state = str(JobState.QUEUED), 0.0, str(JobState.QUEUED)
     last: tuple = ()
-    while True:
-        state, stage, progress, output, reason, error = queue.job_fields(
-            job_id, "state", "stage", "progress", "output", "reason", "error").values()
-        percent = float(progress or 0)
-        label = stage or state or JobState.QUEUED
+
+    def draw() -> None:
+        nonlocal last
         if tty:
             filled = int(percent / 5)
             out.write(f"\r{job_id[:16]} [{'#' * filled}{'.' * (20 - filled)}] "
@@ -67,18 +41,54 @@ def wait_for_job(queue: JobQueue, job_id: str, out: TextIO, timeout: float | Non
         elif (label, int(percent // 10)) != last:
             last = (label, int(percent // 10))
             print(f"{job_id} {label} {percent:.0f}%", file=out, flush=True)
-        if state == JobState.DONE:
-            print(("\n" if tty else "") + f"done: {output}", file=out, flush=True)
-            return 0
-        if state == JobState.DEAD:
-            print(("\n" if tty else "") + f"dead ({reason}): {error.strip()[-300:]}",
-                  file=out, flush=True)
-            return 2
-        if deadline is not None and time.monotonic() > deadline:
-            print(("\n" if tty else "") + f"still {state or JobState.QUEUED} after {timeout:g} s",
-                  file=out, flush=True)
-            return 3
-        time.sleep(interval)
+
+    draw()
+    try:
+        for event in events:
+            data = event.data
+            if event.type == EventType.STARTED:
+                label, percent, state = str(Stage.FETCH), 0.0, str(JobState.RUNNING)
+            elif event.type == EventType.PROGRESS:
+                label = str(data.get("stage") or label)
+                percent = float(data.get("progress") or 0)
+            elif event.type == EventType.RETRY:
+                label, state = str(Stage.WAITING), str(JobState.FAILED)
+            elif event.type == EventType.QUEUED:
+                label, state = str(JobState.QUEUED), str(JobState.QUEUED)
+            elif event.type == EventType.DONE:
+                label, percent = str(Stage.DONE), 100.0
+            elif event.type in (EventType.DEAD, EventType.CANCELLED):
+                label = str(Stage.DEAD)
+            draw()
+            if event.type == EventType.DONE:
+                print(("\n" if tty else "") + f"done: {data.get('output', '')}", file=out,
+                      flush=True)
+                return 0
+            if event.type in (EventType.DEAD, EventType.CANCELLED):
+                error = str(data.get("error", "")).strip()[-300:]
+                print(("\n" if tty else "") + f"dead ({data.get('reason', '')}): {error}",
+                      file=out, flush=True)
+                return 2
+    except TimeoutError:
+        pass
+    print(("\n" if tty else "") + f"still {state} after {timeout:g} s", file=out, flush=True)
+    return 3
+
+
+def cancel(queue: JobQueue, job_id: str) -> CancelOutcome:
+    """Cancel a job (``JobQueue.cancel``): ``clip-supervisor cancel`` and the dashboard."""
+    return queue.cancel(job_id)
+
+
+def describe_cancel(job_id: str, outcome: CancelOutcome) -> str:
+    """What a cancel did, in one line for people."""
+    if outcome.removed:
+        return f"{job_id}: cancelled: taken out of the queue, dead-lettered (cancelled)"
+    if outcome.cancelled:
+        return f"{job_id}: cancelling: it is running ({outcome.state}); its worker aborts it"
+    if outcome.state:
+        return f"{job_id}: not cancelled: it has ended ({outcome.state})"
+    return f"{job_id}: not cancelled: no such job queued or running"
 
 
 def stats(queue: JobQueue) -> dict[str, Any]:
@@ -187,7 +197,7 @@ def retry_dead(queue: JobQueue, ids: list[str] | None) -> tuple[int, list[str]]:
         if message is None:
             partial.append(f"{job_id} (the letter keeps only part of its message)")
             continue
-        if queue.replay_dead(entry, message):
+        if queue.replay_dead(entry, message, job_id):
             replayed += 1
     missing = sorted(wanted - seen) if wanted is not None else []
     return replayed, [*missing, *partial]
@@ -284,4 +294,5 @@ def job_record(queue: JobQueue, job_id: str) -> dict[str, Any] | None:
     # Its state; "dead" also once the hash has expired but a dead letter remains.
     state = fields.get("state") or (JobState.DEAD if letters else "")
     return {"id": job_id, "state": state, "fields": fields, "ttl": found.ttl,
-            "attempts": found.attempts, "dead": letters}
+            "attempts": found.attempts, "dead": letters,
+            "cancellable": state in (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)}

@@ -24,7 +24,6 @@ import worker
 from worker import config as config_mod
 from worker import logs
 from worker.config import Config, ConfigError
-from worker.errors import Permanent
 from worker.fsafe import UnsafePath, prepare_work_dir
 from worker.queue import ANY_REDIS_ERROR, REDIS_ERRORS, JobQueue, connect
 
@@ -71,9 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     enq.add_argument("--mode", choices=("copy", "encode"))
     enq.add_argument("--format", dest="fmt", metavar="F")
     enq.add_argument("--id", dest="job_id", metavar="ID")
+    enq.add_argument("--callback", metavar="URL",
+                     help="an https URL the job's outcome is POSTed to (a signed webhook)")
     enq.add_argument("--wait", action="store_true",
                      help="follow the job; exit 0 done, 2 dead-lettered, 3 timed out")
     enq.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S")
+
+    cancel = sub.add_parser("cancel", parents=[common],
+                            help="cancel jobs: a queued one never runs, a running one is "
+                            "aborted; both end as dead letters (cancelled)")
+    cancel.add_argument("ids", nargs="+", metavar="ID")
 
     st = sub.add_parser("stats", parents=[common], help="queue depths and workers")
     st.add_argument("--json", action="store_true")
@@ -343,18 +349,30 @@ def _queue(config: Config) -> JobQueue:
 
 
 def cmd_enqueue(args: argparse.Namespace, config: Config) -> int:
-    message = admin.build_message(args.url, start=args.start, end=args.end,
-                                  duration=args.duration, output=args.output, mode=args.mode,
-                                  fmt=args.fmt, job_id=args.job_id)
-    queue = _queue(config)
+    from clip_supervisor.client import Client, JobRefused
+
+    client = Client.from_config(config)
     try:
-        job_id = admin.enqueue(queue, message)
-    except Permanent as exc:
+        job = client.enqueue(args.url, start=args.start, end=args.end, duration=args.duration,
+                             output=args.output, mode=args.mode, format=args.fmt,
+                             id=args.job_id, callback=args.callback)
+    except JobRefused as exc:
         return _fail(f"refused ({exc.reason}): {exc.error}")
-    print(job_id, flush=True)
+    print(job.id, flush=True)
     if not args.wait:
         return 0
-    return admin.wait_for_job(queue, job_id, sys.stdout, timeout=args.timeout)
+    return admin.follow_job(job.id, job.follow(args.timeout), sys.stdout, args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    queue = _queue(config)
+    code = 0
+    for job_id in args.ids:
+        outcome = admin.cancel(queue, job_id)
+        print(admin.describe_cancel(job_id, outcome), flush=True)
+        if not outcome.cancelled:
+            code = 1
+    return code
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:

@@ -8,7 +8,8 @@ have no worker to register in Redis). Polling rather than server push keeps the 
 plain request/response handler: an open page costs a few small requests a second, never a
 thread of its own.
 
-Write side: ``POST /api/dead/retry``, ``/api/dead/retry-all``, ``/api/dead/purge``. Each
+Write side: ``POST /api/dead/retry``, ``/api/dead/retry-all``, ``/api/dead/purge`` and
+``/api/job/<id>/cancel``. Each
 must carry the ``[metrics] auth_token`` in an ``X-Clip-Token`` header (a custom header, so
 a cross-site page can send it only after a CORS preflight that we never answer, and not
 ``Authorization``, which a proxy's own basic auth may need), a JSON content type (so an
@@ -44,6 +45,7 @@ from . import admin
 log = logging.getLogger("clip-supervisor.dashboard")
 
 TOKEN_HEADER = "X-Clip-Token"
+_CANCEL_PATH = re.compile(r"/api/job/([^/]+)/cancel")
 MAX_BODY = 64 * 1024  # an action's JSON body is a few ids
 RECENT_LIMIT = 50  # rows of completions and of dead letters the page shows
 SEARCH_SCAN = 2000  # newest entries of each list a search by job id looks through
@@ -153,14 +155,17 @@ class Dashboard:
                             _printable(request.headers.get("Host", ""), 100))
             return _json(403, {"error": "the dashboard answers loopback host names only"})
         try:
+            cancel = _CANCEL_PATH.fullmatch(path)
             if request.method == "POST":
+                if cancel is not None:
+                    return self._action(request, "cancel", unquote(cancel.group(1)))
                 if not path.startswith("/api/dead/"):
                     return _json(404 if not path.startswith("/api/") else 405,
                                  {"error": "not an action"})
                 return self._action(request, path.removeprefix("/api/dead/"))
             if request.method != "GET":
                 return _json(405, {"error": "method not allowed"})
-            if path.startswith("/api/dead/"):
+            if path.startswith("/api/dead/") or cancel is not None:
                 return _json(405, {"error": "actions are POST only"})
             return self._read(path, parse_qs(parts.query))
         except REDIS_ERRORS as exc:
@@ -232,12 +237,12 @@ class Dashboard:
 
     # --- actions ---------------------------------------------------------------------------
 
-    def _action(self, request: Request, action: str) -> Response:
+    def _action(self, request: Request, action: str, job_id: str = "") -> Response:
         who = request.client
         forwarded = request.headers.get("X-Forwarded-For")
         if forwarded:  # told by a proxy, or by anyone: logged as a hint, never trusted
             who += f" (X-Forwarded-For {_printable(forwarded)})"
-        if action not in ("retry", "retry-all", "purge"):
+        if action not in ("retry", "retry-all", "purge", "cancel"):
             return _json(404, {"error": f"unknown action {action[:40]}"})
         try:
             self._check(request)
@@ -245,6 +250,15 @@ class Dashboard:
         except Refused as exc:
             log.warning("dashboard: refused %s from %s: %s", action, who, exc.why)
             return _json(exc.status, {"error": exc.why})
+        if action == "cancel":
+            if not ID_RE.fullmatch(job_id):
+                return _json(400, {"error": "not a job id"})
+            outcome = admin.cancel(self.queue, job_id)
+            log.info("dashboard: %s asked to cancel: %s", who,
+                     _printable(admin.describe_cancel(job_id, outcome), 300))
+            return _json(200, {"id": job_id, "cancelled": outcome.cancelled,
+                               "removed": outcome.removed, "running": outcome.running,
+                               "state": outcome.state})
         if action == "purge":
             count = admin.purge_dead(self.queue)
             log.info("dashboard: %s purged %d dead letter(s)", who, count)

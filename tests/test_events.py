@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 from worker.config import load
 from worker.queue import JobQueue
 
@@ -45,3 +48,53 @@ def test_the_queue_reads_the_stream_through_consumer_groups(redis_server):
     assert [e for e, _ in queue.events_read_group("late", "x")] == [again]
     assert queue.events_last_id() == again
     assert [e for e, _ in queue.events_read("0")] == [again]
+
+
+def test_a_consumer_group_down_during_50_jobs_catches_up_without_loss(env):
+    from clip_supervisor import Client
+
+    client = Client(env.redis.url, config_file=env.conf)
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    # Given a consumer of its own group that has read everything so far
+    first = client.enqueue(env.url("ten.mp4"), duration=1, id="before",
+                           callback="http://127.0.0.1:9/hook")
+    first.wait(timeout=60)
+    seen = list(client.events(after="0", group="audit", consumer="c1", timeout=0.3))
+    assert [e.type for e in seen if e.job_id == "before"][-1] == "done"
+
+    # When it is down while 50 jobs run (one of whose events it was handling when it died)
+    jobs = client.enqueue_many([{"url": env.url("ten.mp4"), "duration": 1, "mode": "copy",
+                                 "id": f"j{n:02d}"} for n in range(50)])
+    queue = client.queue
+    handled = queue.events_read_group("audit", "c1", count=1)  # read, never acknowledged
+    for job in jobs:
+        job.wait(timeout=120)
+
+    # Then once back it reads every job's done event exactly once, and every other event
+    back = list(client.events(group="audit", consumer="c1", timeout=0.5))
+    done = [e.job_id for e in back if e.type == "done"]
+    assert sorted(done) == [job.id for job in jobs]
+    assert back[0].entry_id == handled[0][0]  # the unacknowledged one first
+    for job in jobs:
+        kinds = [e.type for e in back if e.job_id == job.id]
+        assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "done", kinds
+    # and nothing is left pending for the group
+    assert env.r.xpending(env.keys.events, "audit")["pending"] == 0
+
+    # Each entry follows the contract: type, id, time (ISO 8601 UTC), event (JSON) and, on
+    # done, dead and cancelled entries, callback; done's event is the done list's entry
+    done_list = {e["id"]: e for e in env.done_events()}
+    entries = [(entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+               for entry_id, fields in env.r.xrange(env.keys.events)]
+    for _, fields in entries:
+        assert fields["type"] in ("queued", "started", "progress", "done")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fields["time"])
+        body = json.loads(fields["event"])
+        assert isinstance(body, dict)
+        assert ("callback" in fields) == (fields["type"] == "done")
+        if fields["type"] == "done":
+            assert body == done_list[fields["id"]]
+    (hooked,) = [f for _, f in entries if f["id"] == "before" and f["type"] == "done"]
+    assert hooked["callback"] == "http://127.0.0.1:9/hook"
+    assert env.stop(proc) == 0

@@ -78,6 +78,21 @@ class Stage(enum.StrEnum):
     PAUSED = "paused"  # a worker's only: its host has a fault, it takes nothing
 
 
+class EventType(enum.StrEnum):
+    """``type`` of an entry of the event stream ``{prefix}:events``: a job's state changes."""
+
+    QUEUED = "queued"  # enqueued (or given back, or a dead letter replayed)
+    STARTED = "started"  # a worker started an attempt
+    PROGRESS = "progress"  # its stage or progress changed (at most one a second per job)
+    DONE = "done"  # stored; ``event`` is the completion event of {prefix}:done
+    RETRY = "retry"  # an attempt failed; it is retried after ``delay_ms``
+    DEAD = "dead"  # dead-lettered; ``event`` is the dead letter without its message
+    CANCELLED = "cancelled"  # cancelled: a dead letter with reason ``cancelled``
+
+
+# The event types that end a job; their entries carry the job's ``callback`` ("" = none).
+FINAL_EVENTS = frozenset({EventType.DONE, EventType.DEAD, EventType.CANCELLED})
+
 # A job in one of these stages has left the worker that ran it.
 ENDED_STAGES = frozenset({Stage.DONE, Stage.DEAD, Stage.WAITING})
 
@@ -105,4 +120,5 @@ JOB_FIELDS: dict[str, str] = {
     "message_sha1": "the SHA-1 of its message: its attempts are counted under it",
     "completed": "1 once its completion event was pushed (a new submission clears it)",
     "ack": "the token of the acknowledgement that recorded it done",
+    "cancel": "when a cancel was asked (UTC) while it had not ended; cleared by its end",
 }

@@ -14,9 +14,10 @@ import contextlib
 import hashlib
 import json
 import math
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -27,8 +28,9 @@ from redis.sentinel import Sentinel
 
 from . import scripts
 from .config import Config
+from .job import dead_letter, job_id_of
 from .keys import Keys
-from .protocol import JobState
+from .protocol import EventType, JobState
 
 if TYPE_CHECKING:
     from .wake import Waker
@@ -132,6 +134,8 @@ class JobQueue:
         self._release = client.register_script(scripts.RELEASE)
         self._recover = client.register_script(scripts.RECOVER)
         self._replay = client.register_script(scripts.REPLAY_DEAD)
+        self._mark_cancel = client.register_script(scripts.MARK_CANCEL)
+        self._cancel = client.register_script(scripts.CANCEL)
         self.hosts = HostClaims(client, self.keys)
         self._has_blmove: bool | None = None
         self._blocking: tuple[Any, Any] | None = None  # (pool, connection) for BLMOVE
@@ -239,70 +243,110 @@ class JobQueue:
     def release(self, worker_id: str, job_id: str = "",
                 fields: dict[str, str | int | float] | None = None) -> int:
         """Give back whatever this worker holds, to the front of the queue, uncounted; with
-        ``job_id``, set ``fields`` in that job's hash in the same step."""
+        ``job_id``, set ``fields`` in that job's hash in the same step (and append a
+        ``queued`` event naming its reason)."""
         keys = [self.keys.processing(worker_id), self.keys.queue]
+        args: list[Any] = []
         if job_id:
-            keys.append(self.keys.job(job_id))
-        return int(self._release(keys=keys, args=_pairs(fields or {}) if job_id else []))
+            keys += [self.keys.job(job_id), self.keys.events]
+            fields = fields or {}
+            body = {"given_back": True, "reason": fields.get("reason", "")}
+            args = [job_id, now_iso(), json.dumps(body), self.events_max, *_pairs(fields)]
+        return int(self._release(keys=keys, args=args))
 
     # --- recording --------------------------------------------------------------------------
 
     def start(self, job_id: str, message_sha1: str,
-               fields: dict[str, str | int | float]) -> int:
-        """Mark a job running; return the attempts its message already used."""
+              fields: dict[str, str | int | float]) -> int:
+        """Mark a job running; return the attempts its message already used, or CANCELLED
+        (nothing written) when the job was cancelled before it could start."""
+        body = {"worker": str(fields.get("worker", "")), "message_sha1": message_sha1}
         return int(self._start(
-            keys=[self.keys.job(job_id), self.keys.attempts],
-            args=[message_sha1, int(self.config.job.job_ttl), *_pairs(fields)]))
+            keys=[self.keys.job(job_id), self.keys.attempts, self.keys.events],
+            args=[message_sha1, int(self.config.job.job_ttl), job_id, now_iso(),
+                  _json(body), self.events_max, *_pairs(fields)]))
 
-    def update(self, job_id: str, fields: dict[str, str | int | float]) -> None:
-        self.client.hset(self.keys.job(job_id), mapping=_safe(fields))
+    def update(self, job_id: str, fields: dict[str, str | int | float],
+               event: dict | None = None) -> None:
+        """Set fields of a running job's hash; with ``event``, append it to the stream as a
+        ``progress`` entry in the same round trip."""
+        if event is None:
+            self.client.hset(self.keys.job(job_id), mapping=_safe(fields))
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.job(job_id), mapping=_safe(fields))
+        self._add_event(pipe, EventType.PROGRESS, job_id, _json(event))
+        pipe.execute()
 
     def done(self, worker_id: str, message: bytes, job_id: str, event: dict,
              fields: dict[str, str | int | float], take_next: bool = False,
-             token: str = "") -> tuple[bool, bytes | None]:
+             token: str = "", callback: str = "") -> tuple[bool, bytes | None]:
         """Ack a finished job: (acked, next message). ``acked`` is False when the message
         was no longer in this worker's processing list (recovered and requeued while this
         worker was taken for dead): then nothing was recorded, and the requeued copy
         decides. With ``take_next``, the next queued message (or None) is already in this
         worker's processing list when this returns. ``token`` names this ack: a call made
-        again with the same token after a lost reply answers as the first run did."""
+        again with the same token after a lost reply answers as the first run did. The
+        ``done`` event (``event`` itself, with ``callback``) is appended to the stream."""
         k = self.keys
         reply = self._done(
-            keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue],
+            keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue,
+                  k.events],
             args=[sha1(message), json.dumps(event), int(self.config.job.job_ttl),
                   self.config.job.done_max, "1" if take_next else "0",
-                  token or uuid.uuid4().hex, *_pairs(fields)])
+                  token or uuid.uuid4().hex, job_id, str(event.get("time") or now_iso()),
+                  callback, self.events_max, *_pairs(fields)])
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
 
     def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
-             fields: dict[str, str | int | float], token: str = "") -> int:
+             fields: dict[str, str | int | float], token: str = "", callback: str = "",
+             cancelled: bool = False) -> int:
         """Dead-letter the message; 0 when it was no longer ours (fenced). ``token`` as for
-        ``done``: a call made again after a lost reply answers as the first run did."""
+        ``done``: a call made again after a lost reply answers as the first run did. The
+        stream gets a ``dead`` entry (``cancelled`` with ``cancelled``) holding the letter
+        without its message."""
         k = self.keys
+        kind = EventType.CANCELLED if cancelled else EventType.DEAD
         return int(self._dead(
-            keys=[k.processing(worker_id), k.job(job_id), k.dead, k.attempts],
+            keys=[k.processing(worker_id), k.job(job_id), k.dead, k.attempts, k.events],
             args=[sha1(message), _letter_json(letter), int(self.config.job.job_ttl),
-                  self.config.job.dead_max, token or uuid.uuid4().hex, *_pairs(fields)]))
+                  self.config.job.dead_max, token or uuid.uuid4().hex, str(kind), job_id,
+                  str(letter.get("time") or now_iso()), _letter_json(_unsent(letter)),
+                  callback, self.events_max, *_pairs(fields)]))
 
     def retry(self, worker_id: str, message: bytes, job_id: str, letter: dict,
-              fields: dict[str, str | int | float], token: str = "",
+              fields: dict[str, str | int | float], token: str = "", callback: str = "",
               ) -> tuple[int, float | None]:
         """Count a failed attempt; delay the message, or dead-letter it at max_attempts.
 
         Returns (attempts, seconds until the retry is due, or None when dead-lettered);
         attempts is -1 when the message was no longer ours (fenced). ``token`` as for
-        ``done``.
+        ``done``. The stream gets a ``retry`` entry (attempts, delay_ms, reason, error) or
+        a ``dead`` one.
         """
         k = self.keys
         cfg = self.config.job
+        without = {key: value for key, value in letter.items() if key != "attempts"}
+        retry_event = {"reason": letter.get("reason", ""),
+                       "error": str(letter.get("error", ""))[-500:]}
         attempts, delay = self._retry(
-            keys=[k.processing(worker_id), k.delayed, k.attempts, k.job(job_id), k.dead],
+            keys=[k.processing(worker_id), k.delayed, k.attempts, k.job(job_id), k.dead,
+                  k.events],
             args=[sha1(message), cfg.max_attempts, int(cfg.retry_backoff * 1000),
                   int(cfg.retry_backoff_max * 1000), token or uuid.uuid4().hex,
-                  _letter_json({key: value for key, value in letter.items()
-                                if key != "attempts"}),
-                  int(cfg.job_ttl), cfg.dead_max, *_pairs(fields)])
+                  _letter_json(without), int(cfg.job_ttl), cfg.dead_max, job_id,
+                  str(letter.get("time") or now_iso()), _letter_json(retry_event),
+                  _letter_json(_unsent(without)), callback, self.events_max,
+                  *_pairs(fields)])
         return int(attempts), (None if delay < 0 else delay / 1000.0)
+
+    def _add_event(self, pipe: Any, kind: str, job_id: str, body: str | bytes,
+                   callback: str | None = None) -> None:
+        fields: dict[str, Any] = {"type": str(kind), "id": job_id, "time": now_iso(),
+                                  "event": body}
+        if callback is not None:
+            fields["callback"] = callback
+        pipe.xadd(self.keys.events, fields, maxlen=self.events_max, approximate=True)
 
     # --- liveness and recovery ----------------------------------------------------------------
 
@@ -341,25 +385,155 @@ class JobQueue:
                 found.append(wid)
         return found
 
-    def replay_dead(self, entry: bytes, message: bytes) -> bool:
+    def replay_dead(self, entry: bytes, message: bytes, job_id: str = "") -> bool:
+        """Put a dead letter's message back on the queue, once (a ``queued`` event)."""
         k = self.keys
-        return bool(self._replay(keys=[k.dead, k.queue, k.attempts], args=[entry, message]))
+        job_id = job_id or job_id_of(message, self.config.job.max_message_bytes)
+        return bool(self._replay(keys=[k.dead, k.queue, k.attempts, k.events],
+                                 args=[entry, message, job_id, now_iso(),
+                                       _json({"replayed": True}), self.events_max]))
 
     # --- producing and operating ----------------------------------------------------------
 
-    def enqueue(self, message: bytes, job_id: str | None = None) -> None:
+    def enqueue(self, message: bytes, job_id: str | None = None,
+                event: dict | None = None) -> str | None:
         """LPUSH a message as a producer does. With ``job_id``, its hash says "queued" from
-        this moment, so a watcher never mistakes an earlier run's "done" for this one."""
+        this moment, so a watcher never mistakes an earlier run's "done" for this one, and a
+        ``queued`` event (``event``, a small JSON object) is appended to the stream in the
+        same step: its entry id is returned, the place to follow the job from."""
         if job_id is None:
             self.client.lpush(self.keys.queue, message)
-            return
+            return None
+        return self.enqueue_many([(message, job_id, event or {})])[0]
+
+    def enqueue_many(self, jobs: list[tuple[bytes, str, dict]]) -> list[str]:
+        """``enqueue`` several (message, job id, event) in one round trip (MULTI), in order;
+        returns the entry id of each one's ``queued`` event."""
+        ttl = int(self.config.job.job_ttl)
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.job(job_id), mapping={
-            "state": JobState.QUEUED, "progress": 0, "stage": "", "queued": now_iso(),
-            "error": "", "reason": ""})
-        pipe.expire(self.keys.job(job_id), int(self.config.job.job_ttl))
-        pipe.lpush(self.keys.queue, message)
-        pipe.execute()
+        for message, job_id, event in jobs:
+            key = self.keys.job(job_id)
+            # A new submission: neither an earlier one's cancel nor its completion counts.
+            pipe.hdel(key, "cancel", "completed")
+            pipe.hset(key, mapping={"state": JobState.QUEUED, "progress": 0, "stage": "",
+                                    "queued": now_iso(), "error": "", "reason": ""})
+            pipe.expire(key, ttl)
+            pipe.lpush(self.keys.queue, message)
+            self._add_event(pipe, EventType.QUEUED, job_id, _json(event))
+        replies = pipe.execute()
+        return [_str(entry_id) for entry_id in replies[4::5]]
+
+    # --- cancelling -------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> CancelOutcome:
+        """Cancel a job: a queued one (the queue, the retries due or delayed) is taken out
+        and dead-lettered with reason ``cancelled`` now; a running one is marked and its
+        worker told at once (pub/sub), and it aborts its job and dead-letters it the same
+        way; a job that has ended (done, dead) is left alone.
+
+        The mark comes first: a message this scan does not find because a worker took it
+        meanwhile is refused by START; a running job's worker also finds the mark when it
+        (re)subscribes. Queued messages are found by their job id (``job_id_of``, as the
+        worker names them), reading the lists in chunks in Python; no script decodes a
+        message."""
+        k = self.keys
+        before = _str(self._mark_cancel(keys=[k.job(job_id)],
+                                        args=[now_iso(), CANCEL_MARK_TTL]))
+        if before in (JobState.DONE, JobState.DEAD):
+            return CancelOutcome(False, before)
+        self.client.publish(k.cancels, job_id)
+        removed = 0
+        # Delayed first, then the retries, then the queue: a retry promoted in the middle
+        # of the scan moves to a list read later.
+        for key, kind in ((k.delayed, "zset"), (k.retry, "list"), (k.queue, "list")):
+            for entry, message in self._queued_messages(key, kind, job_id):
+                removed += self._cancel_queued(key, kind, entry, message, job_id)
+        if removed:
+            return CancelOutcome(True, JobState.QUEUED, removed=removed)
+        return CancelOutcome(bool(before), before or "")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel marks this job (see ``cancel``)."""
+        return bool(self.client.hexists(self.keys.job(job_id), "cancel"))
+
+    def _queued_messages(self, key: str, kind: str, job_id: str,
+                         ) -> Iterator[tuple[bytes, bytes]]:
+        """(entry, message) of each message of ``job_id`` in a list or the delayed zset."""
+        wanted = job_id.encode()
+        by_digest = len(job_id) == 40 and all(c in "0123456789abcdef" for c in job_id)
+        max_bytes = self.config.job.max_message_bytes
+
+        def ours(message: bytes) -> bool:
+            # Cheap tests first: the id in its bytes (or escaped), or the SHA-1 it is.
+            if wanted not in message and b"\\u" not in message and not (
+                    by_digest and hashlib.sha1(message).hexdigest() == job_id):
+                return False
+            return job_id_of(message, max_bytes) == job_id
+
+        if kind == "zset":
+            for member, _ in self.client.zscan_iter(key, count=CANCEL_SCAN_CHUNK):
+                message = member.partition(b"\n")[2]
+                if ours(message):
+                    yield member, message
+            return
+        start = 0
+        while True:
+            chunk = self.client.lrange(key, start, start + CANCEL_SCAN_CHUNK - 1)
+            for entry in chunk:
+                if ours(entry):
+                    yield entry, entry
+            if len(chunk) < CANCEL_SCAN_CHUNK:
+                return
+            start += CANCEL_SCAN_CHUNK - 1  # one of overlap: a removal shifts entries left
+
+    def _cancel_queued(self, key: str, kind: str, entry: bytes, message: bytes,
+                       job_id: str) -> int:
+        k = self.keys
+        now = now_iso()
+        letter = dead_letter(message, job_id, "cancelled", "cancelled while queued", 0, now,
+                             self.config.job.dead_message_bytes)
+        letter.pop("attempts")
+        fields = {"stage": "dead", "reason": "cancelled", "error": "cancelled while queued",
+                  "finished": now, "progress": 0, "message_sha1": sha1(message)}
+        return int(self._cancel(
+            keys=[key, k.job(job_id), k.dead, k.attempts, k.events],
+            args=[kind, entry, sha1(message), _letter_json(letter),
+                  _letter_json(_unsent(letter)), job_id, now, _callback_of(message),
+                  int(self.config.job.job_ttl), self.config.job.dead_max, self.events_max,
+                  *_pairs(fields)]))
+
+    def watch_cancels(self, current: Callable[[], str | None],
+                      on_cancel: Callable[[str], None], stop: threading.Event) -> None:
+        """Until ``stop`` is set, call ``on_cancel(job_id)`` whenever a cancel names the job
+        ``current()`` returns (a worker's listening thread). Subscribed to the cancel
+        channel on a connection of its own; after each (re)subscription it also looks at
+        the current job's mark, so a cancel published while it was cut off is not lost.
+        Redis errors are retried with backoff, never raised."""
+        delay = 0.1
+        while not stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.client.pubsub()
+                pubsub.subscribe(self.keys.cancels)
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=CANCEL_LISTEN_TICK)
+                    if message is None:
+                        continue
+                    job_id = current()
+                    if message["type"] == "subscribe":
+                        delay = 0.1
+                        if job_id and self.cancel_requested(job_id):
+                            on_cancel(job_id)
+                    elif message["type"] == "message" and job_id \
+                            and _str(message["data"]) == job_id:
+                        on_cancel(job_id)
+            except (*ANY_REDIS_ERROR, OSError):
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
 
     def purge_dead(self) -> int:
         """Delete every dead letter; returns how many there were."""
@@ -372,7 +546,7 @@ class JobQueue:
         """Empty the queue, retries, events, dead letters and attempt counts of this prefix
         (the demo's fresh start; job hashes expire by themselves)."""
         k = self.keys
-        self.client.delete(k.queue, k.retry, k.delayed, k.done, k.dead, k.attempts)
+        self.client.delete(k.queue, k.retry, k.delayed, k.done, k.dead, k.attempts, k.events)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -468,16 +642,20 @@ class JobQueue:
         return True
 
     def events_read_group(self, group: str, consumer: str, count: int = 100,
-                          block_ms: int = 0) -> list[StreamEntry]:
+                          block_ms: int = 0, pending_after: str | None = None,
+                          ) -> list[StreamEntry]:
         """Entries never delivered to ``group`` before, now delivered to ``consumer`` (and
         pending for it until ``events_ack``): at most ``count``, oldest first. With
         ``block_ms`` > 0 it waits up to that long for one when there is none (capped below
-        the client's socket timeout); 0 answers at once. A group that does not exist (the
-        stream was deleted with it) is made again, reading from the start, and this call
-        answers []."""
-        block = self._block_ms(block_ms)
+        the client's socket timeout); 0 answers at once. With ``pending_after``, instead,
+        the entries delivered to this consumer before and not acknowledged, after that id
+        ("0": from the first; a restarted consumer's first reads). A group that does not
+        exist (the stream was deleted with it) is made again, reading from the start, and
+        this call answers []."""
+        block = None if pending_after else self._block_ms(block_ms)
         try:
-            reply = self.client.xreadgroup(group, consumer, {self.keys.events: ">"},
+            reply = self.client.xreadgroup(group, consumer,
+                                           {self.keys.events: pending_after or ">"},
                                            count=count, block=block)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -485,6 +663,13 @@ class JobQueue:
             self.events_ensure_group(group, "0")
             return []
         return _read_entries(reply)
+
+    def events_pending(self, group: str, consumer: str, after: str = "0",
+                       count: int = 100) -> list[StreamEntry]:
+        """Entries delivered to ``consumer`` of ``group`` before and not acknowledged, after
+        ``after`` ("0": from the first), oldest first: what a restarted consumer handles
+        again before it reads new ones."""
+        return self.events_read_group(group, consumer, count, pending_after=after or "0")
 
     def events_ack(self, group: str, *entry_ids: str) -> int:
         """Acknowledge entries of ``group`` (XACK): they leave its pending list. Returns how
@@ -558,6 +743,27 @@ class JobQueue:
 
 LISTS = ("queue", "retry", "delayed", "dead", "done")  # the lists overview() measures
 
+CANCELLED = -1  # what ``start`` answers for a job cancelled before it started
+CANCEL_MARK_TTL = 60  # s: a cancel mark made on a job without a hash (a message pushed bare)
+CANCEL_SCAN_CHUNK = 500  # entries per LRANGE/ZSCAN while looking for a queued job
+CANCEL_LISTEN_TICK = 1.0  # s: how often a worker's cancel listener looks at its stop flag
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What ``JobQueue.cancel`` did. ``cancelled``: the job was queued and is now a dead
+    letter (``removed`` messages), or it is running (or between two places) and will end
+    as one; False: it had ended (``state`` done or dead) or is unknown (``state`` "")."""
+
+    cancelled: bool
+    state: str  # the job's state when the cancel came
+    removed: int = 0  # queued messages dead-lettered now
+
+    @property
+    def running(self) -> bool:
+        """The job was not found queued: its worker aborts it (or START refuses it)."""
+        return self.cancelled and not self.removed
+
 # The approximate length cap of the event stream (XADD MAXLEN ~), unless the configuration
 # says otherwise (``[job] events_max``).
 EVENTS_MAX = 100_000
@@ -577,6 +783,26 @@ def _read_entries(reply: Any) -> list[StreamEntry]:
     if isinstance(reply, dict):  # RESP3
         return [entry for entries in reply.values() for entry in _stream_entries(entries[0])]
     return [entry for _, entries in reply or [] for entry in _stream_entries(entries)]
+
+
+def _json(body: dict) -> bytes:
+    return _letter_json(body)
+
+
+def _unsent(letter: dict) -> dict:
+    """A dead letter without its message (``message``, ``message_b64``, ...): what the event
+    stream carries of it."""
+    return {key: value for key, value in letter.items() if not key.startswith("message")}
+
+
+def _callback_of(message: bytes) -> str:
+    """The ``callback`` a JSON message names, as given ("" when none)."""
+    try:
+        body = json.loads(message)
+    except (ValueError, RecursionError):
+        return ""
+    value = body.get("callback") if isinstance(body, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def _str(value: bytes | str) -> str:

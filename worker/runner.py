@@ -1,9 +1,16 @@
 """One worker process: fetch one message when idle, run it, record the outcome, repeat.
 
-Signals (SPEC section 6): TERM finishes the current job, then exits; QUIT and INT abort the
-job now, give its message back to the front of the queue, and exit. The handlers only set
-flags and wake the blocked call (see worker.wake); the loop does the rest. When the
-supervisor dies the kernel sends us SIGUSR2 (PR_SET_PDEATHSIG), which aborts like QUIT.
+Signals: TERM finishes the current job, then exits; QUIT and INT abort the job now, give its
+message back to the front of the queue, and exit. The handlers only set flags and wake the
+blocked call (see worker.wake); the loop does the rest. When the supervisor dies the kernel
+sends us SIGUSR2 (PR_SET_PDEATHSIG), which aborts like QUIT.
+
+Cancellation: a thread of the worker listens for cancels (JobQueue.watch_cancels, pub/sub).
+When one names the current job it records it and sends CANCEL_SIGNAL to the main thread,
+whose handler wakes the blocked call as QUIT's does; the job's next abort check (``_poll``)
+then stops it (ffmpeg killed, the job's folder removed, nothing stored), and its message is
+dead-lettered with reason ``cancelled`` instead of being given back. A job cancelled before
+it started is refused by the START script and dead-lettered the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from .protocol import (
     worker_dir_name,
     worker_id_for,
 )
-from .queue import REDIS_ERRORS, JobQueue, connect, now_iso, outage, sha1
+from .queue import CANCELLED, REDIS_ERRORS, JobQueue, connect, now_iso, outage, sha1
 from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
@@ -52,6 +59,10 @@ PROGRESS_INTERVAL = 0.5  # seconds between job-hash progress writes
 REDIS_BACKOFF_MAX = 5.0
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0  # seconds between probes of a host fault (doubling)
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
+# Sent by the worker's cancel listener to its own main thread (a real-time signal: no terminal
+# or operator sends it).
+CANCEL_SIGNAL = signal.SIGRTMIN + 1
+PROGRESS_EVENT_INTERVAL = 1.0  # seconds between a job's progress events on the stream
 
 
 class Worker:
@@ -84,6 +95,10 @@ class Worker:
         self._fetch_failures = 0
         self._next: bytes | None = None  # taken by the ack of the previous job (DONE script)
         self._heartbeat_stop = threading.Event()
+        self._cancel_id: str | None = None  # a cancel named this job (the listener's note)
+        self._listener_stop = threading.Event()
+        self._last_event = 0.0  # when the current job's last progress event was appended
+        self._event_due = False  # a stage or progress change not on the stream yet
         self.waker = Waker()
         self.client: Any = None
         self.queue: JobQueue | None = None
@@ -97,6 +112,7 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_abort)
         signal.signal(PARENT_DEATH_SIGNAL, self._on_parent_gone)
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(CANCEL_SIGNAL, self._on_cancel)
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -118,6 +134,24 @@ class Worker:
     def _on_usr1(self, signum: int, frame: object) -> None:
         self.reopen_logs = True
 
+    def _on_cancel(self, signum: int, frame: object) -> None:
+        if self._cancelled():  # wake the blocked call; the next abort check stops the job
+            self.waker.interrupt()
+
+    def _cancelled(self) -> bool:
+        """True while a cancel names the current job."""
+        job = self.current
+        return job is not None and self._cancel_id == job.id
+
+    def _current_id(self) -> str | None:
+        job = self.current
+        return job.id if job is not None else None
+
+    def _cancel_heard(self, job_id: str) -> None:
+        """The listener thread heard a cancel of the current job: note it, wake the loop."""
+        self._cancel_id = job_id
+        signal.pthread_kill(self._loop_thread, CANCEL_SIGNAL)
+
     def _poll(self) -> bool:
         """Housekeeping between steps; True when the current job must be abandoned. Every
         step of a job calls it (each chunk read, each second of ffmpeg): a sign of life."""
@@ -128,7 +162,7 @@ class Worker:
         if self.parent_pid is not None and not self.parent_gone \
                 and os.getppid() != self.parent_pid:
             self.parent_gone = self.aborting = True
-        return self.aborting
+        return self.aborting or self._cancelled()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -149,10 +183,14 @@ class Worker:
         self.queue = JobQueue(self.client, self.config)
         code = EXIT_OK
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        listener = threading.Thread(target=self.queue.watch_cancels, name="cancels",
+                                    args=(self._current_id, self._cancel_heard,
+                                          self._listener_stop), daemon=True)
         clean = False
         try:
             self._persist(self._beat, "register")
             heartbeat.start()
+            listener.start()
             log.info("worker %s ready (%s)", self.slot, self.worker_id)
             code = self._loop()
             clean = True
@@ -161,6 +199,7 @@ class Worker:
             clean = True
         finally:
             self._heartbeat_stop.set()
+            self._listener_stop.set()
             if heartbeat.is_alive():
                 heartbeat.join(timeout=2)
             # After a crash (an exception escaping the loop) what we hold stays put: the
@@ -259,6 +298,7 @@ class Worker:
                                                f"{type(exc).__name__}: {exc}"))
         finally:
             self.current = None
+            self._cancel_id = None
             self.busy = False
             self._alive()
             self.stage = "idle"
@@ -273,6 +313,7 @@ class Worker:
         if isinstance(job, Rejected):
             self._dead(raw, job.id, job.error, attempts=0)
             return
+        self._last_event, self._event_due = 0.0, False
         self.current = job
         for warning in job.warnings:
             log.warning("job %s: %s", job.id, warning)
@@ -283,6 +324,11 @@ class Worker:
             "state": JobState.RUNNING, "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
             "started": now_iso(), "error": "", "message_sha1": sha1(raw)}), "start")
+        if attempts == CANCELLED:
+            self._dead(raw, job.id, Permanent("cancelled", "cancelled before it started"),
+                       attempts=0, cancelled=True)
+            return
+        self._last_event = time.monotonic()  # the "started" event: progress follows later
         if attempts >= self.config.job.max_attempts:
             self._dead(raw, job.id, Permanent(
                 "poison", f"the job crashed its worker {attempts} times"), attempts=attempts)
@@ -315,6 +361,11 @@ class Worker:
                 self.current = None
                 self._pause(*fault)
         except Aborted:
+            if self._cancelled() and not self.aborting:
+                self._dead(raw, job.id, Permanent("cancelled", "cancelled while running, in "
+                                                  f"stage {self.stage}"),
+                           attempts=attempts, cancelled=True)
+                return
             given = self._persist(lambda: self.queue.release(self.worker_id), "release")
             metrics.JOBS.labels("aborted").inc()
             log.info("job %s aborted, message given back (%d)", job.id, given)
@@ -404,8 +455,8 @@ class Worker:
                          or (max_jobs and self.jobs_done >= max_jobs))
         token = uuid.uuid4().hex  # one per ack, so a retry after a lost reply is recognised
         acked, self._next = self._persist(lambda: self.queue.done(
-            self.worker_id, job.raw, job.id, event, fields, take_next=take_next, token=token),
-            "ack")
+            self.worker_id, job.raw, job.id, event, fields, take_next=take_next, token=token,
+            callback=job.callback), "ack")
         if not acked:
             self._fenced(job.id, "done")
             return
@@ -431,15 +482,18 @@ class Worker:
                     "dead); this %s is not recorded, the requeued copy decides", job_id,
                     outcome)
 
-    def _dead(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int) -> None:
+    def _dead(self, raw: bytes, job_id: str, exc: JobFailed, attempts: int,
+              cancelled: bool = False) -> None:
         logs.bind(job_id=job_id, stage="dead", reason=exc.reason)
         assert self.queue is not None
         letter = self._letter(raw, job_id, exc, attempts)
         fields = {"stage": "dead", "reason": exc.reason, "error": exc.error[-500:],
                   "finished": str(letter["time"]), "attempts": attempts}
         token = uuid.uuid4().hex  # one per outcome: a retry after a lost reply is known
+        callback = self.current.callback if self.current is not None else ""
         removed = self._persist(
-            lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields, token),
+            lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields, token,
+                                    callback=callback, cancelled=cancelled),
             "dead-letter")
         if not removed:
             self._fenced(job_id, f"dead letter ({exc.reason})")
@@ -454,8 +508,10 @@ class Worker:
         letter = self._letter(raw, job_id, exc, attempts=0)
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
         token = uuid.uuid4().hex
+        callback = self.current.callback if self.current is not None else ""
         attempts, delay = self._persist(
-            lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields, token),
+            lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields, token,
+                                     callback=callback),
             "retry")
         if attempts < 0:
             self._fenced(job_id, f"retry ({exc.reason})")
@@ -476,12 +532,15 @@ class Worker:
         self.stage = stage
         self._alive()  # after: the stage says how long the loop may be silent now
         self._title(stage)
+        self._event_due = True
         if self.current is not None and self.queue is not None:
             with contextlib.suppress(*REDIS_ERRORS):
-                self.queue.update(self.current.id, {"stage": stage})
+                self.queue.update(self.current.id, {"stage": stage}, self._progress_event())
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()
+        if percent != self.progress:
+            self._event_due = True
         self.progress = percent
         now = time.monotonic()
         if now - self._last_progress_write < PROGRESS_INTERVAL and percent < 100:
@@ -491,7 +550,22 @@ class Worker:
         if self.current is not None and self.queue is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 self.queue.update(self.current.id, {"progress": round(percent, 1),
-                                                    "speed": speed})
+                                                    "speed": speed},
+                                  self._progress_event(speed))
+
+    def _progress_event(self, speed: str = "") -> dict | None:
+        """The job's stage and progress for the event stream when they changed since the
+        last progress event and that was PROGRESS_EVENT_INTERVAL ago (None otherwise): at
+        most one a second per job, written with the hash update that goes anyway."""
+        now = time.monotonic()
+        if not self._event_due or now - self._last_event < PROGRESS_EVENT_INTERVAL:
+            return None
+        self._last_event, self._event_due = now, False
+        event: dict[str, str | float] = {"stage": self.stage,
+                                         "progress": round(self.progress, 1)}
+        if speed:
+            event["speed"] = speed
+        return event
 
     def _title(self, state: str) -> None:
         if self.current is None:

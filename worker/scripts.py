@@ -20,6 +20,20 @@ worker's processing list. When it is not there any more, recovery gave it to som
 nothing, so the copy that was requeued decides the job's fate and there is never a second
 done event or dead letter.
 
+Events: each script that changes a job's state also appends the change to the event stream
+``{prefix}:events`` (XADD MAXLEN ~ cap) in the same step, so a consumer group never sees a
+state the job did not reach, nor misses one it did: ``started`` (START), ``done`` (DONE, once
+per job id, with the completion event exactly as pushed to the done list), ``retry`` and
+``dead`` (RETRY, DEAD), ``cancelled`` (DEAD, CANCEL), ``queued`` (RELEASE of a given-back job,
+REPLAY_DEAD). Each entry has the fields ``type``, ``id``, ``time`` (the caller's, ISO 8601
+UTC), ``event`` (a JSON object the caller built, or completed here with what only the script
+knows: attempts, a retry's delay) and, on done, dead and cancelled entries, ``callback``.
+
+Cancellation: a job hash's ``cancel`` field asks for the job to end as a dead letter with
+reason ``cancelled``. MARK_CANCEL sets it (unless the job has ended), CANCEL takes a queued
+message out and dead-letters it, START refuses to start a job that carries it, and every
+outcome (DONE, DEAD, RETRY's dead letter, CANCEL) clears it.
+
 The job states the scripts write (``done``, ``failed``, ``dead``) are ``JobState`` values of
 worker.protocol (a test holds them to it). The queue module (worker.queue) is the only
 caller of these scripts.
@@ -33,6 +47,26 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# Appending an event: KEYS and ARGV positions differ per script, the entry's shape does not.
+_EVENT = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local function event(stream, cap, kind, id, time, body, callback)
+  if callback then
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'type', kind, 'id', id, 'time', time,
+               'event', body, 'callback', callback)
+  else
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'type', kind, 'id', id, 'time', time,
+               'event', body)
+  end
+end
+-- A JSON object given without a leading member, completed with one: '{"a": 1, ...}'.
+local function with_member(name, value, object)
+  local member = '"' .. name .. '": ' .. value
+  if #object > 2 then return '{' .. member .. ', ' .. string.sub(object, 2) end
+  return '{' .. member .. '}'
 end
 """
 
@@ -64,17 +98,25 @@ if nxt[2] then return {0, math.max(0, tonumber(nxt[2]) - now)} end
 return {0, -1}
 """
 
-START = """
+START = _EVENT + """
 -- start: a worker begins a job; mark it running and tell how many attempts it already used.
--- KEYS[1] job      hash  {prefix}:job:<id>
--- KEYS[2] attempts hash  message SHA-1 -> failed attempts so far
--- ARGV[1] message SHA-1, ARGV[2] job TTL s, ARGV[3..] field, value pairs for the job hash
+-- KEYS[1] job      hash    {prefix}:job:<id>
+-- KEYS[2] attempts hash    message SHA-1 -> failed attempts so far
+-- KEYS[3] events   stream  a "started" entry
+-- ARGV[1] message SHA-1, ARGV[2] job TTL s, ARGV[3] job id, ARGV[4] time, ARGV[5] the
+-- event's JSON object (its "attempt" is added here), ARGV[6] events cap, ARGV[7..] field,
+-- value pairs for the job hash
+-- Returns the attempts used, or -1 when the job was cancelled before it started (nothing is
+-- written: the worker dead-letters it as cancelled).
 -- A first attempt is a new submission of the job: a completion recorded by an earlier
 -- submission must not swallow this one's done event (see DONE's "completed").
+if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return -1 end
 local attempts = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if attempts == 0 then redis.call('HDEL', KEYS[1], 'completed') end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+event(KEYS[3], ARGV[6], 'started', ARGV[3], ARGV[4], with_member('attempt', attempts + 1,
+      ARGV[5]))
 return attempts
 """
 
@@ -92,18 +134,20 @@ local function take_back(list, sha1)
 end
 """
 
-DONE = _TAKE_BACK + """
+DONE = _TAKE_BACK + _EVENT + """
 -- done: the output is stored; record it, acknowledge the message and, when the worker
 -- wants more, take the next one from the main queue in the same step (it is idle from
 -- this instant: one round trip per job instead of two, and never more than one held).
--- KEYS[1] processing list  the worker's in-flight message (removed here = the ack)
--- KEYS[2] job        hash  {prefix}:job:<id>, its state becomes done
--- KEYS[3] done       list  completion events, newest first, capped
--- KEYS[4] attempts   hash  message SHA-1 -> attempts; the entry is dropped
--- KEYS[5] queue      list  main queue, for the next message
+-- KEYS[1] processing list    the worker's in-flight message (removed here = the ack)
+-- KEYS[2] job        hash    {prefix}:job:<id>, its state becomes done
+-- KEYS[3] done       list    completion events, newest first, capped
+-- KEYS[4] attempts   hash    message SHA-1 -> attempts; the entry is dropped
+-- KEYS[5] queue      list    main queue, for the next message
+-- KEYS[6] events     stream  a "done" entry, with the completion event
 -- ARGV[1] message SHA-1, ARGV[2] event JSON, ARGV[3] job TTL s, ARGV[4] done cap,
 -- ARGV[5] '1' = take the next message, ARGV[6] ack token (unique per ack, the same when the
--- call is made again), ARGV[7..] field, value pairs for the job hash
+-- call is made again), ARGV[7] job id, ARGV[8] time, ARGV[9] callback URL or '',
+-- ARGV[10] events cap, ARGV[11..] field, value pairs for the job hash
 -- A job run again after a failed attempt pushes one event: the first ack sets "completed",
 -- which only a new submission (START with no attempts) clears.
 -- Returns {acked, next message or nothing}: acked 1 = recorded by this call (or by an earlier
@@ -112,10 +156,12 @@ DONE = _TAKE_BACK + """
 local acked = 0
 if take_back(KEYS[1], ARGV[1]) then
   acked = 1
-  redis.call('HSET', KEYS[2], 'state', 'done', 'ack', ARGV[6], unpack(ARGV, 7))
+  redis.call('HSET', KEYS[2], 'state', 'done', 'ack', ARGV[6], unpack(ARGV, 11))
+  redis.call('HDEL', KEYS[2], 'cancel')
   if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
     redis.call('LPUSH', KEYS[3], ARGV[2])
     redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+    event(KEYS[6], ARGV[10], 'done', ARGV[7], ARGV[8], ARGV[2], ARGV[9])
   end
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('HDEL', KEYS[4], ARGV[1])
@@ -130,15 +176,19 @@ end
 return {acked}
 """
 
-DEAD = _TAKE_BACK + """
--- dead: the job can never succeed; park it in the dead-letter list and acknowledge it.
--- KEYS[1] processing list  the worker's in-flight message (removed)
--- KEYS[2] job        hash  its state becomes dead
--- KEYS[3] dead       list  dead letters, newest first, capped
--- KEYS[4] attempts   hash  the entry is dropped
+DEAD = _TAKE_BACK + _EVENT + """
+-- dead: the job can never succeed (or was cancelled); park it in the dead-letter list and
+-- acknowledge it.
+-- KEYS[1] processing list    the worker's in-flight message (removed)
+-- KEYS[2] job        hash    its state becomes dead
+-- KEYS[3] dead       list    dead letters, newest first, capped
+-- KEYS[4] attempts   hash    the entry is dropped
+-- KEYS[5] events     stream  a "dead" (or "cancelled") entry
 -- ARGV[1] message SHA-1, ARGV[2] dead letter JSON, ARGV[3] job TTL s, ARGV[4] dead cap,
 -- ARGV[5] token (unique per outcome, the same when the call is made again),
--- ARGV[6..] field, value pairs for the job hash.
+-- ARGV[6] event type ('dead' or 'cancelled'), ARGV[7] job id, ARGV[8] time, ARGV[9] the
+-- event's JSON (the letter without its message), ARGV[10] callback URL or '',
+-- ARGV[11] events cap, ARGV[12..] field, value pairs for the job hash.
 -- Returns 1 = recorded (now, or by this same call before its reply was lost), 0 = fenced:
 -- recovered by another host meanwhile, whose copy decides; never two dead letters.
 if not take_back(KEYS[1], ARGV[1]) then
@@ -147,24 +197,30 @@ if not take_back(KEYS[1], ARGV[1]) then
 end
 redis.call('LPUSH', KEYS[3], ARGV[2])
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
-redis.call('HSET', KEYS[2], 'state', 'dead', 'ack', ARGV[5], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], 'state', 'dead', 'ack', ARGV[5], unpack(ARGV, 12))
+redis.call('HDEL', KEYS[2], 'cancel')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('HDEL', KEYS[4], ARGV[1])
+event(KEYS[5], ARGV[11], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
 return 1
 """
 
-RETRY = _NOW_MS + _TAKE_BACK + """
+RETRY = _NOW_MS + _TAKE_BACK + _EVENT + """
 -- retry: a transient failure; count the attempt, then delay the message or, at the limit,
 -- dead-letter it.
--- KEYS[1] processing list  the worker's in-flight message (removed)
--- KEYS[2] delayed    zset  member "<token>\\n<message>", score = due time in ms
--- KEYS[3] attempts   hash  message SHA-1 -> attempts so far
--- KEYS[4] job        hash  state becomes failed (waiting) or dead
--- KEYS[5] dead       list  dead letters, capped
+-- KEYS[1] processing list    the worker's in-flight message (removed)
+-- KEYS[2] delayed    zset    member "<token>\\n<message>", score = due time in ms
+-- KEYS[3] attempts   hash    message SHA-1 -> attempts so far
+-- KEYS[4] job        hash    state becomes failed (waiting) or dead
+-- KEYS[5] dead       list    dead letters, capped
+-- KEYS[6] events     stream  a "retry" or a "dead" entry
 -- ARGV[1] message SHA-1, ARGV[2] max attempts, ARGV[3] backoff base ms, ARGV[4] backoff
 -- cap ms, ARGV[5] token (unique per outcome, the same when the call is made again),
 -- ARGV[6] the dead letter as a JSON object without its "attempts" (filled in here, as
--- text: no JSON is decoded), ARGV[7] job TTL s, ARGV[8] dead cap, ARGV[9..] field, value
+-- text: no JSON is decoded), ARGV[7] job TTL s, ARGV[8] dead cap, ARGV[9] job id,
+-- ARGV[10] time, ARGV[11] the retry event's JSON without "attempts" and "delay_ms" (filled
+-- in here), ARGV[12] the dead event's JSON (the letter without its message) without
+-- "attempts", ARGV[13] callback URL or '', ARGV[14] events cap, ARGV[15..] field, value
 -- pairs for the job hash.
 -- Returns {attempts, delay ms} or {attempts, -1} when dead-lettered, {-1, -1} when fenced;
 -- a call made again after a lost reply answers from what its first run recorded.
@@ -178,34 +234,38 @@ if not message then
 end
 local attempts = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 if attempts >= tonumber(ARGV[2]) then
-  local letter = '{"attempts": ' .. attempts
-  if #ARGV[6] > 2 then letter = letter .. ', ' .. string.sub(ARGV[6], 2) else
-    letter = letter .. '}' end
-  redis.call('LPUSH', KEYS[5], letter)
+  redis.call('LPUSH', KEYS[5], with_member('attempts', attempts, ARGV[6]))
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HSET', KEYS[4], 'state', 'dead', 'attempts', attempts, 'ack', ARGV[5],
-             unpack(ARGV, 9))
+             unpack(ARGV, 15))
+  redis.call('HDEL', KEYS[4], 'cancel')
   redis.call('EXPIRE', KEYS[4], ARGV[7])
+  event(KEYS[6], ARGV[14], 'dead', ARGV[9], ARGV[10], with_member('attempts', attempts,
+        ARGV[12]), ARGV[13])
   return {attempts, -1}
 end
 local delay = math.floor(math.min(tonumber(ARGV[3]) * 2 ^ (attempts - 1), tonumber(ARGV[4])))
 local due = now_ms() + delay
 redis.call('ZADD', KEYS[2], due, ARGV[5] .. '\\n' .. message)
 redis.call('HSET', KEYS[4], 'state', 'failed', 'attempts', attempts, 'retry_at_ms', due,
-           'ack', ARGV[5], unpack(ARGV, 9))
+           'ack', ARGV[5], unpack(ARGV, 15))
 redis.call('EXPIRE', KEYS[4], ARGV[7])
+event(KEYS[6], ARGV[14], 'retry', ARGV[9], ARGV[10], with_member('attempts', attempts,
+      with_member('delay_ms', delay, ARGV[11])))
 return {attempts, delay}
 """
 
-RELEASE = """
+RELEASE = _EVENT + """
 -- release: give back what this worker holds, to the front of the queue, without counting an
 -- attempt (an operator's abort, a clean exit, a host that pauses: not the message's fault).
--- KEYS[1] processing list  the worker's in-flight messages
--- KEYS[2] queue      list  main queue; RPUSH puts them next in line
--- KEYS[3] job        hash  (optional) the given-back job's hash, set in the same step (no
---                          other worker can have started it yet)
--- ARGV[1..] field, value pairs for that hash
+-- KEYS[1] processing list    the worker's in-flight messages
+-- KEYS[2] queue      list    main queue; RPUSH puts them next in line
+-- KEYS[3] job        hash    (optional) the given-back job's hash, set in the same step (no
+--                            other worker can have started it yet)
+-- KEYS[4] events     stream  (with KEYS[3]) a "queued" entry for that job
+-- ARGV[1] job id, ARGV[2] time, ARGV[3] the event's JSON, ARGV[4] events cap, ARGV[5..]
+-- field, value pairs for that hash (no ARGV without KEYS[3])
 local n = 0
 while true do
   local message = redis.call('RPOP', KEYS[1])
@@ -213,7 +273,10 @@ while true do
   redis.call('RPUSH', KEYS[2], message)
   n = n + 1
 end
-if n > 0 and KEYS[3] and #ARGV > 0 then redis.call('HSET', KEYS[3], unpack(ARGV)) end
+if n > 0 and KEYS[3] and #ARGV > 4 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+  event(KEYS[4], ARGV[4], 'queued', ARGV[1], ARGV[2], ARGV[3])
+end
 return n
 """
 
@@ -241,15 +304,63 @@ redis.call('HDEL', KEYS[5], ARGV[1])
 return n
 """
 
-REPLAY_DEAD = """
+REPLAY_DEAD = _EVENT + """
 -- replay_dead: put one dead letter's message back on the queue, once.
--- KEYS[1] dead     list  dead letters (the exact entry is removed)
--- KEYS[2] queue    list  main queue (LPUSH: back of the line, like a producer)
--- KEYS[3] attempts hash  the message's count starts again
--- ARGV[1] dead letter entry, ARGV[2] original message
+-- KEYS[1] dead     list    dead letters (the exact entry is removed)
+-- KEYS[2] queue    list    main queue (LPUSH: back of the line, like a producer)
+-- KEYS[3] attempts hash    the message's count starts again
+-- KEYS[4] events   stream  a "queued" entry
+-- ARGV[1] dead letter entry, ARGV[2] original message, ARGV[3] job id, ARGV[4] time,
+-- ARGV[5] the event's JSON, ARGV[6] events cap
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[3], redis.sha1hex(ARGV[2]))
+event(KEYS[4], ARGV[6], 'queued', ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+
+MARK_CANCEL = """
+-- mark_cancel: ask for a job to be cancelled, unless it has ended.
+-- KEYS[1] job  hash  {prefix}:job:<id>: its "cancel" field is set
+-- ARGV[1] the mark (the time it was asked), ARGV[2] TTL s for a hash that did not exist (a
+-- message pushed without one, taken by a worker that has not started it yet)
+-- Returns the job's state before ('' when it had no hash); a done or dead job is left as it
+-- is (a new submission of it starts afresh).
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'done' or state == 'dead' then return state end
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
+if existed == 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return state or ''
+"""
+
+CANCEL = _EVENT + """
+-- cancel: take one queued message out of its list (or the delayed retries) and dead-letter
+-- it with reason "cancelled", in one step; nothing when a worker took it first.
+-- KEYS[1] where      list or zset  the queue, the retry list, or the delayed zset
+-- KEYS[2] job        hash          its state becomes dead, its "cancel" mark is cleared
+-- KEYS[3] dead       list          dead letters, newest first, capped
+-- KEYS[4] attempts   hash          the message's entry (failed attempts) is dropped
+-- KEYS[5] events     stream        a "cancelled" entry
+-- ARGV[1] 'zset' or 'list', ARGV[2] the exact list entry or zset member, ARGV[3] message
+-- SHA-1, ARGV[4] the dead letter's JSON without "attempts", ARGV[5] the event's JSON
+-- without "attempts", ARGV[6] job id, ARGV[7] time, ARGV[8] callback URL or '',
+-- ARGV[9] job TTL s, ARGV[10] dead cap, ARGV[11] events cap, ARGV[12..] field, value pairs
+-- for the job hash
+-- Returns 1 = cancelled, 0 = no longer there.
+local removed
+if ARGV[1] == 'zset' then removed = redis.call('ZREM', KEYS[1], ARGV[2])
+else removed = redis.call('LREM', KEYS[1], 1, ARGV[2]) end
+if removed == 0 then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[4], ARGV[3]) or '0')
+redis.call('LPUSH', KEYS[3], with_member('attempts', attempts, ARGV[4]))
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[10]) - 1)
+redis.call('HDEL', KEYS[4], ARGV[3])
+redis.call('HSET', KEYS[2], 'state', 'dead', 'attempts', attempts, unpack(ARGV, 12))
+redis.call('HDEL', KEYS[2], 'cancel')
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+event(KEYS[5], ARGV[11], 'cancelled', ARGV[6], ARGV[7], with_member('attempts', attempts,
+      ARGV[5]), ARGV[8])
 return 1
 """
 

@@ -144,6 +144,11 @@
         notice(label + " refused (" + response.status + "): " + (data.error || ""), true);
       } else if (data.purged !== undefined) {
         notice(label + ": purged " + data.purged + " dead letter(s)");
+      } else if (data.cancelled !== undefined) {
+        notice(label + ": " + (data.removed ? "taken out of the queue, dead-lettered"
+          : data.cancelled ? "running: its worker aborts it"
+          : "not cancelled (" + (data.state || "no such job queued or running") + ")"),
+               !data.cancelled);
       } else {
         notice(label + ": requeued " + data.requeued + " dead letter(s)" +
                (data.missing && data.missing.length ? "; not found: " + data.missing.join(", ")
@@ -326,6 +331,8 @@
     stateBadge.className = "badge " + (state.jobStates.includes(jobState) ? jobState
                                                                           : "unknown");
     $("job-progress").replaceChildren(progressBar(fields.progress));
+    // The server says whether the job can still be cancelled (it has not ended).
+    $("job-cancel").disabled = !state.actions || !record.cancellable;
     $("job-missing").hidden = true;
     const extra = [["attempts (counter)", record.attempts ?? "–"],
                    ["expires in", record.ttl ? duration(record.ttl) : "–"]];
@@ -390,6 +397,11 @@
       $("job-view").hidden = false;
       $("job-id").textContent = id;
       document.title = "job " + id + " · clip-supervisor";
+      $("job-cancel").addEventListener("click", () => {
+        if (confirm("Cancel job " + id + "?")) {
+          act("/api/job/" + encodeURIComponent(id) + "/cancel", {}, "cancel " + id);
+        }
+      });
       refresh = every("job", 1000, async () => {
         try {
           drawJob(await getJSON("/api/job/" + encodeURIComponent(id)));
