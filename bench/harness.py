@@ -330,7 +330,7 @@ class Supervisor:
     """``clip-supervisor run --config <tmp conf>`` as a subprocess, on a private Redis."""
 
     def __init__(self, tmp: str, redis_url: str, workers: int, *, prefix: str = "clips",
-                 **sections: dict[str, Any]) -> None:
+                 log_level: str = "", **sections: dict[str, Any]) -> None:
         os.makedirs(tmp, exist_ok=True)
         self.tmp = tmp
         self.workers = workers
@@ -339,7 +339,9 @@ class Supervisor:
         self.out = os.path.join(tmp, "out")
         self.log = os.path.join(tmp, "supervisor.log")
         self.settings: dict[str, dict[str, Any]] = {
-            "supervisor": {"workers": workers, "logfile": self.log, "log_level": "info"},
+            # log_level "" leaves the daemon's default (info), as an operator would
+            "supervisor": {"workers": workers, "logfile": self.log}
+            | ({"log_level": log_level} if log_level else {}),
             "redis": {"url": redis_url, "prefix": prefix},
             "job": {"work_dir": os.path.join(tmp, "work"), "allow_private_networks": "true",
                     "done_max": 1_000_000},

@@ -30,27 +30,31 @@ run() {
 }
 
 if [ $quick -eq 1 ]; then
-  run bench.clips --mode copy --rounds 1 --what-if
+  run bench.clips --mode copy --rounds 2 --what-if
+  run bench.clips --mode copy --source file --rounds 2
   run bench.clips --mode encode --clips 4 --chunk 2
-  run bench.queue_overhead --jobs 2000 --rounds 1 --max-seconds 30
+  run bench.queue_overhead --jobs 2000 --rounds 2 --max-seconds 30 --compare-log-level warning
   run bench.latency --samples 100
   run bench.shutdown --runs 1
   run bench.requeue --rounds 3
   run bench.footprint --batch 500 --single 50
   run bench.long_source --rounds 1
   run bench.pipeline_cpu --clips 10
+  run bench.launch --starts 100 --rounds 2
 else
   run bench.clips --mode copy --what-if
+  run bench.clips --mode copy --source file
   run bench.clips --mode copy --cache off
   run bench.clips --mode copy --cache warm
   run bench.clips --mode encode
-  run bench.queue_overhead
+  run bench.queue_overhead --compare-log-level warning
   run bench.latency
   run bench.shutdown
   run bench.requeue
   run bench.footprint
   run bench.long_source
   run bench.pipeline_cpu
+  run bench.launch
 fi
 "$PY" -m bench.report --out bench/results/summary.md && "$PY" -m bench.chart >/dev/null
 echo "summary: bench/results/summary.md, chart: docs/performance.png" >&2
