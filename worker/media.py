@@ -77,7 +77,14 @@ def _die_with_parent() -> None:
 
 # util-linux's setpriv sets the parent-death signal and then runs the program: the same as
 # _die_with_parent, without a preexec_fn. A preexec_fn makes Python fork the whole worker
-# and run Python in the child (8 ms a start here, 3.5 ms of it CPU, against 0.7 ms).
+# (no vfork) and run Python in the child. Measured per start (bench/launch.py, CPU over a
+# bare Popen of 0.7-0.8 ms): setpriv +0.7-1.1 ms, preexec_fn +2-4.6 ms, a long-lived
+# launcher process per worker that forks and sets it +0.5-2 ms. What costs less loses the
+# guarantee or needs compiled code: a master that is a child subreaper and kills its dead
+# workers' orphans costs nothing per start, but an ffmpeg outlives a master and worker that
+# die together (a kill of both, the OOM killer taking both) and runs to the end of its cut;
+# a static C helper that sets the signal and execs costs +0.3-0.5 ms, but is a binary to
+# build and ship per platform. So setpriv it is: ~1 % of a copy clip's CPU.
 _SETPRIV = shutil.which("setpriv")
 _setpriv_works: bool | None = None  # --pdeathsig needs util-linux 2.33 (2018) or later
 
