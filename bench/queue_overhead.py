@@ -20,7 +20,12 @@ to bench.latency; the total time from thaw is kept in the JSON.
   over through the GIL and it halves), Celery (prefork -c 2, acks_late, prefetch multiplier
   1): run from the bench venv; a peer that cannot be imported or started is reported as such.
 
+clip-supervisor runs at its default log level (info: one line per job done) unless
+``--log-level`` says otherwise; ``--compare-log-level warning`` runs a second one at that
+level in the same rounds, which prices the per-job line. Target: >= 0.9 x the bare loop.
+
 Usage: python -m bench.queue_overhead [--jobs 5000] [--rounds 3] [--peers rq,rq-simple,...]
+       [--log-level LEVEL] [--compare-log-level LEVEL]
 """
 
 from __future__ import annotations

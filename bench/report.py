@@ -179,12 +179,20 @@ def launch(d: dict[str, Any]) -> list[Row]:
              "-") for name in median if name != "bare"]
 
 
+def log_line(d: dict[str, Any]) -> list[Row]:
+    median = d["median_us"]
+    return [("CPU per per-job log line", f"{median['daemon']:.2f} us (json "
+             f"{median['json']:.2f} us; below the level {median['below the level']:.2f} us)",
+             f"{median['logging defaults']:.2f} us (logging's Formatter and defaults)",
+             f"{median['logging defaults'] / median['daemon']:.2f}", "-", "-")]
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "clips-copy": clips, "clips-copy-file": clips, "clips-copy-cache-off": clips,
     "clips-copy-cache-warm": clips,
     "clips-encode": clips, "queue-noop": queue, "latency": latency,
     "shutdown": shutdown, "requeue": requeue, "footprint": footprint,
-    "long-source": long_source, "launch": launch}
+    "long-source": long_source, "launch": launch, "log-line": log_line}
 
 
 def table() -> str:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark (each prints one result line with a ratio against a floor measured in
 # the same run), then writes bench/results/summary.md (the table for docs/PERFORMANCE.md) and
-# docs/performance.png. --quick: fewer clips, jobs, samples and rounds (about 2-3 minutes;
-# the full run takes about 8 on 2 cores). A benchmark that fails is reported and the others
+# docs/performance.png. --quick: fewer clips, jobs, samples and rounds (about 3-4 minutes;
+# the full run takes about 10 on 2 cores). A benchmark that fails is reported and the others
 # still run; the exit status is then 1.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,6 +41,7 @@ if [ $quick -eq 1 ]; then
   run bench.long_source --rounds 1
   run bench.pipeline_cpu --clips 10
   run bench.launch --starts 100 --rounds 2
+  run bench.log_line --rounds 2
 else
   run bench.clips --mode copy --what-if
   run bench.clips --mode copy --source file
@@ -55,6 +56,7 @@ else
   run bench.long_source
   run bench.pipeline_cpu
   run bench.launch
+  run bench.log_line
 fi
 "$PY" -m bench.report --out bench/results/summary.md && "$PY" -m bench.chart >/dev/null
 echo "summary: bench/results/summary.md, chart: docs/performance.png" >&2
