@@ -19,7 +19,7 @@ to a frame off at either end. It costs little beside the video.
 
 What makes the join decodable, and why (a decoder sees one stream, with no reset):
 
-- The keyframe K of an open GOP (x264's open-gop, x265's CRA) is followed in decoding order
+- The keyframe K of an open GOP (x265's CRA) is followed in decoding order
   by frames shown before it that need the GOP before it ("leading" frames). The head
   re-encodes them, and the body drops their packets (``noise`` filter: a packet shown
   before K): the frames after K never refer to them.
@@ -32,9 +32,14 @@ What makes the join decodable, and why (a decoder sees one stream, with no reset
   before the body's first one arrives. Their decoding times are moved back by the
   source's reorder delay, so that decoding times rise across each join.
 
-Sources that cannot be joined so fall back to ``encode`` with a reason (``Fallback``): a
-codec other than H.264 or HEVC, interlaced video, a pixel format the encoder cannot match,
-a rotated source for a container with no display matrix, no keyframe inside the clip.
+Sources that cannot be joined so fall back to ``encode`` with a reason (``Fallback``),
+before anything is written: a codec other than H.264 or HEVC, interlaced video, a pixel
+format or profile the encoder cannot match, a rotated source for a container with no
+display matrix (Matroska, MPEG-TS), no keyframe inside the clip; an H.264 open GOP (its
+keyframes are recovery points, not IDR pictures: the frames after one carry reference
+marking that names pictures before it, which a decoder entering there reports as errors);
+and, for now, MPEG-TS/PS sources (no index: the copy's first packet and the pieces' times
+are not yet matched there).
 
 Everything the source is read for goes through the same whitelists as encode mode
 (worker.media): the source is untrusted. The pieces are trusted temporary files of ours,
@@ -517,7 +522,7 @@ def cut_command(plan: Plan, src: str, folder: str, *, ffmpeg: str = "ffmpeg",
                 "-vn", *common, "-f", AUDIO_SEGMENT,
                 os.path.join(folder, f"audio.{AUDIO_SEGMENT}")]
     shift = round(plan.delay * 1e6)
-    encoder = _encoder(plan, plan_preset(preset))
+    encoder = _encoder(plan, preset)
     if head:
         cmd += ["-map", "1:v:0", "-ss", f"{head_preroll:.6f}",
                 "-t", f"{plan.keyframe - slack - plan.begin:.6f}",
@@ -531,10 +536,6 @@ def cut_command(plan: Plan, src: str, folder: str, *, ffmpeg: str = "ffmpeg",
                 "-enc_time_base:v", "-1", *encoder, "-bsf:v", "dump_extra", "-an", *video,
                 "-f", SEGMENT, os.path.join(folder, f"tail.{SEGMENT}")]
     return [*cmd, "-progress", "pipe:1"]
-
-
-def plan_preset(preset: str) -> str:
-    return preset
 
 
 def concat_list(plan: Plan, folder: str) -> str:
