@@ -98,3 +98,50 @@ def test_a_consumer_group_down_during_50_jobs_catches_up_without_loss(env):
     (hooked,) = [f for _, f in entries if f["id"] == "before" and f["type"] == "done"]
     assert hooked["callback"] == "http://127.0.0.1:9/hook"
     assert env.stop(proc) == 0
+
+
+def test_each_script_appends_its_state_change_in_the_same_step(redis_server):
+    # Given a queue with at most two attempts a job
+    config = load(None, env={}, overrides={"redis.url": redis_server.url,
+                                           "job.max_attempts": "2"})
+    queue = JobQueue(redis_server.client(), config)
+    r = redis_server.client()
+    raw = b'{"url": "https://example.com/a.mp4", "id": "j"}'
+    letter = {"id": "j", "reason": "fetch_failed", "error": "reset", "time": "T",
+              "message": raw.decode(), "message_bytes": len(raw)}
+
+    def last() -> dict:
+        (_, fields), = r.xrevrange(queue.events_key, count=1)
+        entry = {k.decode(): v.decode() for k, v in fields.items()}
+        entry["event"] = json.loads(entry["event"])
+        return entry
+
+    # When a worker starts it, fails once, starts again and fails for good
+    r.lpush(queue.keys.processing("w"), raw)
+    assert queue.start("j", "sha", {"state": "running", "worker": "w"}) == 0
+    assert last()["type"] == "started" and last()["event"]["attempt"] == 1
+    attempts, delay = queue.retry("w", raw, "j", letter, {}, callback="https://x/h")
+    retry = last()
+    assert retry["type"] == "retry" and "callback" not in retry
+    assert retry["event"] == {"attempts": 1, "delay_ms": int(delay * 1000),
+                              "reason": "fetch_failed", "error": "reset"}
+    r.lpush(queue.keys.processing("w"), raw)
+    assert queue.retry("w", raw, "j", letter, {}, callback="https://x/h")[1] is None
+    dead = last()
+    assert dead["type"] == "dead" and dead["callback"] == "https://x/h"
+    # its event is the dead letter without its message
+    assert dead["event"] == {"attempts": 2, "id": "j", "reason": "fetch_failed",
+                             "error": "reset", "time": "T"}
+    assert json.loads(r.lindex(queue.keys.dead, 0))["message"] == raw.decode()
+
+    # A job marked cancelled before it starts is refused by START, which writes nothing
+    assert queue.cancel("k").state == ""  # unknown: only the short-lived mark is left
+    assert queue.start("k", "sha2", {"state": "running"}) == -1
+    assert r.hget(queue.keys.job("k"), "state") is None and last()["type"] == "dead"
+    # and a done job is not marked at all
+    r.lpush(queue.keys.processing("w"), b"m")
+    queue.done("w", b"m", "d", {"id": "d", "time": "T"}, {})
+    assert last()["type"] == "done" and last()["event"] == {"id": "d", "time": "T"}
+    outcome = queue.cancel("d")
+    assert not outcome.cancelled and outcome.state == "done"
+    assert not r.hexists(queue.keys.job("d"), "cancel")

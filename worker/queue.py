@@ -1,11 +1,21 @@
-"""The Redis side of a job's life: fetch, record, ack, retry, dead-letter, recover.
+"""The Redis side of a job's life: enqueue, fetch, record, ack, retry, dead-letter, cancel,
+recover, and the event stream.
 
 One object per process (``JobQueue``) wraps a redis-py client, our key names
 (``worker.keys``) and the Lua scripts of ``worker.scripts``. It is the only module that
 speaks Redis: the worker's loop, the master's recovery and host claim, the CLI, the demo,
-the metrics and the dashboard all read and write keys through its methods, and a test
-holds every other module to it. So a key's layout, a command or a script changes here and
+the metrics, the dashboard, the webhook deliverer and the producers' client
+(clip_supervisor.client) all read and write keys through its methods, and a test holds
+every other module to it. So a key's layout, a command or a script changes here and
 nowhere else.
+
+The event stream ``{prefix}:events`` gets one entry per state change of a job, written in
+the same step as the change (a script's XADD, or the MULTI of an enqueue): fields ``type``
+(worker.protocol.EventType), ``id``, ``time``, ``event`` (a JSON object) and, on entries
+that end a job, ``callback``. It is capped near ``events_max`` entries (XADD MAXLEN ~), so
+a consumer group that is down longer than it takes the pool to write that many loses the
+oldest. Readers use the ``events_*`` methods: consumer groups (read, ack, claim what a dead
+consumer held, its own pending ones after a restart) or a plain read from a position.
 """
 
 from __future__ import annotations
