@@ -182,3 +182,44 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.mark.settings({"supervisor": {"workers": 1}, "job": {"encode_preset": "slower"}})
+def test_the_job_page_cancels_a_running_job_with_the_token(env, heavy_video):
+    from playwright.sync_api import sync_playwright  # the test extra, as test_dashboard's
+
+    port = free_port()
+    env.settings["metrics"] = {"listen": f"127.0.0.1:{port}", "auth_token": TOKEN}
+    client = _client(env)
+    proc = env.start()
+    env.wait_workers(proc, 1)
+    # Given a running encode, and an operator on its job page who has entered the token
+    job = client.enqueue(env.url(heavy_video), mode="encode", id="page-enc")
+    wait_for(lambda: job.status().get("state") == JobState.RUNNING, 20, what="the encode")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15000)
+            page.on("dialog", lambda dialog: dialog.accept())  # "Cancel job page-enc?"
+            page.goto(f"http://127.0.0.1:{port}/job/page-enc")
+            button = page.locator("#job-cancel")
+            page.fill("#token", TOKEN)
+            page.click("#token-use")
+            page.wait_for_function("!document.getElementById('job-cancel').disabled")
+
+            # When the operator clicks Cancel job
+            button.click()
+
+            # Then the job ends as a cancelled dead letter, and the page shows it
+            page.locator("#notice", has_text="its worker aborts it").wait_for()
+            with pytest.raises(JobCancelled):
+                job.wait(timeout=10)
+            page.locator("#job-state", has_text="dead").wait_for()
+            page.wait_for_function("document.getElementById('job-cancel').disabled")
+        finally:
+            browser.close()
+    assert [letter["reason"] for letter in env.dead_letters()] == ["cancelled"]
+    assert "dashboard: 127.0.0.1 asked to cancel: page-enc: cancelling" in env.log_text()
+    assert env.stop(proc) == 0
