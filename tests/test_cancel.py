@@ -91,8 +91,8 @@ def test_a_running_encode_is_stopped_within_a_second(env, heavy_video):
         return next((c for c in psutil.Process(pid).children() if c.name() == "ffmpeg"), None)
 
     child = wait_for(ffmpeg, 20, what="the worker's ffmpeg")
-    wait_for(lambda: float(job.status().get("progress") or 0) > 0, 30,
-             what="the encode's progress")
+    wait_for(lambda: [e["type"] for e in _events(env, "enc")].count("progress") >= 2, 30,
+             what="the encode's progress on the stream")
 
     # When it is cancelled
     asked = time.monotonic()
@@ -112,6 +112,14 @@ def test_a_running_encode_is_stopped_within_a_second(env, heavy_video):
     assert not os.path.exists(os.path.join(env.out, "enc.mp4"))
     (folder,) = [name for name in os.listdir(env.work) if name.startswith(f"w-{pid}-")]
     assert os.listdir(os.path.join(env.work, folder)) == []
+    # Its progress reached the stream at most once a second
+    kinds = [(entry_id.decode(), fields[b"type"].decode())
+             for entry_id, fields in env.r.xrange(env.keys.events) if fields[b"id"] == b"enc"]
+    assert [kind for _, kind in kinds][:2] == ["queued", "started"]
+    assert kinds[-1][1] == "cancelled"
+    times = [int(entry_id.split("-")[0]) for entry_id, kind in kinds if kind == "progress"]
+    assert len(times) >= 2 and all(b - a >= 900 for a, b in zip(times, times[1:],
+                                                                 strict=False))
     # and the worker goes on with the next job
     behind = client.enqueue(env.url("ten.mp4"), duration=1, id="behind")
     behind.wait(timeout=60)
