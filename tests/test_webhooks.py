@@ -26,7 +26,6 @@ from supervisor.webhooks import Deliverer, Refused, check_target, retry_delay, s
 from tests.conftest import gone, kill_tree, wait_for
 from worker import config as config_mod
 from worker.config import ConfigError
-from worker.queue import JobQueue
 from worker.source import address_allowed
 
 SECRET = "s3cret-for-the-tests-0123456789"
@@ -442,8 +441,6 @@ def test_notify_settings_are_checked_at_load(env, message):
 
 # --- end to end: the real supervisor, Redis and its event stream ------------------------------
 
-needs_stream = pytest.mark.skipif(not hasattr(JobQueue, "events_pending"),
-                                  reason="JobQueue.events_pending is not there yet")
 NOTIFY = {"notify": {"secret": SECRET, "timeout": 2}, "supervisor": {"workers": 1}}
 
 
@@ -466,7 +463,6 @@ def _pending(env) -> int:
         return -1
 
 
-@needs_stream
 @pytest.mark.settings(NOTIFY)
 def test_a_job_s_outcome_reaches_its_callback_through_the_real_supervisor(env, receiver):
     # Given a supervisor with [notify] secret, and a job naming the receiver as callback
@@ -486,7 +482,6 @@ def test_a_job_s_outcome_reaches_its_callback_through_the_real_supervisor(env, r
     assert env.stop(proc) == 0
 
 
-@needs_stream
 @pytest.mark.settings(NOTIFY)
 def test_an_event_is_delivered_after_the_supervisor_is_killed_mid_call(env, receiver):
     # Given a receiver that holds the first call until told to answer

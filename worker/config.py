@@ -276,6 +276,10 @@ class JobConfig:
     done_max: int = _opt(_positive_int, "10000", "length cap of the {prefix}:done list")
     dead_max: int = _opt(_positive_int, "20000", "length cap of the {prefix}:dead list "
                          "(oldest letters dropped)")
+    events_max: int = _opt(_positive_int, "100000", "approximate length cap of the "
+                           "{prefix}:events stream (XADD MAXLEN ~): a consumer group down "
+                           "longer than the pool takes to write this many events loses the "
+                           "oldest")
     dead_message_bytes: int = _opt(_size, "16KiB", "how much of a message a dead letter keeps "
                                    "(its size and SHA-1 are always kept)")
 

@@ -635,8 +635,8 @@ class JobQueue:
 
     @property
     def events_max(self) -> int:
-        """Its approximate length cap (XADD MAXLEN ~): ``[job] events_max``, else EVENTS_MAX."""
-        return int(getattr(self.config.job, "events_max", EVENTS_MAX))
+        """Its approximate length cap (XADD MAXLEN ~): ``[job] events_max``."""
+        return self.config.job.events_max
 
     def events_ensure_group(self, group: str, start_id: str = "$") -> bool:
         """Make sure consumer group ``group`` exists on the stream (made with the stream if
@@ -773,10 +773,6 @@ class CancelOutcome:
     def running(self) -> bool:
         """The job was not found queued: its worker aborts it (or START refuses it)."""
         return self.cancelled and not self.removed
-
-# The approximate length cap of the event stream (XADD MAXLEN ~), unless the configuration
-# says otherwise (``[job] events_max``).
-EVENTS_MAX = 100_000
 
 StreamEntry = tuple[str, dict[str, str]]  # (entry id, fields), decoded
 
