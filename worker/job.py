@@ -303,7 +303,9 @@ def resolve_output(output: object, job_id: str, fmt: str, config: Config) -> str
         resolved = f"gs://{parts.netloc}/{key}"
     else:
         raise Permanent("output_not_allowed", f"output scheme {scheme!r} is not supported")
-    path = urlsplit(resolved).path.encode("utf-8", "surrogatepass")
+    # (an ASCII URL of at most NAME_MAX characters cannot break either limit: the usual case)
+    path = b"" if resolved.isascii() and len(resolved) <= MAX_NAME_BYTES else \
+        urlsplit(resolved).path.encode("utf-8", "surrogatepass")
     if len(path) > MAX_PATH_BYTES or any(len(name) > MAX_NAME_BYTES
                                          for name in path.split(b"/")):
         raise Permanent("output_not_allowed", f"output names a path longer than "
