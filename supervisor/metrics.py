@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import psutil
+
 from worker.config import Config
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 
@@ -70,18 +72,8 @@ def _sweep(base: str) -> None:
             with contextlib.suppress(OSError, ValueError):
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() \
-                        and not _alive(int(pid)):
+                        and not psutil.pid_exists(int(pid)):
                     shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_exited(pid: int) -> None:
