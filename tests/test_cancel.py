@@ -194,7 +194,7 @@ def _answers(port: int) -> bool:
 
 @pytest.mark.settings({"supervisor": {"workers": 1}, "job": {"encode_preset": "slower"}})
 def test_the_job_page_cancels_a_running_job_with_the_token(env, heavy_video):
-    from playwright.sync_api import sync_playwright  # the test extra, as test_dashboard's
+    from playwright.sync_api import expect, sync_playwright  # the test extra, as test_dashboard's
 
     port = free_port()
     env.settings["metrics"] = {"listen": f"127.0.0.1:{port}", "auth_token": TOKEN}
@@ -215,7 +215,9 @@ def test_the_job_page_cancels_a_running_job_with_the_token(env, heavy_video):
             button = page.locator("#job-cancel")
             page.fill("#token", TOKEN)
             page.click("#token-use")
-            page.wait_for_function("!document.getElementById('job-cancel').disabled")
+            # (a locator's state, not wait_for_function: the page's CSP forbids the eval the
+            # latter polls with)
+            expect(button).to_be_enabled(timeout=15_000)
 
             # When the operator clicks Cancel job
             button.click()
@@ -225,7 +227,7 @@ def test_the_job_page_cancels_a_running_job_with_the_token(env, heavy_video):
             with pytest.raises(JobCancelled):
                 job.wait(timeout=10)
             page.locator("#job-state", has_text="dead").wait_for()
-            page.wait_for_function("document.getElementById('job-cancel').disabled")
+            expect(button).to_be_disabled(timeout=15_000)
         finally:
             browser.close()
     assert [letter["reason"] for letter in env.dead_letters()] == ["cancelled"]
