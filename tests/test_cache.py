@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import ffprobe_duration
+from tests.conftest import ffprobe_duration, wait_for
 from worker import cache as cache_mod
 from worker.cache import Identity, SourceCache
 
@@ -85,7 +85,8 @@ def test_clips_from_one_source_read_in_place_until_that_costs_its_size(env, medi
         assert filecmp.cmp(os.path.join(env.out, f"c{a}.mp4"),
                            os.path.join(env.out, f"c{b}.mp4"), shallow=False), (a, b)
     assert 4.9 <= ffprobe_duration(os.path.join(env.out, f"c{len(jobs) - 1}.mp4")) <= 6.1
-    assert "(cache, 0 source bytes)" in env.log_text()
+    # (a worker logs a job just after its ack: wait for the line, do not read it once)
+    wait_for(lambda: "(cache, 0 source bytes)" in env.log_text(), 10, what="the log line")
 
 
 @pytest.mark.settings({**ONE_WORKER, "job": {"range_requests": "false"}})

@@ -125,7 +125,7 @@ def test_a_running_encode_is_stopped_within_a_second(env, heavy_video):
     behind.wait(timeout=60)
     assert not os.path.exists(os.path.join(env.out, "enc.mp4"))
     assert os.listdir(env.out) == ["behind.mp4"]
-    assert "job enc dead (cancelled)" in env.log_text()
+    wait_for(lambda: "job enc dead (cancelled)" in env.log_text(), 10, what="the log line")
     print(f"cancel of a running encode: ffmpeg gone and dead letter after "
           f"{latency * 1000:.0f} ms")
     assert env.stop(proc) == 0

@@ -294,9 +294,9 @@ def test_daemon_started_with_standard_streams_closed_still_logs_and_works(daemon
     env.push(_job(env, "closed"))
     env.wait_finished(1, timeout=20)
     assert [e["id"] for e in env.done_events()] == ["closed"]
-    text = env.log_text()
-    assert f"master[{pid}] master started" in text
-    assert "job closed done" in text
+    # the worker writes its line just after the ack that the done event is part of
+    wait_for(lambda: "job closed done" in env.log_text(), 10, what="the job's log line")
+    assert f"master[{pid}] master started" in env.log_text()
     assert _ctl(env, "stop").returncode == 0
 
 
