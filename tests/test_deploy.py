@@ -20,8 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import psutil
@@ -29,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, free_port, wait_for
+from tests.test_observability import _get
 
 K8S = os.path.join(ROOT, "etc", "kubernetes")
 RULES = os.path.join(ROOT, "etc", "prometheus", "clip-supervisor.rules.yml")
@@ -408,16 +407,6 @@ def _dashboard_queries() -> list[str]:
 def _rule_queries() -> list[str]:
     with open(RULES) as fh:
         return [r["expr"] for g in yaml.safe_load(fh)["groups"] for r in g["rules"]]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
 
 
 def _samples(text: str) -> dict[str, float]:

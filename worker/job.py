@@ -18,7 +18,7 @@ import math
 import posixpath
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .config import Config
 from .errors import Permanent
@@ -180,13 +180,9 @@ def _callback(value: object, config: Config) -> str:
     internal receiver). Its address is checked when it is called, on every attempt."""
     if value is None or value == "":
         return ""
-    if not isinstance(value, str) or len(value) > 8192 or _SPACE.search(value):
+    if not isinstance(value, str):
         raise Permanent("bad_callback", "callback must be an http(s) URL")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
-    except ValueError as exc:
-        raise Permanent("bad_callback", f"callback is malformed: {exc}") from None
+    parts = _split_url(value, "bad_callback", "the callback")
     allowed = ("https", "http") if config.job.allow_private_networks else ("https",)
     if parts.scheme.lower() not in allowed or not parts.hostname:
         raise Permanent("bad_callback", f"callback must be an {' or '.join(allowed)} URL "
@@ -211,14 +207,21 @@ def _check_text(obj: object) -> None:
 _SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
-def _check_source_url(url: str, config: Config) -> None:
+def _split_url(url: str, reason: str, what: str) -> SplitResult:
+    """``url``'s parts, or Permanent(reason): too long, whitespace or control characters, a
+    port outside 0-65535, or anything else urlsplit refuses."""
     if len(url) > 8192 or _SPACE.search(url):
-        raise Permanent("bad_url", "the url is malformed (whitespace or control characters)")
+        raise Permanent(reason, f"{what} is malformed (whitespace or control characters)")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
     except ValueError as exc:
-        raise Permanent("bad_url", f"the url is malformed: {exc}") from None
+        raise Permanent(reason, f"{what} is malformed: {exc}") from None
+    return parts
+
+
+def _check_source_url(url: str, config: Config) -> None:
+    parts = _split_url(url, "bad_url", "the url")
     scheme = parts.scheme.lower()
     if not scheme:
         raise Permanent("bad_url", "the url has no scheme")
