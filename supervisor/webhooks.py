@@ -54,8 +54,7 @@ from worker.config import Config
 from worker.errors import Permanent, Transient
 from worker.media import set_parent_death_signal
 from worker.queue import REDIS_ERRORS, JobQueue, connect
-from worker.source import USER_AGENT, PinnedConnection, resolve
-from worker.source import _PinnedHTTPSConnection as PinnedHTTPSConnection
+from worker.source import USER_AGENT, PinnedConnection, PinnedHTTPSConnection, resolve
 
 from .children import Exit
 from .metrics import worker_exited as metrics_process_gone

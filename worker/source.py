@@ -96,7 +96,10 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 PinnedConnection = _PinnedHTTPConnection
 
 
-class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+class PinnedHTTPSConnection(_PinnedHTTPConnection):
+    """``PinnedConnection`` over TLS: the TCP connection goes to the checked address, the
+    certificate is verified against ``host``, the name the URL gave (sources and webhooks)."""
+
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
         super().__init__(host, port, address, timeout)
         self._tls = ssl.create_default_context()
@@ -121,7 +124,7 @@ def open_url(url: str, limits: FetchLimits, deadline: float | None = None,
             raise Permanent("scheme_not_allowed", f"redirected to a {scheme!r} url")
         port = parts.port or (443 if scheme == "https" else 80)
         address = resolve(parts.hostname or "", port, limits.allow_private)
-        cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+        cls = PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
         conn = cls(parts.hostname or "", port, address, limits.connect_timeout)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         resp = _exchange(conn, target, deadline, waker, headers, on_connect)
