@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -17,6 +18,7 @@ from worker.protocol import ENDED_STAGES, JOB_FIELDS, EventType, JobState, Stage
 from worker.queue import CancelOutcome, JobQueue
 
 WORKER_EXPIRED = "expired"  # a worker's status when its heartbeat is gone
+WEBHOOK_FAILURES_SHOWN = 10  # newest webhook give-ups in stats (and so on the dashboard)
 
 
 def follow_job(job_id: str, events: Iterable[Any], out: TextIO,
@@ -92,7 +94,8 @@ def describe_cancel(job_id: str, outcome: CancelOutcome) -> str:
 
 
 def stats(queue: JobQueue) -> dict[str, Any]:
-    """Queue depths and every host's workers: ``clip-supervisor stats`` and /api/stats."""
+    """Queue depths, every host's workers and the webhook deliveries given up:
+    ``clip-supervisor stats`` and /api/stats."""
     depths, registry = queue.overview()
     workers = [{"id": wid, **info} for wid, info in sorted(registry.items())]
     activity = queue.activity({w["id"]: w.get("job") or None for w in workers})
@@ -114,7 +117,24 @@ def stats(queue: JobQueue) -> dict[str, Any]:
                     w["progress"] = seen.job_progress
         w["status"] = worker_status(w)
     return {"prefix": queue.config.redis.prefix, "queues": depths, "workers": workers,
-            "time": now}
+            "webhook_failures": webhook_failures(queue), "time": now}
+
+
+def webhook_failures(queue: JobQueue, limit: int = WEBHOOK_FAILURES_SHOWN) -> dict[str, Any]:
+    """Webhook deliveries given up (supervisor.webhooks), all hosts: ``total``,
+    ``by_outcome`` (gave_up, refused) and the ``recent`` records, newest first, each
+    {job_id, event_id, type, origin, outcome, attempts, error, time}."""
+    counts, raw = queue.webhook_failures(limit)
+    recent = []
+    for entry in raw:
+        try:
+            record = json.loads(entry)
+        except ValueError:
+            record = None
+        recent.append(record if isinstance(record, dict) else
+                      {"outcome": "unreadable", "error": entry[:200].decode("utf-8", "replace")})
+    return {"total": sum(counts.values()), "by_outcome": dict(sorted(counts.items())),
+            "recent": recent}
 
 
 def worker_status(worker: dict[str, Any]) -> str:
@@ -130,7 +150,8 @@ def worker_status(worker: dict[str, Any]) -> str:
 def format_stats(data: dict[str, Any]) -> str:
     q = data["queues"]
     lines = [f"queue {q['queue']}   retry {q['retry']}   delayed {q['delayed']}   "
-             f"dead {q['dead']}   done {q['done']}   (prefix {data['prefix']})", ""]
+             f"dead {q['dead']}   done {q['done']}   (prefix {data['prefix']})",
+             *_format_webhook_failures(data.get("webhook_failures") or {}), ""]
     if not data["workers"]:
         lines.append("no workers registered")
         return "\n".join(lines)
@@ -147,6 +168,22 @@ def format_stats(data: dict[str, Any]) -> str:
                      f"{w.get('slot', 0):>4} {_duration(w.get('uptime', 0)):>8} "
                      f"{w.get('jobs_done', 0):>5}  {state:<9} {job}")
     return "\n".join(lines)
+
+
+def _format_webhook_failures(failures: dict[str, Any]) -> list[str]:
+    """The give-up count (by outcome), then one line per recent give-up, newest first."""
+    counts = failures.get("by_outcome") or {}
+    lines = [f"webhook failures {failures.get('total', 0)}" + (
+        " (" + ", ".join(f"{outcome} {n}" for outcome, n in counts.items()) + ")"
+        if counts else "")]
+    for f in failures.get("recent") or []:
+        error = " ".join(str(f.get("error", "")).split())[-120:]
+        line = (f"  {f.get('time', '?')}  {str(f.get('job_id', '?'))[:32]}  "
+                f"{f.get('type', '?')} to {str(f.get('origin', '?'))[:80]}  "
+                f"{f.get('outcome', '?')} after {f.get('attempts', '?')} attempt(s): {error}")
+        # Nothing a terminal would act on: the error and the URL came from the network.
+        lines.append(re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", line))
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -14,8 +14,10 @@ Only ``done``, ``dead`` and ``cancelled`` entries are delivered, to the job's ``
 or else ``[notify] url``; every other entry is acknowledged at once. A failed call (no
 answer within ``[notify] timeout``, or not 2xx) is retried after a delay that grows with
 the event's age, 1 s doubling to 10 min, until the event is ``[notify] max_age`` old; then
-it is given up (logged, counted). Calls go through the address guard exactly as sources do
-(worker.source: every address the name resolves to must be public unless
+it is given up: logged, counted in ``clip_webhook_deliveries_total``, and recorded in Redis
+(``JobQueue.webhook_failed``: the receiver's origin only, never its path or query) for
+``clip-supervisor stats`` and the dashboard. Calls go through the address guard exactly as
+sources do (worker.source: every address the name resolves to must be public unless
 ``[job] allow_private_networks``, and the connection goes to the very address checked), and
 redirects are never followed: a webhook's body is signed for its receiver, and following a
 3xx would hand it to another.
@@ -70,6 +72,8 @@ BATCH = 100  # entries asked for at once
 MAX_HELD = 1000  # entries held (read, not yet acknowledged) before no more are read
 REFRESH = 60.0  # seconds between two reads of our own pending entries
 RESPONSE_BYTES = 64 * 1024  # what is read of a receiver's answer (and then dropped)
+MALFORMED = "(a malformed URL)"  # what logs and records say of a URL urlsplit refuses
+ERROR_KEPT = 300  # characters of a give-up's error recorded in Redis (the tail)
 
 DELIVERIES = Counter("clip_webhook_deliveries_total", "Webhook calls by outcome: delivered "
                      "(2xx), failed (an attempt that will be retried), gave_up (still failing "
@@ -109,6 +113,8 @@ class EventQueue(Protocol):
 
     def events_claim_stale(self, group: str, consumer: str, min_idle_ms: int,
                            count: int) -> list[tuple[Any, Any]]: ...
+
+    def webhook_failed(self, outcome: str, record: dict[str, Any]) -> None: ...
 
 
 # --- signing and calling ----------------------------------------------------------------------
@@ -391,7 +397,7 @@ class Deliverer:
     def _failed(self, delivery: Delivery, error: str) -> None:
         now = self.clock()
         age = max(0.0, now - delivery.born)
-        delivery.error = error
+        delivery.error = error = _redacted(error, delivery.url)
         if age >= self.config.notify.max_age:
             self._give_up(delivery, Outcome.GAVE_UP, error)
             return
@@ -406,12 +412,28 @@ class Deliverer:
 
     def _give_up(self, delivery: Delivery, outcome: Outcome, error: str) -> None:
         DELIVERIES.labels(outcome.value).inc()
+        error = _redacted(error, delivery.url)
         why = "refused" if outcome is Outcome.REFUSED else \
             f"given up after {delivery.attempts} attempt(s) over [notify] max_age"
         log.error("webhook %s of job %s (%s) to %s %s: %s", delivery.entry_id,
                   delivery.job_id, delivery.type, _origin(delivery.url), why, error,
                   extra={"job_id": delivery.job_id, "reason": f"webhook_{outcome.value}"})
+        self._record(delivery, outcome, error)
         self.to_ack.append(delivery.entry_id)
+
+    def _record(self, delivery: Delivery, outcome: Outcome, error: str) -> None:
+        """Keep the give-up in Redis for people to see (stats, the dashboard). A Redis error
+        here costs that record only: the log line and the metric have it, and the entry is
+        acknowledged as it would be anyway (an outage then fails the ack, which is retried)."""
+        record = {"job_id": delivery.job_id, "event_id": delivery.entry_id,
+                  "type": delivery.type, "origin": _origin(delivery.url),
+                  "attempts": delivery.attempts, "error": error[-ERROR_KEPT:]}
+        try:
+            self.queue.webhook_failed(outcome.value, record)
+        except (*REDIS_ERRORS, redis.RedisError) as exc:
+            log.warning("webhook %s of job %s: its give-up was not recorded in Redis (%s)",
+                        delivery.entry_id, delivery.job_id, exc,
+                        extra={"job_id": delivery.job_id})
 
     def drain(self) -> None:
         """On a stop: wait for the calls in flight (at most ``timeout``) and acknowledge
@@ -439,8 +461,26 @@ class Deliverer:
 
 def _origin(url: str) -> str:
     """What a log line says of a URL: its scheme and host (a path may hold a token)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a callback no intake checked (a raw message cancelled while queued)
+        return MALFORMED
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _redacted(error: str, url: str) -> str:
+    """``error`` without what ``url`` holds past its origin: a path, query or user part may
+    be a receiver's token, and some errors quote the request line (http.client's
+    InvalidURL)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return error.replace(url, MALFORMED) if url else error
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    for secret in (url, target, parts.query, parts.netloc.rpartition("@")[0]):
+        if len(secret) > 1:
+            error = error.replace(secret, "...")
+    return error
 
 
 # --- the child process, as the master sees it -------------------------------------------------

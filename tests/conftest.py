@@ -24,6 +24,7 @@ from tests.httpd import TestServer
 from worker.keys import Keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DELIVERER_TITLE = "clip-supervisor: webhooks"  # the webhook deliverer's process title
 
 for _tool in ("redis-server", "ffmpeg", "ffprobe"):
     if shutil.which(_tool) is None:
@@ -179,11 +180,23 @@ class Env:
         return done
 
     def workers(self, proc: subprocess.Popen) -> list[int]:
+        """The pids of the master's live worker processes. Its other child, the webhook
+        deliverer (with ``[notify] secret``), is told apart by its process title, which it
+        sets right after the fork, before it connects to Redis (supervisor.webhooks)."""
         try:
-            return sorted(c.pid for c in psutil.Process(proc.pid).children()
-                          if c.status() != psutil.STATUS_ZOMBIE)
+            children = psutil.Process(proc.pid).children()
         except psutil.NoSuchProcess:
             return []
+        pids = []
+        for child in children:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE or \
+                        DELIVERER_TITLE in " ".join(child.cmdline()):
+                    continue
+            except psutil.NoSuchProcess:  # exited between the listing and the look
+                continue
+            pids.append(child.pid)
+        return sorted(pids)
 
     def wait_workers(self, proc: subprocess.Popen, n: int, timeout: float = 10) -> list[int]:
         """Wait until n workers are registered in Redis (ready to fetch)."""

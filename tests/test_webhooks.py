@@ -21,11 +21,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from supervisor import webhooks
+from supervisor import admin, webhooks
 from supervisor.webhooks import Deliverer, Refused, check_target, retry_delay, signature
-from tests.conftest import gone, kill_tree, wait_for
+from tests.conftest import free_port, gone, kill_tree, wait_for
+from tests.test_observability import _get, _sample
 from worker import config as config_mod
 from worker.config import ConfigError
+from worker.queue import JobQueue
 from worker.source import address_allowed
 
 SECRET = "s3cret-for-the-tests-0123456789"
@@ -110,14 +112,17 @@ def receiver():
 
 
 class Outbox:
-    """The four stream methods of JobQueue the deliverer uses, on a list: one consumer
-    group, entries pending per consumer until acknowledged."""
+    """The stream methods of JobQueue the deliverer uses, on a list: one consumer group,
+    entries pending per consumer until acknowledged. Give-ups are recorded in ``failures``,
+    or through ``queue`` (a real JobQueue) when one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue: JobQueue | None = None) -> None:
         self.entries: list[tuple[str, dict[str, str]]] = []
         self.delivered = 0  # index of the first entry never delivered to the group
         self.pending: dict[str, str] = {}  # entry id -> consumer
         self.acked: list[str] = []
+        self.failures: list[tuple[str, dict[str, Any]]] = []
+        self.queue = queue
         self.lock = threading.Lock()
 
     def add(self, kind: str, job_id: str, event: dict, callback: str = "",
@@ -158,6 +163,11 @@ class Outbox:
     def events_claim_stale(self, group: str, consumer: str, min_idle_ms: int,
                            count: int = 100) -> list:
         return []
+
+    def webhook_failed(self, outcome: str, record: dict[str, Any]) -> None:
+        if self.queue is not None:
+            self.queue.webhook_failed(outcome, record)
+        self.failures.append((outcome, record))
 
 
 def _after(entry_id: str, after: str) -> bool:
@@ -332,6 +342,77 @@ def test_a_redirect_is_not_followed(receiver):
 
     # Then the signed body went to the URL the job named only
     assert [c.path for c in receiver.calls] == ["/hook"]
+
+
+def _queue(redis_server) -> JobQueue:
+    """A JobQueue on the test's redis-server, failing fast once that server is stopped."""
+    config = config_mod.load(None, env={}, overrides={"redis.url": redis_server.url})
+    return JobQueue(redis_server.client(socket_timeout=2, socket_connect_timeout=1), config)
+
+
+def test_give_ups_are_recorded_in_redis_with_the_receiver_s_origin_only(receiver,
+                                                                        redis_server):
+    # Given [notify] max_age = 2 s, a receiver that always answers 500 at a URL whose path
+    # and query hold a token, and a callback so malformed that no call can be made (a raw
+    # message cancelled while queued is never checked by intake)
+    receiver.answers = [500] * 100
+    queue = _queue(redis_server)
+    outbox = Outbox(queue)
+    failing = outbox.add("dead", "job-20", {"reason": "not_found"},
+                         callback=receiver.url("/hook/tok-path?token=hush-123"))
+    malformed = outbox.add("cancelled", "job-21", {}, callback="http://[::1/x?token=hush-456")
+    deliverer = Deliverer(outbox, _config(max_age=2, timeout=1), consumer="host-a")
+
+    # When the deliverer runs until both are settled
+    _run_until(deliverer, lambda: {failing, malformed} <= set(outbox.acked), timeout=10,
+               what="both give-ups")
+
+    # Then Redis counts them by outcome and keeps a record of each, newest first
+    seen = admin.webhook_failures(queue)
+    assert seen["total"] == 2 and seen["by_outcome"] == {"gave_up": 1, "refused": 1}
+    by_job = {r["job_id"]: r for r in seen["recent"]}
+    assert [r["job_id"] for r in seen["recent"]] == ["job-20", "job-21"]
+    gave_up = by_job["job-20"]
+    assert gave_up["event_id"] == failing and gave_up["type"] == "dead"
+    assert gave_up["outcome"] == "gave_up" and gave_up["error"] == "HTTP 500"
+    assert gave_up["attempts"] == len(receiver.calls) >= 2
+    assert gave_up["origin"] == f"http://127.0.0.1:{receiver.port}"
+    assert admin.epoch_of(gave_up["time"]) == pytest.approx(time.time(), abs=10)
+    refused = by_job["job-21"]
+    assert refused["outcome"] == "refused" and refused["attempts"] == 1
+    assert refused["origin"] == webhooks.MALFORMED and "malformed URL" in refused["error"]
+    # And neither the path nor the query of a callback is in Redis
+    stored = b"".join(queue.webhook_failures(10)[1]).decode()
+    assert "hush" not in stored and "tok-path" not in stored
+
+
+def test_a_give_up_that_redis_cannot_record_is_logged_and_delivery_goes_on(receiver,
+                                                                          redis_server,
+                                                                          caplog):
+    # Given a Redis that is down when a delivery is given up (refused: a malformed URL),
+    # and another event for a receiver that answers
+    queue = _queue(redis_server)
+    redis_server.stop()
+    outbox = Outbox(queue)
+    refused = outbox.add("done", "job-22", {}, callback="http://[::1/hook")
+    delivered = outbox.add("done", "job-23", {}, callback=receiver.url())
+    deliverer = Deliverer(outbox, _config(), consumer="host-a")
+
+    # When the deliverer runs
+    _run_until(deliverer, lambda: {refused, delivered} <= set(outbox.acked),
+               what="both settled")
+
+    # Then the refusal was logged, its record's loss too, and the other event delivered
+    assert outbox.failures == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"webhook {refused} of job job-22 (done) to {webhooks.MALFORMED} refused" in m
+               for m in messages), messages
+    assert any(f"webhook {refused} of job job-22: its give-up was not recorded in Redis" in m
+               for m in messages), messages
+    assert [c.verified()["job_id"] for c in receiver.calls] == ["job-23"]
+    # And the deliverer is still at work: a new event is delivered too
+    later = outbox.add("done", "job-24", {}, callback=receiver.url())
+    _run_until(deliverer, lambda: later in outbox.acked, what="the later event")
 
 
 def test_entries_held_by_a_previous_run_are_called_again_first(receiver):
@@ -509,4 +590,49 @@ def test_an_event_is_delivered_after_the_supervisor_is_killed_mid_call(env, rece
     assert {c.headers["X-Clip-Event-Id"] for c in receiver.calls} == {first}
     assert receiver.calls[1].verified()["job_id"] == "hooked-3"
     wait_for(lambda: _pending(env) == 0, 10, what="the ack")
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"notify": {"secret": SECRET, "timeout": 1, "max_age": 2},
+                       "supervisor": {"workers": 1}})
+def test_given_up_deliveries_show_in_stats_the_metric_and_the_dashboard_api(env, receiver):
+    # Given a supervisor with webhooks and its metrics listener, a receiver that answers 500
+    # at a URL holding a token, and a callback port where nothing listens (refused)
+    port = free_port()
+    env.settings["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    base = f"http://127.0.0.1:{port}"
+    receiver.answers = [500] * 100
+    closed = free_port()
+    proc = env.start()
+    # (and its deliverer runs beside the one worker, which alone counts as a worker)
+    deliverer = wait_for(lambda: _deliverer_pid(proc), 20, what="the webhook deliverer")
+    assert env.wait_workers(proc, 1) == env.workers(proc) and deliverer not in env.workers(proc)
+
+    # When two jobs end whose outcome cannot be delivered until [notify] max_age
+    env.push({"id": "unheard-500", "url": env.url("missing.mp4"),
+              "callback": receiver.url("/hook/tok-path?token=hush-789")},
+             {"id": "unheard-refused", "url": env.url("missing.mp4"),
+              "callback": f"http://127.0.0.1:{closed}/hook"})
+    wait_for(lambda: env.r.llen(env.keys.webhook_failures) == 2, 30, what="two give-ups")
+
+    # Then stats counts them and lists each: job, event type, receiver's origin, error
+    text = env.cli("stats").stdout
+    assert "webhook failures 2 (gave_up 2)" in text, text
+    lines = {line.split()[1]: line for line in text.splitlines() if "attempt(s)" in line}
+    assert set(lines) == {"unheard-500", "unheard-refused"}, text
+    assert f"dead to http://127.0.0.1:{receiver.port}  gave_up after" in lines["unheard-500"]
+    assert lines["unheard-500"].endswith(": HTTP 500")
+    assert f"dead to http://127.0.0.1:{closed}  gave_up" in lines["unheard-refused"]
+    assert "Connection refused" in lines["unheard-refused"]
+    assert "hush" not in text and "tok-path" not in text
+    data = json.loads(env.cli("stats", "--json").stdout)["webhook_failures"]
+    assert data["total"] == 2 and data["by_outcome"] == {"gave_up": 2}
+    assert {r["job_id"] for r in data["recent"]} == {"unheard-500", "unheard-refused"}
+    assert all(r["attempts"] >= 2 for r in data["recent"])
+    # And the metric of the deliveries counts both give-ups
+    wait_for(lambda: _sample(_get(base + "/metrics")[1], "clip_webhook_deliveries_total",
+                             outcome="gave_up") == 2, 10, what="2 give-ups in /metrics")
+    # And the dashboard's API says what the CLI says
+    status, body = _get(base + "/api/stats")
+    assert status == 200 and json.loads(body)["webhook_failures"] == data
     assert env.stop(proc) == 0

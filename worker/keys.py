@@ -57,6 +57,16 @@ class Keys:
         return f"{self.base}:cancels"
 
     @property
+    def webhook_failures(self) -> str:
+        """Webhook deliveries given up, newest first: a list of JSON records, capped."""
+        return f"{self.base}:webhook_failures"
+
+    @property
+    def webhook_failure_counts(self) -> str:
+        """How many webhook deliveries were given up so far: a hash, outcome -> count."""
+        return f"{self.base}:webhook_failures:count"
+
+    @property
     def processing_pattern(self) -> str:
         return f"{self.base}:processing:*"
 

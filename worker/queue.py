@@ -750,6 +750,33 @@ class JobQueue:
             raise ValueError(f"no list of entries named {which!r}")
         return self.client.lrange(getattr(self.keys, which), start, stop)
 
+    # --- webhook deliveries given up (supervisor.webhooks; stats and the dashboard read) ------
+
+    # Records kept: enough to see what went wrong lately; the counts keep the whole tally.
+    WEBHOOK_FAILURES_KEPT = 1000
+
+    def webhook_failed(self, outcome: str, record: dict[str, Any]) -> None:
+        """Record one webhook delivery given up: ``record`` (a small JSON object) stamped
+        with ``outcome`` and the time, at the head of the capped list, and one more under
+        ``outcome`` in the counts, in one MULTI. The caller keeps secrets out of it."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(k.webhook_failures, _letter_json({**record, "outcome": outcome,
+                                                     "time": now_iso()}))
+        pipe.ltrim(k.webhook_failures, 0, self.WEBHOOK_FAILURES_KEPT - 1)
+        pipe.hincrby(k.webhook_failure_counts, outcome, 1)
+        pipe.execute()
+
+    def webhook_failures(self, limit: int) -> tuple[dict[str, int], list[bytes]]:
+        """(deliveries given up so far by outcome, the newest ``limit`` records as stored,
+        newest first), in one round trip."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(k.webhook_failure_counts)
+        pipe.lrange(k.webhook_failures, 0, max(1, limit) - 1)
+        counts, records = pipe.execute()
+        return {_str(outcome): int(n) for outcome, n in counts.items()}, records
+
 
 LISTS = ("queue", "retry", "delayed", "dead", "done")  # the lists overview() measures
 
