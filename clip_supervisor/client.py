@@ -168,9 +168,10 @@ class Client:
 
         ``start`` (seconds, default 0) and ``end`` or ``duration`` (not both); ``output``
         (``gs://bucket/key``, ``file:///abs/path`` or a key under the daemon's output_base);
-        ``mode`` (``copy`` or ``encode``); ``format`` (mp4, mov, mkv, webm, ts); ``id`` (1-128
-        of ``[A-Za-z0-9._-]``; default: the SHA-1 of the message); ``callback`` (an https URL
-        the outcome is POSTed to). Raises JobRefused for a job a worker would refuse.
+        ``mode`` (``copy``, ``smart`` or ``encode``); ``format`` (mp4, mov, mkv, webm, ts);
+        ``id`` (1-128 of ``[A-Za-z0-9._-]``; default: the SHA-1 of the message);
+        ``callback`` (an https URL the outcome is POSTed to). Raises JobRefused for a job a
+        worker would refuse.
         """
         return self.enqueue_many([dict(url=url, start=start, end=end, duration=duration,
                                        output=output, mode=mode, format=format, id=id,

@@ -23,7 +23,7 @@ import psutil
 import worker
 from worker import config as config_mod
 from worker import logs
-from worker.config import Config, ConfigError
+from worker.config import MODES, Config, ConfigError
 from worker.fsafe import UnsafePath, prepare_work_dir
 from worker.queue import ANY_REDIS_ERROR, REDIS_ERRORS, JobQueue, connect
 
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     span.add_argument("--end", type=float, metavar="E")
     span.add_argument("--duration", type=float, metavar="D")
     enq.add_argument("--output", metavar="O")
-    enq.add_argument("--mode", choices=("copy", "encode"))
+    enq.add_argument("--mode", choices=MODES)
     enq.add_argument("--format", dest="fmt", metavar="F")
     enq.add_argument("--id", dest="job_id", metavar="ID")
     enq.add_argument("--callback", metavar="URL",

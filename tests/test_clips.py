@@ -59,11 +59,12 @@ def cut_and_check(env, server: TestServer, source: corpus.Source,
     checks = {}
     for label, start, length, fmt in jobs:
         clip = os.path.join(env.out, f"{label}.{fmt}")
-        # Audio is cut at `start` to the sample, the video at its first frame from `start`:
-        # they may start up to a frame apart (plus an AAC encoder's priming, played where the
-        # container cannot mark it skipped: Matroska, MPEG-TS).
-        checks[label] = corpus.check(clip, source, start, length,
-                                     audio_slack=float(1 / source.rate))
+        # Audio spans the video's own time, from its first frame to the end of its last,
+        # within one audio frame (an AAC encoder's priming is played where the container
+        # cannot mark it skipped: Matroska, MPEG-TS). From a source without an index its
+        # audio is cut at `start` to the sample: it may start up to a video frame early.
+        slack = float(1 / source.rate) if media.preroll(source.path) > media.PREROLL else 0.0
+        checks[label] = corpus.check(clip, source, start, length, audio_slack=slack)
     return checks
 
 
@@ -138,3 +139,60 @@ def test_the_preroll_is_a_gop_long_only_for_containers_without_an_index(tmp_path
     assert media.preroll("http://h/x.ts", mp4) == media.PREROLL
     assert media.preroll("http://h/live.TS?token=1") == media.UNINDEXED_PREROLL
     assert media.preroll("gs://b/talk.mp4") == media.PREROLL
+
+
+def _copied_frames_are_the_source_s(source: corpus.Source, clip: str, check: corpus.Check,
+                                    reencoded: float) -> int:
+    """Count the clip's frames bit-identical (decoded) to the source's; assert that every
+    frame past the re-encoded head is, but for a re-encoded tail of at most ``reencoded`` s."""
+    clip_md5, source_md5 = corpus.framemd5(clip), corpus.framemd5(source.path)
+    same = [a == source_md5[n] for a, n in zip(clip_md5, check.got, strict=True)]
+    assert sum(same) >= len(same) - round(reencoded * float(source.rate)) - 1
+    return sum(same)
+
+
+@pytest.mark.parametrize("name,label,fmt", [
+    ("h264_high_b3_25.mp4", "issue", "mp4"),  # a B-pyramid: the end needs a re-encoded tail
+    ("hevc_25.mp4", "before", "mkv"),  # x265's open GOP: a CRA's leading frames
+])
+def test_smart_mode_is_frame_exact_and_copies_most_frames(env, tmp_path_factory,
+                                                          corpus_http, name, label, fmt):
+    # Given a source of the corpus served over HTTP
+    source = corpus.session_corpus(tmp_path_factory, [name])[name]
+    _, start, length = next(c for c in cases(source) if c[0] == label)
+    # When the supervisor cuts it in smart mode, reading it through the range relay
+    checks = cut_and_check(env, corpus_http, source, [(label, start, length, fmt)],
+                           mode="smart")
+    # Then the clip holds exactly the frames asked for, its audio over their time,
+    assert_exact(source, checks)
+    assert len(checks[label].got) == round(length * float(source.rate))
+    # the done event and the job hash say it was cut smart, re-encoding a part of it only,
+    (event,) = env.done_events()
+    assert event["cut"] == "smart" and event["source_read"] == "ranges"
+    assert 0 < event["reencoded_seconds"] < length / 2
+    fields = env.r.hgetall(env.keys.job(label))
+    assert fields[b"cut"] == b"smart"
+    assert float(fields[b"reencoded_seconds"]) == event["reencoded_seconds"]
+    # and the frames it copied are the source's, bit for bit
+    clip = os.path.join(env.out, f"{label}.{fmt}")
+    copied = _copied_frames_are_the_source_s(source, clip, checks[label],
+                                             event["reencoded_seconds"])
+    assert copied >= len(checks[label].got) / 2
+
+
+def test_smart_mode_encodes_a_source_it_cannot_join_and_says_so(env, tmp_path_factory,
+                                                               corpus_http):
+    # Given an H.264 open-GOP source (its keyframes are not IDR pictures: no safe join)
+    name = "h264_open_2997.mkv"
+    source = corpus.session_corpus(tmp_path_factory, [name])[name]
+    # When the supervisor is asked for a smart cut of it
+    checks = cut_and_check(env, corpus_http, source, [("open", 7.3, 6.0, "mp4")],
+                           mode="smart")
+    # Then the clip is still exact (encoded whole), the done event says how it was cut,
+    assert_exact(source, checks)
+    (event,) = env.done_events()
+    assert event["cut"] == "encode"
+    assert event["reencoded_seconds"] == pytest.approx(6.0, abs=0.1)
+    # and the log says why
+    assert "cut in encode mode, not smart" in env.log_text()
+    assert "open GOP" in env.log_text()

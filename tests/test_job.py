@@ -122,7 +122,7 @@ _fields = st.fixed_dictionaries({}, optional={
     "url": _json | st.sampled_from(["http://h/v.mp4", "gs://b/k", "file:///x", "ftp://h"]),
     "start": _json | st.floats(-5, 50), "end": _json | st.floats(-5, 50),
     "duration": _json | st.floats(-5, 50), "output": _json | st.text(max_size=30),
-    "mode": _json | st.sampled_from(["copy", "encode"]), "format": _json})
+    "mode": _json | st.sampled_from(["copy", "smart", "encode"]), "format": _json})
 
 
 @settings(max_examples=400, deadline=None)

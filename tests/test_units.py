@@ -39,7 +39,7 @@ def test_defaults_load_and_env_overrides_them(tmp_path):
     ("supervisor", "workers", "0", "[supervisor] workers"),
     ("redis", "url", "http://x", "[redis] url"),
     ("storage", "output_base", "relative/dir", "[storage] output_base"),
-    ("job", "mode", "fast", "copy or encode"),
+    ("job", "mode", "fast", "copy, smart, encode"),
     ("job", "allowed_schemes", "http,smb", "smb"),
     ("job", "max_message_bytes", "lots", "[job] max_message_bytes"),
     ("metrics", "listen", "9187", "HOST:PORT"),

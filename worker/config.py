@@ -126,9 +126,14 @@ def _schemes(raw: str) -> tuple[str, ...]:
     return schemes
 
 
+# How a clip may be cut (worker.media, worker.smartcut): keyframe-aligned stream copy,
+# frame-exact with only the GOP ends re-encoded, frame-exact re-encoded whole.
+MODES = ("copy", "smart", "encode")
+
+
 def _mode(raw: str) -> str:
-    if raw not in ("copy", "encode"):
-        raise ValueError("expected copy or encode")
+    if raw not in MODES:
+        raise ValueError(f"expected {', '.join(MODES)}")
     return raw
 
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
-from .config import Config
+from .config import MODES, Config
 from .errors import Permanent
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,8 @@ def parse(raw: bytes, config: Config) -> Job:
     start, end = _range(obj, config)
 
     mode = obj.get("mode", config.job.mode)
-    if mode not in ("copy", "encode"):
-        raise Permanent("bad_mode", "mode must be copy or encode")
+    if mode not in MODES:
+        raise Permanent("bad_mode", f"mode must be {', '.join(MODES[:-1])} or {MODES[-1]}")
     fmt = obj.get("format", "mp4")
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise Permanent("bad_format", f"format must be one of {', '.join(FORMATS)}")

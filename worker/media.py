@@ -249,6 +249,8 @@ class ClipResult:
     size: int  # bytes written, as ffmpeg reports them
     source_duration: float | None  # the input's, from its report
     expected: float  # seconds the clip should last: the cut, within the input's duration
+    cut: str = ""  # how it was cut: copy, smart or encode
+    reencoded: float = 0.0  # seconds of it re-encoded (all of it in encode mode)
 
 
 class Feed(Protocol):
@@ -507,6 +509,75 @@ class FFmpegRun:
                     99.9, 100.0 * _out_time(self.report) / self.length if self.length else 0)
                 self.ctx.on_progress(percent, self.report.get("speed", ""))
         return rest
+
+
+PROBE_OUTPUT_LIMIT = 64 << 20  # bytes of ffprobe's JSON: ~600,000 packets
+
+
+def capture(cmd: list[str], ctx: JobContext, feed: Feed | None = None,
+            limit: int = PROBE_OUTPUT_LIMIT) -> str:
+    """Run a helper of the cut (ffprobe) to its end under ffmpeg's rules: started so that it
+    dies with the worker, in its own session, killed when the job's deadline passes, when
+    it is aborted, or when neither its output nor the feed moves for ``stall_timeout``.
+    Returns its stdout; raises RuntimeError with the end of its stderr when it fails or
+    prints more than ``limit`` bytes (the caller falls back to a plain cut, whose own run
+    says why the source is bad)."""
+    argv, preexec = _launcher(cmd)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=preexec,
+                                env=None if feed is None else feed.ffmpeg_env())
+    except (FileNotFoundError, PermissionError):
+        raise Transient("ffmpeg_missing", f"cannot run {cmd[0]!r}") from None
+    out = bytearray()
+    err: collections.deque[bytes] = collections.deque(maxlen=16)
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    sel.register(ctx.waker.fileno(), selectors.EVENT_READ, None)
+    stall_timeout = ctx.limits.stall_timeout
+    last_change = time.monotonic()
+    try:
+        open_pipes = 2
+        while open_pipes:
+            ctx.check("probing the source")
+            now = time.monotonic()
+            if feed is not None:
+                last_change = max(last_change, feed.last_activity)
+            if now - last_change > stall_timeout:
+                raise Transient("stalled", f"{os.path.basename(cmd[0])} made no progress "
+                                f"for {stall_timeout:g} s")
+            for key, _ in sel.select(timeout=1.0):
+                if key.data is None:
+                    ctx.waker.drain()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    open_pipes -= 1
+                    continue
+                last_change = time.monotonic()
+                if key.data is out:
+                    out += chunk
+                    if len(out) > limit:
+                        raise RuntimeError(f"{os.path.basename(cmd[0])} printed more than "
+                                           f"{limit} bytes")
+                else:
+                    err.append(chunk)
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(cmd[0])} exit {proc.returncode}: "
+                           f"{_tail(b''.join(err))}")
+    return out.decode("utf-8", "replace")
 
 
 def _input_of(cmd: list[str]) -> str:

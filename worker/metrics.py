@@ -36,3 +36,9 @@ PAUSED = Gauge("clip_workers_paused", "Workers paused by a fault of their host."
 FENCED = Counter("clip_fenced_acks_total", "Outcomes not recorded because the job's message "
                  "had been requeued while its worker ran it (taken for dead during a stall "
                  "or partition); the requeued copy decides.")
+CUTS = Counter("clip_cuts_total", "Clips stored, by how they were cut (copy, smart, encode; "
+               "smart jobs a source could not be joined for count as encode).", ["cut"])
+SMART_FALLBACKS = Counter("clip_smart_fallbacks_total", "Smart-cut jobs cut in encode mode "
+                          "because their source could not be joined safely.")
+REENCODED_SECONDS = Counter("clip_reencoded_seconds_total", "Seconds of clips re-encoded "
+                            "(all of an encode clip, the head and tail of a smart one).")

@@ -25,6 +25,7 @@ worker.gcs.GcsSource); ``[job] range_requests = false`` skips 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from . import media, relay, source
+from . import media, metrics, relay, smartcut, source
 from .cache import SourceCache
 from .config import Config
 from .context import FetchLimits, JobContext
@@ -57,7 +58,43 @@ class Result:
     size: int = 0
     bytes_in: int = 0
     read: str = ""  # how the source was read: "ranges", "download", "cache" or "local"
+    cut: str = ""  # how the clip was cut: "copy", "smart" or "encode"
+    reencoded: float = 0.0  # seconds of the clip re-encoded
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _on_frames(cut: media.Cut, times: tuple[float, float | None]) -> media.Cut:
+    """``cut`` from the first frame of the clip to the end of its last (see
+    ``Pipeline._snapped``): ``times`` are the first frame at or after the start and the
+    first at or after the end (None: to the source's end)."""
+    first, after = times
+    # ffprobe prints times to the microsecond: 1 us before the first frame keeps it, and
+    # the frame before it is a whole frame earlier
+    return dataclasses.replace(cut, start=max(0.0, first - smartcut.TOLERANCE),
+                               length=None if after is None else after - first)
+
+
+@dataclass(frozen=True)
+class _Tools:
+    """How the cut's helpers (ffprobe) run for one job: under its context, reading the
+    relay when there is one."""
+
+    ctx: JobContext
+    feed: relay.Relay | None
+    ffprobe: str
+    rw_timeout: float | None
+
+    def run(self, cmd: list[str]) -> str:
+        return media.capture(cmd, self.ctx, self.feed)
+
+    def fetch_failed(self) -> None:
+        """After a failed probe through the relay: its own failure, if it has one, or that
+        the server does not seek, which the read plan answers by downloading."""
+        if self.feed is not None and self.feed.error is not None:
+            raise self.feed.error
+        if self.feed is not None and self.feed.no_ranges:
+            raise Transient("fetch_failed", "the source's server does not answer Range "
+                            "requests")
 
 
 @dataclass(frozen=True)
@@ -135,7 +172,8 @@ class Pipeline:
         ctx.stage("")
         return Result(output=job.output, clip_start=job.start, clip_end=clip_end,
                       out_time=clip.out_time, size=size,
-                      bytes_in=read.nbytes, read=read.how, timings=ctx.timings)
+                      bytes_in=read.nbytes, read=read.how, cut=clip.cut,
+                      reencoded=round(clip.reencoded, 3), timings=ctx.timings)
 
     # --- the read plan -----------------------------------------------------------------------
 
@@ -221,8 +259,10 @@ class Pipeline:
 
     def _clip(self, ctx: JobContext, job: Job, src: str, clip_path: str,
               feed: relay.Relay | None = None) -> media.ClipResult:
-        """Run ffmpeg on a local file, or on the job's relay (``feed``). Clipping starts now
-        for a local file; through the relay, once ffmpeg has read the source's index."""
+        """Cut the clip from a local file, or through the job's relay (``feed``), as its
+        mode says: smart (worker.smartcut) where the source can be joined, otherwise
+        encode; or copy. Clipping starts now for a local file; through the relay, once
+        ffmpeg has read the source's index."""
         if feed is None:
             ctx.stage("clip")
         cfg = self.config.job
@@ -234,8 +274,78 @@ class Pipeline:
                         media.preroll(job.url, src if feed is None else None))
         # ffmpeg's own network timeout, after the relay's and ours
         rw_timeout = None if feed is None else ctx.limits.stall_timeout + 5
+        tools = _Tools(ctx, feed, cfg.ffprobe, rw_timeout)
+        if cut.mode == "smart":
+            try:
+                return self._smart(tools, cut, src, clip_path)
+            except smartcut.Fallback as exc:
+                log.info("job %s: cut in encode mode, not smart: %s", job.id, exc.reason)
+                metrics.SMART_FALLBACKS.inc()
+                cut = dataclasses.replace(cut, mode="encode")
+                cut = _on_frames(cut, exc.times) if exc.times else cut
+        elif cut.mode == "encode":
+            cut = self._snapped(tools, cut, src)
         cmd = media.clip_command(cfg.ffmpeg, src, clip_path, cut, rw_timeout)
-        return media.FFmpegRun(cmd, ctx, cut, feed).run()
+        clip = media.FFmpegRun(cmd, ctx, cut, feed).run()
+        clip.cut = cut.mode
+        clip.reencoded = clip.out_time if cut.mode == "encode" else 0.0
+        return clip
+
+    def _snapped(self, tools: _Tools, cut: media.Cut, src: str) -> media.Cut:
+        """``cut`` moved onto the source's frames: from its first frame at or after the
+        start, for exactly as long as the frames up to the end last, so that the audio,
+        cut to the sample, spans the video's own time (a frame may start up to a frame
+        after ``start``). Unchanged when the frames cannot be read: ffmpeg's run says why.
+
+        Also unchanged for a source without an index (MPEG-TS/PS): ffprobe finds times
+        there only by reading from the file's start and searching, which costs more than
+        the whole clip on a short source; its audio may start up to a frame early."""
+        if cut.preroll > media.PREROLL:
+            return cut
+        try:
+            times = smartcut.snap(src, cut.start, cut.length, ffprobe=tools.ffprobe,
+                                  preroll=cut.preroll, rw_timeout=tools.rw_timeout,
+                                  runner=tools.run)
+        except (RuntimeError, ValueError, KeyError, smartcut.Fallback) as exc:
+            tools.fetch_failed()
+            log.debug("the source's frame times could not be read: %s", exc)
+            return cut
+        return cut if times is None else _on_frames(cut, times)
+
+    def _smart(self, tools: _Tools, cut: media.Cut, src: str,
+               clip_path: str) -> media.ClipResult:
+        """Smart cut: probe the source, plan the pieces, cut and join them (see
+        worker.smartcut); raises smartcut.Fallback when it cannot be joined safely."""
+        if cut.preroll > media.PREROLL:  # known before reading a byte more (smartcut.plan)
+            raise smartcut.Fallback("a source without an index (MPEG-TS/PS)")
+        try:
+            probe = smartcut.probe(src, cut.start, cut.length, ffprobe=tools.ffprobe,
+                                   preroll=cut.preroll, rw_timeout=tools.rw_timeout,
+                                   runner=tools.run)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            tools.fetch_failed()
+            raise smartcut.Fallback(f"the source could not be probed: {exc}") from None
+        try:
+            plan = smartcut.plan(probe, cut.start, cut.length, cut.muxer, cut.preroll)
+        except smartcut.Fallback as exc:  # encode mode uses what the probe read
+            exc.times = smartcut.frame_times([p.pts for p in probe.packets], cut.start,
+                                             cut.end)
+            raise
+        cfg = self.config.job
+        pieces = os.path.join(os.path.dirname(clip_path), "pieces")
+        os.makedirs(pieces, exist_ok=True)
+        cmd = smartcut.cut_command(plan, src, pieces, ffmpeg=cfg.ffmpeg,
+                                   preset=cfg.encode_preset, rw_timeout=tools.rw_timeout)
+        media.FFmpegRun(cmd, tools.ctx, cut, tools.feed).run()
+        end = plan.end if plan.end is not None else probe.duration
+        length = None if end is None else end - plan.start
+        # The join reads our own pieces: its input report is the clip's, not the source's
+        join = media.FFmpegRun(smartcut.join_command(plan, pieces, clip_path, ffmpeg=cfg.ffmpeg),
+                               tools.ctx, media.Cut(0.0, length, muxer=cut.muxer)).run()
+        shutil.rmtree(pieces, ignore_errors=True)
+        return media.ClipResult(join.out_time, join.size, probe.duration,
+                                expected=join.expected, cut="smart",
+                                reencoded=round(plan.reencoded, 3))
 
     # --- room and checks -----------------------------------------------------------------------
 

@@ -105,7 +105,10 @@ JOB_FIELDS: dict[str, str] = {
     "worker": "the worker that runs or ran it: <host_id>:<pid>:<start ms>",
     "url": "the source",
     "output": "where the clip is stored",
-    "mode": "copy or encode",
+    "mode": "copy, smart or encode: what the job asked for",
+    "cut": "how its clip was cut: copy, smart, or encode (a smart job whose source could "
+           "not be joined safely is encoded)",
+    "reencoded_seconds": "seconds of its clip that were re-encoded",
     "reason": "why it failed or was dead-lettered",
     "error": "the end of the error (ffmpeg's stderr for media errors)",
     "attempts": "failed attempts so far",

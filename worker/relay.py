@@ -48,7 +48,7 @@ CHUNK = 32 * 1024
 SEND_BUFFER = 16 * 1024
 MAX_HEAD = 16 * 1024  # ffmpeg's requests are a few hundred bytes
 REREAD_SLACK = 1 << 20
-MAX_REQUESTS = 4  # at once; ffmpeg makes one, two while it seeks
+MAX_REQUESTS = 8  # at once; ffmpeg makes one per input, two while it seeks (smart cut: 3 inputs)
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy",
                     "NO_PROXY", "all_proxy", "ALL_PROXY")

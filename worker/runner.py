@@ -449,6 +449,9 @@ class Worker:
         fields = {"progress": 100, "stage": "done", "finished": finished, "elapsed": elapsed,
                   "output": result.output, "error": "", "reason": "",
                   **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
+        if result.cut:  # how it was cut (a smart job may have been encoded), re-encoding how much
+            event.update(cut=result.cut, reencoded_seconds=result.reencoded)
+            fields.update(cut=result.cut, reencoded_seconds=result.reencoded)
         self.jobs_done += 1
         max_jobs = self.config.supervisor.max_jobs_per_worker
         take_next = not (self.stopping or self.aborting
@@ -466,6 +469,9 @@ class Worker:
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
         metrics.BYTES_IN.inc(result.bytes_in)
         metrics.BYTES_OUT.inc(result.size)
+        if result.cut:
+            metrics.CUTS.labels(result.cut).inc()
+            metrics.REENCODED_SECONDS.inc(result.reencoded)
         log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
                  " (already stored)" if reused else
                  f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")

@@ -13,7 +13,8 @@ pieces, joined into one stream:
 - tail, [X, end): re-encoded, a few frames at most (a B-frame group); none when ``end`` falls
   on such a point (always without B-frames, or at the source's end).
 
-Audio is re-encoded over the whole clip (AAC, as encode mode does): the audio frames of a
+Audio is re-encoded over the whole clip (AAC, as encode mode does), over the video's own
+time: from its first frame to the end of its last (``Plan.after``). The audio frames of a
 stream copy cannot start or stop between their 1024-sample frames, so a copy would be up
 to a frame off at either end. It costs little beside the video.
 
@@ -82,6 +83,9 @@ class Fallback(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        # the clip's frame times (see ``frame_times``) when the source was probed: encode
+        # mode needs them too
+        self.times: tuple[float, float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,9 @@ class Plan:
     audio: bool
     muxer: str = "mp4"
     preroll: float = media.PREROLL
+    # the time of the first frame shown at or after ``end`` (where the clip's last frame
+    # ends): the audio spans [first, after), the video's time. None: to the source's end.
+    after: float | None = None
 
     @property
     def head(self) -> float:
@@ -248,12 +255,13 @@ def plan(probe: Probe, start: float, length: float | None, muxer: str = "mp4",
     times = sorted(p.pts for p in packets)
     first = min((t for t in times if t >= start - TOLERANCE), default=key.pts)
     begin = max((t for t in times if t < first), default=first - 2 * slack)
-    stop = None
+    stop = after = None
     if end is not None:
         last = max(t for t in times if t < end - TOLERANCE)
-        stop = (last + min((t for t in times if t > last), default=last + 4 * slack)) / 2
+        after = min((t for t in times if t > last), default=last + 4 * slack)
+        stop = (last + after) / 2
     return Plan(start, end, key.pts, copy_end, delay, pick, first, (begin + first) / 2, stop,
-                probe.video, probe.audio, muxer, preroll)
+                probe.video, probe.audio, muxer, preroll, after)
 
 
 def cut_point(run: list[Packet] | tuple[Packet, ...], keyframe: float, end: float,
@@ -378,9 +386,7 @@ def probe(src: str, start: float, length: float | None, *, ffprobe: str = "ffpro
     little before ``start`` to the first keyframe after it, and around the clip's end.
     A source without an index (``preroll`` is media.UNINDEXED_PREROLL) is asked its start
     time first: its times may start anywhere, and the intervals are absolute."""
-    origin = 0.0
-    if preroll > media.PREROLL:
-        origin = parse_probe(runner(probe_command(ffprobe, src, "%+#1", rw_timeout)))[2]
+    origin = _origin(src, ffprobe, preroll, rw_timeout, runner)
     end = None if length is None else start + length
     before = preroll if preroll > media.PREROLL else 0.0  # an index seeks to a keyframe
     window = start + PROBE_WINDOW
@@ -412,6 +418,50 @@ def probe(src: str, start: float, length: float | None, *, ffprobe: str = "ffpro
         open_keyframe = None if kind is None else kind != H264_IDR
     return Probe(video, audio, duration, tuple(packets), preroll <= media.PREROLL,
                  open_keyframe)
+
+
+def _origin(src: str, ffprobe: str, preroll: float, rw_timeout: float | None,
+            runner: Runner) -> float:
+    """The source's start time when it has no index (``-read_intervals`` takes absolute
+    times, and such a file's may start anywhere); 0 otherwise, where it needs no probe."""
+    if preroll <= media.PREROLL:
+        return 0.0
+    return parse_probe(runner(probe_command(ffprobe, src, "%+#1", rw_timeout)))[2]
+
+
+SNAP_WINDOW = 2.0  # s read after the start and after the end for their frames
+
+
+def snap(src: str, start: float, length: float | None, *, ffprobe: str = "ffprobe",
+         preroll: float = media.PREROLL, rw_timeout: float | None = None,
+         runner: Runner = run_command) -> tuple[float, float | None] | None:
+    """Encode mode's frame times: the first frame shown at or after ``start``, and the
+    first at or after ``start + length`` (None: the clip runs to the source's end), read
+    from the video packets around each (with an index, ffprobe seeks there). None when no
+    frame is found from ``start`` on: ffmpeg's own run then says why."""
+    origin = _origin(src, ffprobe, preroll, rw_timeout, runner)
+    before = preroll if preroll > media.PREROLL else 0.0
+    spans = [(start - before, start + SNAP_WINDOW)]
+    end = None if length is None else start + length
+    if end is not None:
+        spans.append((end - before, end + SNAP_WINDOW))
+    text = ",".join(f"{max(0.0, a + origin):.6f}%{b + origin:.6f}" for a, b in spans)
+    times = [p.pts for p in parse_probe(runner(probe_command(ffprobe, src, text,
+                                                              rw_timeout)))[4]]
+    return frame_times(times, start, end)
+
+
+def frame_times(times: list[float], start: float,
+                end: float | None) -> tuple[float, float | None] | None:
+    """Of the frame ``times`` read around the start and the end: the first at or after
+    ``start``, and the first at or after ``end`` (None: none, the clip runs to the source's
+    end); None when no frame is at or after ``start``."""
+    first = min((t for t in times if t >= start - TOLERANCE), default=None)
+    if first is None:
+        return None
+    after = None if end is None else min((t for t in times if t >= end - TOLERANCE),
+                                         default=None)
+    return first, after
 
 
 H264_IDR, H264_SLICE = 5, 1
@@ -517,8 +567,9 @@ def cut_command(plan: Plan, src: str, folder: str, *, ffmpeg: str = "ffmpeg",
             "-c:v", "copy", "-bsf:v", f"{bsf},dump_extra,noise=drop={drop}", *video,
             "-f", SEGMENT, os.path.join(folder, f"body.{SEGMENT}")]
     if plan.audio:
-        length = [] if plan.end is None else ["-t", f"{plan.end - plan.start:.6f}"]
-        cmd += ["-map", "0:a:0", "-ss", f"{preroll:.6f}", *length, "-c:a", "pcm_s16le",
+        # the video's time: from its first frame to the end of its last (media.Cut.snapped)
+        length = [] if plan.after is None else ["-t", f"{plan.after - plan.first:.6f}"]
+        cmd += ["-map", "0:a:0", "-ss", f"{plan.first - base:.6f}", *length, "-c:a", "pcm_s16le",
                 "-vn", *common, "-f", AUDIO_SEGMENT,
                 os.path.join(folder, f"audio.{AUDIO_SEGMENT}")]
     shift = round(plan.delay * 1e6)
@@ -540,7 +591,7 @@ def cut_command(plan: Plan, src: str, folder: str, *, ffmpeg: str = "ffmpeg",
 
 def concat_list(plan: Plan, folder: str) -> str:
     """The concat demuxer's list of the pieces, each placed by the length of those before
-    it, from the clip's first frame (``join_command`` moves them all to its time)."""
+    it, from the clip's first frame (time 0 of the clip, as for its audio)."""
     lines = ["ffconcat version 1.0"]
     if plan.head > 0:
         lines += [f"file head.{SEGMENT}", f"duration {plan.keyframe - plan.first:.6f}"]
@@ -559,7 +610,7 @@ def join_command(plan: Plan, folder: str, dst: str, *, ffmpeg: str = "ffmpeg") -
     local = ["-protocol_whitelist", "file"]
     cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "info", "-xerror",
            *local, "-format_whitelist", f"concat,{SEGMENT}", "-f", "concat", "-safe", "0",
-           "-itsoffset", f"{plan.first - plan.start:.6f}", "-i", concat_list(plan, folder)]
+           "-i", concat_list(plan, folder)]
     maps = ["-map", "0:v:0"]
     if plan.audio:
         cmd += [*local, "-format_whitelist", AUDIO_SEGMENT, "-i",
