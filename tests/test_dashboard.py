@@ -335,6 +335,49 @@ def test_job_page_and_search_show_every_field_as_text(env, page):
     assert env.stop(proc) == 0
 
 
+@pytest.mark.settings({"supervisor": {"workers": 1}})
+def test_page_shows_webhook_failures_their_count_and_each_one_as_text(env, page):
+    from worker import config as config_mod
+    from worker.queue import JobQueue
+
+    # Given a dashboard open while no webhook delivery was ever given up
+    base = _listen(env, token=None)
+    queue = JobQueue(env.redis.client(), config_mod.load(
+        None, env={}, overrides={"redis.url": env.redis.url}))
+    proc = env.start()
+    wait_for(lambda: _request(base + "/healthz")[0] == 200, 10, what="the listener")
+    page.goto(base + "/")
+    page.locator("#webhooks tbody td.empty", has_text="no webhook failures").wait_for()
+    assert page.locator("#webhooks-total").inner_text() == "0"
+
+    # When the deliverer records two give-ups, one whose error quotes markup
+    markup = "<img src=x onerror=document.title='owned'>"
+    queue.webhook_failed("gave_up", {"job_id": "hooked-1", "event_id": "1-0", "type": "done",
+                                     "origin": "https://hooks.example", "attempts": 12,
+                                     "error": "HTTP 500"})
+    queue.webhook_failed("refused", {"job_id": "hooked-2", "event_id": "2-0", "type": "dead",
+                                     "origin": "https://other.example:8443", "attempts": 1,
+                                     "error": "HTTP 302 " + markup})
+
+    # Then the page shows their count by outcome and a row for each, newest first
+    rows = page.locator("#webhooks tbody tr[data-event]")
+    wait_for(lambda: rows.count() == 2, 10, what="two webhook failure rows")
+    assert page.locator("#webhooks-total").inner_text() == "2"
+    assert page.locator("#webhooks-count").inner_text().startswith(
+        "(2 given up: gave_up 1, refused 1")
+    assert rows.evaluate_all("rows => rows.map(r => r.dataset.job)") == ["hooked-2",
+                                                                         "hooked-1"]
+    cells = page.locator("#webhooks tbody tr[data-event='1-0'] td").all_text_contents()
+    assert cells[1:] == ["hooked-1", "done", "https://hooks.example", "gave_up", "12",
+                         "HTTP 500"]
+    newest = page.locator("#webhooks tbody tr[data-event='2-0']")
+    assert newest.locator("a").get_attribute("href") == "/job/hooked-2"
+    # And the error's markup is text, never an element
+    assert markup in newest.inner_text() and page.locator("#webhooks img").count() == 0
+    assert page.title() != "owned"
+    assert env.stop(proc) == 0
+
+
 # --- over HTTP ----------------------------------------------------------------------------------
 
 

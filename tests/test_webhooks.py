@@ -415,6 +415,23 @@ def test_a_give_up_that_redis_cannot_record_is_logged_and_delivery_goes_on(recei
     _run_until(deliverer, lambda: later in outbox.acked, what="the later event")
 
 
+def test_the_record_list_is_capped_and_the_counts_keep_the_whole_tally(redis_server):
+    # Given a queue that keeps the newest 3 records
+    queue = _queue(redis_server)
+    queue.WEBHOOK_FAILURES_KEPT = 3
+
+    # When 5 give-ups are recorded
+    for i in range(5):
+        queue.webhook_failed("refused" if i == 2 else "gave_up", {"job_id": f"job-{i}"})
+
+    # Then the newest 3 are kept, newest first, and every one is counted
+    seen = admin.webhook_failures(queue, limit=10)
+    assert [r["job_id"] for r in seen["recent"]] == ["job-4", "job-3", "job-2"]
+    assert seen["total"] == 5 and seen["by_outcome"] == {"gave_up": 4, "refused": 1}
+    assert [r["job_id"] for r in admin.webhook_failures(queue, limit=2)["recent"]] == [
+        "job-4", "job-3"]
+
+
 def test_entries_held_by_a_previous_run_are_called_again_first(receiver):
     # Given an entry delivered to this host's consumer by a run that died before its ack
     outbox = Outbox()

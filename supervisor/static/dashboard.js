@@ -226,6 +226,7 @@
   function drawStats(data) {
     $("prefix").textContent = "prefix " + data.prefix;
     drawFaults(data);
+    drawWebhookFailures(data.webhook_failures);
     for (const [name, length] of Object.entries(data.queues)) {
       $("q-" + name).textContent = String(length);
     }
@@ -248,6 +249,28 @@
         el("td", { text: String(w.jobs_done ?? 0) }));
       return row;
     }));
+  }
+
+  // Webhook deliveries given up (all hosts): the count by outcome and the newest records.
+  // A record names its receiver by origin only; the server never stores a path or query.
+  function drawWebhookFailures(failures) {
+    const f = failures || { total: 0, by_outcome: {}, recent: [] };
+    $("webhooks-total").textContent = String(f.total ?? 0);
+    const outcomes = Object.entries(f.by_outcome || {}).map(([o, n]) => o + " " + n);
+    $("webhooks-count").textContent = "(" + (f.total ?? 0) + " given up" +
+      (outcomes.length ? ": " + outcomes.join(", ") : "") +
+      ((f.recent || []).length ? "; newest " + f.recent.length + " below" : "") + ")";
+    const tbody = $("webhooks").tBodies[0];
+    if (!(f.recent || []).length) return emptyRow(tbody, 7, "no webhook failures");
+    tbody.replaceChildren(...f.recent.map((r) => el("tr",
+      { "data-event": String(r.event_id || ""), "data-job": String(r.job_id || "") },
+      timeCell(r.time),
+      el("td", { class: "id" }, jobLink(r.job_id)),
+      el("td", { text: String(r.type || "") }),
+      el("td", { class: "wrap", text: String(r.origin || "") }),
+      el("td", {}, badge(r.outcome || "?", "reason")),
+      el("td", { text: String(r.attempts ?? "") }),
+      el("td", {}, el("pre", { text: String(r.error || "") })))));
   }
 
   function drawRecent(data) {
