@@ -46,10 +46,10 @@ def assert_exact_and_copied(source: corpus.Source, clip: str, plan: smartcut.Pla
                             start: float, length: float | None) -> corpus.Check:
     """The clip holds exactly the frames asked for, decodes cleanly, has its audio over the
     video's time, and the frames it copied are the source's, bit for bit."""
-    # Audio is cut at `start` to the sample, the video at its first frame from `start`:
-    # they may start up to a frame apart (plus an AAC encoder's priming where the container
-    # cannot mark it skipped), as in encode mode.
-    check = corpus.check(clip, source, start, length, audio_slack=float(1 / source.rate))
+    # Audio spans the video's own time, from its first frame to the end of its last, within
+    # an audio frame (an AAC encoder's priming is played where the container cannot mark it
+    # skipped).
+    check = corpus.check(clip, source, start, length)
     assert not check.errors, (source.name, start, length, check.errors)
     copy_end = plan.copy_end if plan.copy_end is not None else float("inf")
     copied = [i for i, n in enumerate(check.got)

@@ -429,7 +429,7 @@ def _origin(src: str, ffprobe: str, preroll: float, rw_timeout: float | None,
     return parse_probe(runner(probe_command(ffprobe, src, "%+#1", rw_timeout)))[2]
 
 
-SNAP_WINDOW = 2.0  # s read after the start and after the end for their frames
+SNAP_WINDOW = 0.5  # s read past the start and the end for their frames (more than a B-frame delay)
 
 
 def snap(src: str, start: float, length: float | None, *, ffprobe: str = "ffprobe",
