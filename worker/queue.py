@@ -556,7 +556,8 @@ class JobQueue:
         """Empty the queue, retries, events, dead letters and attempt counts of this prefix
         (the demo's fresh start; job hashes expire by themselves)."""
         k = self.keys
-        self.client.delete(k.queue, k.retry, k.delayed, k.done, k.dead, k.attempts, k.events)
+        self.client.delete(k.queue, k.retry, k.delayed, k.done, k.dead, k.attempts, k.events,
+                           k.webhook_failures, k.webhook_failure_counts)
 
     # --- reading ----------------------------------------------------------------------------
 
