@@ -26,6 +26,7 @@ design without any Python.
 
 Usage: python -m bench.clips --mode copy|encode [--source http|file] [--clips 20]
        [--rounds R] [--chunk K] [--what-if]
+       python -m bench.clips --mode smart [bench.smartcut's options]
 """
 
 from __future__ import annotations
@@ -222,8 +223,15 @@ def _sum_over(infos: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 
 def main() -> None:
+    # --mode smart runs bench.smartcut: smart beside copy and encode, with its own options
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--mode")
+    if early.parse_known_args()[0].mode == "smart":
+        from bench import smartcut
+        return smartcut.main()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("copy", "encode"), default="copy")
+    parser.add_argument("--mode", choices=("copy", "encode", "smart"), default="copy",
+                        help="smart: bench.smartcut (see its --help)")
     parser.add_argument("--source", choices=("http", "file"), default="http",
                         help="how clip-supervisor reads the source: over loopback HTTP "
                         "(default), or as a file:// URL naming the floor's local copy")
