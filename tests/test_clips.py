@@ -196,3 +196,27 @@ def test_smart_mode_encodes_a_source_it_cannot_join_and_says_so(env, tmp_path_fa
     # and the log says why
     assert "cut in encode mode, not smart" in env.log_text()
     assert "open GOP" in env.log_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [spec.name for spec in corpus.SPECS])
+def test_smart_mode_is_frame_exact_on_the_corpus(env, tmp_path_factory, corpus_http, name):
+    # Given a corpus file served over HTTP
+    source = corpus.session_corpus(tmp_path_factory, [name])[name]
+    # When the supervisor cuts it four ways in smart mode, into mp4, mkv and ts
+    index = [spec.name for spec in corpus.SPECS].index(name)
+    jobs = [(label, start, length, FORMATS[(index + i + 1) % len(FORMATS)])
+            for i, (label, start, length) in enumerate(cases(source))]
+    checks = cut_and_check(env, corpus_http, source, jobs, mode="smart")
+    # Then every clip holds exactly the frames asked for, and each says how it was cut:
+    # smart where the source can be joined, re-encoding less than the clip, encode where
+    # it cannot (MPEG-TS, an H.264 open GOP; also a rotated source into Matroska or
+    # MPEG-TS, or a clip with no keyframe inside it)
+    assert_exact(source, checks)
+    joinable = not (name.endswith(".ts") or name.startswith("h264_open"))
+    cuts = {event["id"]: event["cut"] for event in env.done_events()}
+    assert set(cuts.values()) <= {"smart", "encode"}
+    assert ("smart" in cuts.values()) == joinable, cuts
+    for event in env.done_events():
+        if event["cut"] == "smart":
+            assert event["reencoded_seconds"] < event["duration"], event

@@ -210,6 +210,10 @@ def check_source(video: Video, muxer: str) -> None:
     profiles = X264_PROFILES if video.codec == "h264" else X265_PROFILES
     if profiles.get(video.profile.lower()) is None:
         raise Fallback(f"{video.codec} profile {video.profile!r} cannot be matched")
+    if video.codec == "hevc" and muxer == "mpegts":
+        # ffmpeg's HEVC decoder, reading MPEG-TS, shows the copied frames after a re-encoded
+        # head out of order (non-monotonic times, frames lost); MP4 and Matroska are clean
+        raise Fallback("HEVC into MPEG-TS: the joined stream does not decode cleanly")
     if video.rotation and muxer not in DISPLAY_MATRIX_MUXERS:
         raise Fallback(f"a rotated source ({video.rotation} degrees) into {muxer}, "
                        "which has no display matrix")
