@@ -462,7 +462,8 @@ class JobQueue:
 
     def enqueue_many(self, jobs: list[tuple[bytes, str, dict]]) -> list[str]:
         """``enqueue`` several (message, job id, event) in one round trip (MULTI), in order;
-        returns the entry id of each one's ``queued`` event."""
+        returns the entry id of each one's ``queued`` event. A multi-clip job's event names
+        its clip ids (``clips``): they go into its hash as well."""
         ttl = int(self.config.job.job_ttl)
         pipe = self.client.pipeline(transaction=True)
         for message, job_id, event in jobs:
@@ -471,8 +472,11 @@ class JobQueue:
             # (and what a multi-clip job's clips did then: see worker.scripts, START)
             pipe.hdel(key, "cancel", "completed", "clips_done", "clips_dead")
             pipe.delete(self.keys.clips(job_id))
-            pipe.hset(key, mapping={"state": JobState.QUEUED, "progress": 0, "stage": "",
-                                    "queued": now_iso(), "error": "", "reason": ""})
+            fields = {"state": JobState.QUEUED, "progress": 0, "stage": "",
+                      "queued": now_iso(), "error": "", "reason": ""}
+            if event.get("clips"):  # a multi-clip job's clip ids, for a handle on its id
+                fields["clips"] = json.dumps(event["clips"])
+            pipe.hset(key, mapping=fields)
             pipe.expire(key, ttl)
             pipe.lpush(self.keys.queue, message)
             self._add_event(pipe, EventType.QUEUED, job_id, _json(event))
