@@ -82,11 +82,20 @@ def test_a_ten_clip_job_with_one_bad_range_has_that_clip_dead_and_the_others_don
     terminal = _terminal(env, "match")
     assert sorted(e["id"] for e in terminal) == sorted([*ids, "backwards"])
     assert [e for e in terminal if e["callback"] != "http://127.0.0.1:9/hook"] == []
+    from supervisor.webhooks import build
+
+    deliveries = [build(f"1-{n}", e, "") for n, e in enumerate(terminal)]
+    assert sorted(d.job_id for d in deliveries if d is not None) == sorted(e["id"]
+                                                                          for e in terminal)
+    assert all(json.loads(d.body)["event"]["job"] == "match" for d in deliveries if d)
     # and the job's hash tells its clips' outcomes; the message was acknowledged once
     job = env.r.hgetall(env.keys.job("match"))
     assert job[b"state"] == b"done" and job[b"clips_done"] == b"9"
     assert job[b"clips_dead"] == b"1" and len(json.loads(job[b"clips"])) == 10
     assert env.r.hlen(env.keys.attempts) == 0
+    # and stats count its clips among the done and dead
+    stats = json.loads(env.cli("stats", "--json").stdout)
+    assert (stats["queues"]["done"], stats["queues"]["dead"]) == (9, 1), stats
     assert env.stop(proc) == 0
     assert env.work_leftovers() == []
 
