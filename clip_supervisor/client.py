@@ -13,6 +13,12 @@ read the event stream.
     except JobDead as exc:                 # JobCancelled too, a kind of JobDead
         print("dead:", exc.reason, exc.error)
 
+    # many clips of one source, read once: each clip ends on its own (done or dead)
+    job = client.enqueue("https://cdn.example.com/match.mp4",
+                         clips=[{"start": 60, "duration": 20}, {"start": 300, "end": 330}])
+    for clip in job.wait(timeout=600)["clips"]:
+        print(clip["id"], clip["type"], clip.get("output") or clip.get("reason"))
+
 A job is refused at enqueue, with the reason a worker would dead-letter it with, by the
 worker's own intake (``JobRefused``). Validation uses the built-in defaults (with the
 client's prefix) unless ``config_file`` names the daemon's configuration: give it when the
@@ -92,6 +98,7 @@ class Event:
     time: str
     data: dict[str, Any] = field(default_factory=dict)
     callback: str = ""
+    job: str = ""  # a clip's event: the id of its multi-clip job (``job_id`` is the clip's)
 
     @classmethod
     def of(cls, entry_id: str, fields: Mapping[str, str]) -> Event:
@@ -101,7 +108,7 @@ class Event:
             data = {}
         return cls(entry_id, fields.get("type", ""), fields.get("id", ""),
                    fields.get("time", ""), data if isinstance(data, dict) else {},
-                   fields.get("callback", ""))
+                   fields.get("callback", ""), fields.get("job", ""))
 
     @property
     def final(self) -> bool:
@@ -112,12 +119,14 @@ class Event:
 def message(url: str, *, start: float | None = None, end: float | None = None,
             duration: float | None = None, output: str | None = None,
             mode: str | None = None, format: str | None = None,  # noqa: A002 - the field
-            id: str | None = None, callback: str | None = None) -> bytes:  # noqa: A002
+            id: str | None = None, callback: str | None = None,  # noqa: A002
+            clips: Iterable[Mapping[str, Any]] | None = None) -> bytes:
     """The queue message of a job (compact JSON; fields left None are left out)."""
     body: dict[str, Any] = {"url": url}
     for key, value in (("id", id), ("start", start), ("end", end), ("duration", duration),
                        ("output", output), ("mode", mode), ("format", format),
-                       ("callback", callback)):
+                       ("callback", callback),
+                       ("clips", None if clips is None else [dict(c) for c in clips])):
         if value is not None:
             body[key] = value
     return json.dumps(body, separators=(",", ":")).encode()
@@ -163,8 +172,9 @@ class Client:
     def enqueue(self, url: str, *, start: float | None = None, end: float | None = None,
                 duration: float | None = None, output: str | None = None,
                 mode: str | None = None, format: str | None = None,  # noqa: A002
-                id: str | None = None, callback: str | None = None) -> Job:  # noqa: A002
-        """Queue one clip of ``url`` and return its handle.
+                id: str | None = None, callback: str | None = None,  # noqa: A002
+                clips: Iterable[Mapping[str, Any]] | None = None) -> Job:
+        """Queue one clip of ``url`` (or many, with ``clips``) and return its handle.
 
         ``start`` (seconds, default 0) and ``end`` or ``duration`` (not both); ``output``
         (``gs://bucket/key``, ``file:///abs/path`` or a key under the daemon's output_base);
@@ -172,10 +182,18 @@ class Client:
         ``id`` (1-128 of ``[A-Za-z0-9._-]``; default: the SHA-1 of the message);
         ``callback`` (an https URL the outcome is POSTed to). Raises JobRefused for a job a
         worker would refuse.
+
+        ``clips``: many clips of the one source, read once, each a mapping of ``id``
+        (default ``<job id>-<n>``, n from 1), ``start``, ``end`` or ``duration``, ``output``
+        (default ``<output_base>/<clip id>.<format>``), ``mode``, ``format``; ``mode`` and
+        ``format`` given here are the clips' defaults, ``start``, ``end``, ``duration`` and
+        ``output`` may not be. A clip that is wrong on its own (a bad range, say) is not
+        refused: it ends as its own dead letter, and the others run. ``Job.wait`` then
+        returns every clip's outcome.
         """
         return self.enqueue_many([dict(url=url, start=start, end=end, duration=duration,
                                        output=output, mode=mode, format=format, id=id,
-                                       callback=callback)])[0]
+                                       callback=callback, clips=clips)])[0]
 
     def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[Job]:
         """Queue several jobs in one round trip (one MULTI), in order; each is a mapping of
@@ -184,13 +202,17 @@ class Client:
         prepared = []
         for n, spec in enumerate(jobs):
             raw = message(**{key: value for key, value in spec.items() if value is not None})
-            job_id = self._check(raw, n)
-            prepared.append((raw, job_id, {"url": str(spec.get("url", ""))[:2048]}))
+            job_id, clips = self._check(raw, n)
+            event: dict[str, Any] = {"url": str(spec.get("url", ""))[:2048]}
+            if clips:
+                event["clips"] = clips
+            prepared.append((raw, job_id, event))
         positions = self.queue.enqueue_many(prepared) if prepared else []
-        return [Job(self, job_id, position)
-                for (_, job_id, _), position in zip(prepared, positions, strict=True)]
+        return [Job(self, job_id, position, event.get("clips", ()))
+                for (_, job_id, event), position in zip(prepared, positions, strict=True)]
 
-    def _check(self, raw: bytes, n: int) -> str:
+    def _check(self, raw: bytes, n: int) -> tuple[str, list[str]]:
+        """The job's id and its clips' ids, or JobRefused."""
         from worker.job import Rejected, intake
 
         job = intake(raw, self.config)
@@ -198,8 +220,8 @@ class Client:
             if self.validate:
                 where = f"job {n}: " if n else ""
                 raise JobRefused(job.error.reason, where + job.error.error)
-            return job.id
-        return job.id
+            return job.id, []
+        return job.id, [clip.id for clip in job.clips]
 
     # --- following and cancelling --------------------------------------------------------------
 
@@ -294,12 +316,30 @@ def _stream(read: Callable[[], list[tuple[str, dict[str, str]]]], timeout: float
 
 class Job:
     """A handle on one job: its ``id``, and where its events start in the stream
-    (``position``, the entry id of its ``queued`` event; "" for a handle made from an id)."""
+    (``position``, the entry id of its ``queued`` event; "" for a handle made from an id);
+    ``clips``, a multi-clip job's clip ids (empty for a job of one clip)."""
 
-    def __init__(self, client: Client, job_id: str, position: str = "") -> None:
+    def __init__(self, client: Client, job_id: str, position: str = "",
+                 clips: Iterable[str] | None = None) -> None:
         self.client = client
         self.id = job_id
         self.position = position
+        self._clips = tuple(clips) if clips is not None else None  # None: ask its hash
+
+    @property
+    def clips(self) -> tuple[str, ...]:
+        """A multi-clip job's clip ids, in order (from its hash for a handle made from an
+        id: empty until the job was enqueued by a client, or started)."""
+        if self._clips is None:
+            raw = self.client.queue.job_fields(self.id, "clips")["clips"]
+            try:
+                ids = json.loads(raw) if raw else []
+            except ValueError:
+                ids = []
+            if not ids:
+                return ()
+            self._clips = tuple(str(clip) for clip in ids)
+        return self._clips
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -328,10 +368,25 @@ class Job:
         """Wait for the job's end; return its completion event (``output``, ``duration``,
         ``elapsed``, ``timings``, ... as on ``{prefix}:done``). Raises JobCancelled or JobDead
         (with the reason) when it ended as a dead letter, TimeoutError after ``timeout``
-        seconds (None: no limit)."""
+        seconds (None: no limit).
+
+        A multi-clip job's wait returns ``{"id", "clips"}`` once every clip has ended:
+        ``clips`` holds, in the job's order, each clip's completion event or dead letter
+        (``id`` the clip's, ``job`` the job's) with ``type`` done, dead or cancelled. It
+        raises nothing for dead clips; a job that failed as a whole (cancelled before it
+        started, its retries spent, poison) gives the clips that had not ended its letter."""
         final = None
+        ended: dict[str, Event] = {}
         for event in self.follow(timeout):
             final = event
+            if event.final and event.job == self.id:
+                ended[event.job_id] = event
+        clips = self.clips
+        if clips:
+            whole = final if final is not None and final.final and final.job_id == self.id \
+                else None
+            return {"id": self.id, "clips": [self._outcome(clip, ended.get(clip), whole)
+                                             for clip in clips]}
         assert final is not None and final.final
         if final.type == "done":
             return final.data
@@ -340,20 +395,32 @@ class Job:
             raise JobCancelled(letter)
         raise JobDead(letter)
 
+    def _outcome(self, clip: str, event: Event | None, whole: Event | None) -> dict[str, Any]:
+        """One clip's outcome for ``wait``: its own final event, else the job's."""
+        if event is not None:
+            return {**event.data, "id": clip, "job": self.id, "type": event.type}
+        data = dict(whole.data) if whole is not None else {}
+        data.pop("message_sha1", None)
+        return {**data, "id": clip, "job": self.id,
+                "type": whole.type if whole is not None else "dead"}
+
     def follow(self, timeout: float | None = None) -> Iterator[Event]:
         """The job's events as they come, from its enqueue (or from now, for a handle made
         from an id: then first its end, if it has ended), until the one that ends it (done,
         dead, cancelled), which is the last one yielded. TimeoutError after ``timeout``
-        seconds."""
+        seconds. A multi-clip job's events include its clips' (``Event.job`` names the
+        job); it has ended once each clip has had its final event, or the job one of its
+        own (it failed as a whole)."""
         queue = self.client.queue
         deadline = None if timeout is None else time.monotonic() + timeout
         position = self.position
         if not position:
             position = queue.events_last_id()  # first: an end after it is read below
             ended = self._ended()
-            if ended is not None:
-                yield ended
+            if ended:
+                yield from ended
                 return
+        left = set(self.clips)
         checked = time.monotonic()
         while True:
             block = READ_BLOCK
@@ -364,48 +431,69 @@ class Job:
             entries = queue.events_read(position, count=500, block_ms=max(1, int(block * 1000)))
             for entry_id, fields in entries:
                 position = entry_id
-                if fields.get("id") != self.id:
+                if self.id not in (fields.get("id"), fields.get("job")):
                     continue
                 checked = time.monotonic()
                 event = Event.of(entry_id, fields)
                 yield event
+                if event.type == "started" and not left and event.job_id == self.id:
+                    left = set(event.data.get("clips") or ())  # a handle made from an id
                 if event.final:
-                    return
+                    if event.job_id == self.id:
+                        return  # the job, as a whole
+                    left.discard(event.job_id)
+                    if not left:
+                        return
             if time.monotonic() - checked >= CHECK_EVERY:
                 # Silence: make sure the end was not trimmed away or lost with the stream.
                 checked = time.monotonic()
                 ended = self._ended()
-                if ended is not None:
-                    yield ended
+                if ended:
+                    yield from ended
                     return
 
-    def _ended(self) -> Event | None:
-        """The event that ended the job when its hash says it has ended: found in the
-        stream (newest first, up to SEARCH_BACK entries), else made from the hash."""
+    def _ended(self) -> list[Event]:
+        """The events that ended the job when its hash says it has ended (for a multi-clip
+        job, its clips' final events): found in the stream (newest first, up to SEARCH_BACK
+        entries), else made from the hash; [] when it has not ended."""
         from worker.protocol import JobState
 
         queue = self.client.queue
         fields = queue.job(self.id).fields
         state = fields.get("state")
         if state not in (JobState.DONE, JobState.DEAD):
-            return None
+            return []
+        clips = set(self.clips)
+        found: dict[str, Event] = {}
         before, searched = "+", 0
         while searched < SEARCH_BACK:
             entries = queue.events_before(before, 1000)
             if not entries:
                 break
             for entry_id, entry in entries:
-                if entry.get("id") == self.id and entry.get("type") in FINAL:
-                    return Event.of(entry_id, entry)
+                if entry.get("type") not in FINAL:
+                    continue
+                if entry.get("id") == self.id:
+                    return [*found.values(), Event.of(entry_id, entry)]
+                if entry.get("job") == self.id and entry.get("id") in clips:
+                    found.setdefault(entry.get("id", ""), Event.of(entry_id, entry))
+                    if len(found) == len(clips):
+                        return list(found.values())
             before = entries[-1][0]
             searched += len(entries)
+        if clips:  # trimmed from the stream: what the job's records still tell
+            ended = queue.clips_ended(self.id)
+            return [*found.values(), *(
+                Event("", ended.get(clip, "dead"), clip, fields.get("finished", ""),
+                      {"id": clip, "job": self.id}, job=self.id)
+                for clip in sorted(clips - set(found)))]
         if state == JobState.DONE:
             data: dict[str, Any] = {"id": self.id, "output": fields.get("output", ""),
                                     "url": fields.get("url", ""), "time": fields.get(
                                         "finished", "")}
-            return Event("", "done", self.id, data["time"], data)
+            return [Event("", "done", self.id, data["time"], data)]
         data = {"id": self.id, "reason": fields.get("reason", ""),
                 "error": fields.get("error", ""), "attempts": fields.get("attempts", ""),
                 "time": fields.get("finished", "")}
         kind = "cancelled" if data["reason"] == "cancelled" else "dead"
-        return Event("", kind, self.id, data["time"], data)
+        return [Event("", kind, self.id, data["time"], data)]

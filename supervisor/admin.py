@@ -24,7 +24,8 @@ WEBHOOK_FAILURES_SHOWN = 10  # newest webhook give-ups in stats (and so on the d
 def follow_job(job_id: str, events: Iterable[Any], out: TextIO,
                timeout: float | None = None) -> int:
     """Print a job's progress from its events (``clip_supervisor.client.Job.follow``) until
-    it is done (0) or dead (2, cancelled included); 3 when ``timeout`` runs out first.
+    it is done (0) or dead (2, cancelled included); 3 when ``timeout`` runs out first. A
+    multi-clip job's clips are printed as each ends: 0 when all were stored, else 2.
 
     On a terminal it draws one progress bar line; otherwise it prints a plain line whenever
     the stage changes or the progress passes another 10 %.
@@ -45,9 +46,16 @@ def follow_job(job_id: str, events: Iterable[Any], out: TextIO,
             print(f"{job_id} {label} {percent:.0f}%", file=out, flush=True)
 
     draw()
+    clips_dead: int | None = None  # a multi-clip job's clips that ended dead, once one ended
     try:
         for event in events:
             data = event.data
+            if getattr(event, "job", "") == job_id and event.final:  # one of its clips
+                clips_dead = (clips_dead or 0) + (event.type != EventType.DONE)
+                what = f"done: {data.get('output', '')}" if event.type == EventType.DONE \
+                    else f"dead ({data.get('reason', '')}): {str(data.get('error', ''))[-200:]}"
+                print(("\n" if tty else "") + f"{event.job_id} {what}", file=out, flush=True)
+                continue
             if event.type == EventType.STARTED:
                 label, percent, state = str(Stage.FETCH), 0.0, str(JobState.RUNNING)
             elif event.type == EventType.PROGRESS:
@@ -71,6 +79,8 @@ def follow_job(job_id: str, events: Iterable[Any], out: TextIO,
                 print(("\n" if tty else "") + f"dead ({data.get('reason', '')}): {error}",
                       file=out, flush=True)
                 return 2
+        if clips_dead is not None:  # the follow ended with the last clip
+            return 2 if clips_dead else 0
     except TimeoutError:
         pass
     print(("\n" if tty else "") + f"still {state} after {timeout:g} s", file=out, flush=True)

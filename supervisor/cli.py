@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     enq.add_argument("--id", dest="job_id", metavar="ID")
     enq.add_argument("--callback", metavar="URL",
                      help="an https URL the job's outcome is POSTed to (a signed webhook)")
+    enq.add_argument("--clips", metavar="JSON",
+                     help='many clips of URL, read once: a JSON list such as '
+                     '\'[{"start": 5, "duration": 10}, {"id": "end", "start": 50}]\'')
     enq.add_argument("--wait", action="store_true",
                      help="follow the job; exit 0 done, 2 dead-lettered, 3 timed out")
     enq.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S")
@@ -351,11 +354,19 @@ def _queue(config: Config) -> JobQueue:
 def cmd_enqueue(args: argparse.Namespace, config: Config) -> int:
     from clip_supervisor.client import Client, JobRefused
 
+    clips = None
+    if args.clips is not None:
+        try:
+            clips = json.loads(args.clips)
+        except ValueError as exc:
+            return _fail(f"--clips is not JSON: {exc}", 2)
+        if not isinstance(clips, list) or not all(isinstance(c, dict) for c in clips):
+            return _fail("--clips must be a JSON list of objects", 2)
     client = Client.from_config(config)
     try:
         job = client.enqueue(args.url, start=args.start, end=args.end, duration=args.duration,
                              output=args.output, mode=args.mode, format=args.fmt,
-                             id=args.job_id, callback=args.callback)
+                             id=args.job_id, callback=args.callback, clips=clips)
     except JobRefused as exc:
         return _fail(f"refused ({exc.reason}): {exc.error}")
     print(job.id, flush=True)

@@ -271,6 +271,8 @@ class JobConfig:
     allow_private_networks: bool = _opt(_bool, "false")
     max_source_bytes: int = _opt(_size, "2GiB")
     max_message_bytes: int = _opt(_size, "1MiB")
+    max_clips: int = _opt(_positive_int, "100", "most clips one job may hold; a message with "
+                          "more is dead-lettered (too_many_clips)")
     connect_timeout: float = _opt(_positive_float, "10")
     range_requests: bool = _opt(_bool, "true", "read http(s) and gs sources in place with "
                                 "Range requests when their server supports them")

@@ -1,6 +1,7 @@
 """Turning a queue message into a job, or into a dead letter.
 
-A message is a bare URL (the original producer's format) or a JSON object. ``intake`` is
+A message is a bare URL (the original producer's format) or a JSON object: one clip, or
+with ``clips`` many clips of one source (see ``Job.clips``). ``intake`` is
 the one place a worker (and ``clip-supervisor enqueue``) turns raw bytes into a ``Job`` or a
 ``Rejected`` with a reason, and it never raises, whatever the bytes: a message that could
 crash the worker here would be requeued and crash the next one, for ever. ``parse`` is pure:
@@ -11,6 +12,7 @@ a message can be wrong raises ``Permanent`` with a distinct reason.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +29,12 @@ log = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 KNOWN_FIELDS = frozenset({"id", "url", "start", "end", "duration", "output", "mode", "format",
-                          "callback"})
+                          "callback", "clips"})
+# A clip of a multi-clip job: its own range and output, and the job's mode and format unless
+# it names its own. A range or an output beside "clips" would be ambiguous (every clip's? a
+# default?): it is refused; mode and format there are the clips' defaults.
+CLIP_FIELDS = frozenset({"id", "start", "end", "duration", "output", "mode", "format"})
+NOT_BESIDE_CLIPS = ("start", "end", "duration", "output")
 # container name -> ffmpeg muxer
 FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska", "webm": "webm", "ts": "mpegts"}
 _WHITESPACE = b" \t\n\r\f\v"
@@ -52,10 +59,26 @@ class Job:
     raw: bytes = field(repr=False)
     warnings: tuple[str, ...] = ()
     callback: str = ""  # a URL the outcome is POSTed to (supervisor.webhooks); "" = none
+    # A multi-clip job's clips, in order (empty for a job of one clip): each a Job of its own
+    # (``job`` names this one; ``raw`` is the clip as a message of its own, which its dead
+    # letter keeps, so that replaying the letter runs that clip alone) or a BadClip.
+    clips: tuple[Job | BadClip, ...] = ()
+    job: str = ""  # a clip's: the id of the multi-clip job it belongs to
 
     @property
     def muxer(self) -> str:
         return FORMATS[self.format]
+
+
+@dataclass(frozen=True)
+class BadClip:
+    """A clip of a multi-clip job that can never be cut (its range, output, mode or format is
+    invalid): dead-lettered as itself, with the reason a job of its own would get, while the
+    job's other clips run. ``raw`` is the clip as a message of its own."""
+
+    id: str
+    error: Permanent
+    raw: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -167,12 +190,86 @@ def parse(raw: bytes, config: Config) -> Job:
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise Permanent("bad_format", f"format must be one of {', '.join(FORMATS)}")
 
-    output = resolve_output(obj.get("output"), job_id, fmt, config)
     warnings = tuple(f"unknown field {name!r} ignored"
                      for name in sorted(set(obj) - KNOWN_FIELDS))
+    if "clips" in obj:
+        return _multi(obj, raw, job_id, url, config, warnings)
+    output = resolve_output(obj.get("output"), job_id, fmt, config)
     callback = _callback(obj.get("callback"), config)
     return Job(id=job_id, url=url, start=start, end=end, output=output, mode=mode,
                format=fmt, raw=raw, warnings=warnings, callback=callback)
+
+
+def clip_id(job_id: str, n: int) -> str:
+    """The default id of a job's clip number ``n`` (from 1): ``<job id>-<n>``, or, where that
+    would be longer than an id may be, the SHA-1 of the job id in its place."""
+    name = f"{job_id}-{n}"
+    if len(name) > 128:
+        name = f"{hashlib.sha1(job_id.encode()).hexdigest()}-{n}"
+    return name
+
+
+def _multi(obj: dict, raw: bytes, job_id: str, url: str, config: Config,
+           warnings: tuple[str, ...]) -> Job:
+    """A job of many clips of one source. What is wrong with the message as a whole (the
+    list, its length, a clip's id) refuses the message; what is wrong with one clip (its
+    range, output, mode, format) makes that clip a BadClip, and the others run."""
+    specs = obj["clips"]
+    if not isinstance(specs, list) or not specs:
+        raise Permanent("bad_clips", "clips must be a non-empty list of objects")
+    if len(specs) > config.job.max_clips:
+        raise Permanent("too_many_clips", f"{len(specs)} clips > max_clips "
+                        f"{config.job.max_clips}")
+    beside = [name for name in NOT_BESIDE_CLIPS if name in obj]
+    if beside:
+        raise Permanent("bad_clips", f"{', '.join(beside)} must be given per clip, not "
+                        "beside clips")
+    callback = _callback(obj.get("callback"), config)
+    mode, fmt = obj.get("mode", config.job.mode), obj.get("format", "mp4")
+    ids: list[str] = []
+    for n, spec in enumerate(specs, 1):
+        if not isinstance(spec, dict):
+            raise Permanent("bad_clips", f"clip {n} is not an object")
+        given = spec.get("id")
+        if given is not None and (not isinstance(given, str) or not ID_RE.fullmatch(given)):
+            raise Permanent("bad_id", f"clip {n}: id must be 1-128 characters of "
+                            "[A-Za-z0-9._-]")
+        ids.append(clip_id(job_id, n) if given is None else given)
+    seen: set[str] = set()
+    for n, cid in enumerate(ids, 1):
+        if cid in seen or cid == job_id:
+            # Events and letters name a clip by its id: two clips (or a clip and its job)
+            # under one name could not be told apart.
+            raise Permanent("bad_id", f"clip {n}: id {cid!r} is used twice (clip ids are "
+                            "unique within the job, and differ from the job's)")
+        seen.add(cid)
+    clips: list[Job | BadClip] = []
+    outputs: dict[str, str] = {}
+    for spec, cid in zip(specs, ids, strict=True):
+        own = {"id": cid, "url": url, "mode": mode, "format": fmt}
+        own.update((name, spec[name]) for name in CLIP_FIELDS if name in spec)
+        if callback:
+            own["callback"] = callback
+        # (no lone surrogate is left in it: _check_text refused those)
+        clip_raw = json.dumps(own, separators=(",", ":"), ensure_ascii=False).encode()
+        unknown = tuple(f"clip {cid}: unknown field {name!r} ignored"
+                        for name in sorted(set(spec) - CLIP_FIELDS))
+        try:  # the very rules of a job of its own: it is one, once its letter is replayed
+            clip = dataclasses.replace(parse(clip_raw, config), job=job_id)
+        except Permanent as exc:
+            clips.append(BadClip(cid, exc, clip_raw))
+            warnings += unknown
+            continue
+        other = outputs.setdefault(clip.output, cid)
+        if other != cid:
+            clips.append(BadClip(cid, Permanent("output_not_allowed", f"output {clip.output} "
+                                                f"is clip {other}'s too"), clip_raw))
+        else:
+            clips.append(clip)
+        warnings += unknown
+    # The job's own output, range and format mean nothing: each clip has its own.
+    return Job(id=job_id, url=url, start=0.0, end=None, output="", mode=mode, format=fmt,
+               raw=raw, warnings=warnings, callback=callback, clips=tuple(clips))
 
 
 def _callback(value: object, config: Config) -> str:

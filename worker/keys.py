@@ -79,6 +79,10 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.base}:job:{job_id}"
 
+    def clips(self, job_id: str) -> str:
+        """A multi-clip job's clips that have ended: clip id -> done, dead or cancelled."""
+        return f"{self.base}:clips:{job_id}"
+
     def host(self, host_id: str) -> str:
         """The claim of the one supervisor that runs with this host_id (supervisor.recovery)."""
         return f"{self.base}:host:{host_id}"

@@ -146,7 +146,8 @@ class Pipeline:
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    def _run(self, job: Job, ctx: JobContext, job_dir: str) -> Result:
+    def _run(self, job: Job, ctx: JobContext, job_dir: str,
+             read: Callable[[JobContext, Job, str], _Read] | None = None) -> Result:
         # No separate ffprobe: ffmpeg's own report on its input validates the job (format,
         # video stream, start before the end), which saves a process per job (~0.14 s here).
         ctx.stage("fetch")
@@ -154,7 +155,8 @@ class Pipeline:
         # the source's own size once its server or bucket has told it (ctx.room).
         ctx.room(0)
         clip_path = os.path.join(job_dir, f"clip.{job.format}")
-        read = self._read(ctx, job, clip_path)
+        # (``read``: a multi-clip job's own plan, which shares one read among its clips)
+        read = (read or self._read)(ctx, job, clip_path)
         clip = read.clip
         self._verify(clip, clip_path)
         duration = clip.source_duration

@@ -124,4 +124,7 @@ JOB_FIELDS: dict[str, str] = {
     "completed": "1 once its completion event was pushed (a new submission clears it)",
     "ack": "the token of the acknowledgement that recorded it done",
     "cancel": "when a cancel was asked (UTC) while it had not ended; cleared by its end",
+    "clips": "a multi-clip job's clip ids (JSON list); each clip's end is its own event",
+    "clips_done": "a multi-clip job's clips stored so far",
+    "clips_dead": "a multi-clip job's clips dead-lettered (or cancelled) so far",
 }

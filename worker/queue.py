@@ -146,6 +146,8 @@ class JobQueue:
         self._replay = client.register_script(scripts.REPLAY_DEAD)
         self._mark_cancel = client.register_script(scripts.MARK_CANCEL)
         self._cancel = client.register_script(scripts.CANCEL)
+        self._clip_end = client.register_script(scripts.CLIP_END)
+        self._clips_ack = client.register_script(scripts.CLIPS_ACK)
         self.hosts = HostClaims(client, self.keys)
         self._has_blmove: bool | None = None
         self._blocking: tuple[Any, Any] | None = None  # (pool, connection) for BLMOVE
@@ -271,8 +273,11 @@ class JobQueue:
         """Mark a job running; return the attempts its message already used, or CANCELLED
         (nothing written) when the job was cancelled before it could start."""
         body = {"worker": str(fields.get("worker", "")), "message_sha1": message_sha1}
+        if "clips" in fields:  # a multi-clip job's: its clip ids, for whoever follows it
+            body["clips"] = json.loads(fields["clips"])
         return int(self._start(
-            keys=[self.keys.job(job_id), self.keys.attempts, self.keys.events],
+            keys=[self.keys.job(job_id), self.keys.attempts, self.keys.events,
+                  self.keys.clips(job_id)],
             args=[message_sha1, int(self.config.job.job_ttl), job_id, now_iso(),
                   _json(body), self.events_max, *_pairs(fields)]))
 
@@ -350,6 +355,45 @@ class JobQueue:
                   *_pairs(fields)])
         return int(attempts), (None if delay < 0 else delay / 1000.0)
 
+    # --- many clips per job (see worker.scripts: CLIP_END, CLIPS_ACK) -------------------------
+
+    def clips_ended(self, job_id: str) -> dict[str, str]:
+        """A multi-clip job's clips that have ended: clip id -> done, dead or cancelled."""
+        return {_str(clip): _str(outcome)
+                for clip, outcome in self.client.hgetall(self.keys.clips(job_id)).items()}
+
+    def clip_end(self, worker_id: str, message: bytes, job_id: str, clip_id: str, kind: str,
+                 entry: dict, callback: str = "") -> int:
+        """Record that clip ``clip_id`` of the job whose message this worker holds ended:
+        ``kind`` done (``entry``, its completion event, goes onto the done list and the
+        stream), dead or cancelled (``entry`` is its dead letter, onto the dead list; the
+        stream gets it without its message). Returns 1 (recorded), 2 (it had ended before:
+        nothing written) or 0 (fenced: the message is no longer this worker's)."""
+        k = self.keys
+        cfg = self.config.job
+        done = kind == EventType.DONE
+        event = entry if done else _unsent(entry)
+        return int(self._clip_end(
+            keys=[k.processing(worker_id), k.clips(job_id), k.job(job_id),
+                  k.done if done else k.dead, k.events],
+            args=[sha1(message), clip_id, str(kind), _letter_json(entry),
+                  cfg.done_max if done else cfg.dead_max, _letter_json(event), job_id,
+                  str(entry.get("time") or now_iso()), callback, self.events_max,
+                  int(cfg.job_ttl)]))
+
+    def clips_ack(self, worker_id: str, message: bytes, job_id: str,
+                  fields: dict[str, str | int | float], take_next: bool = False,
+                  token: str = "") -> tuple[bool, bytes | None]:
+        """Acknowledge a multi-clip job whose every clip has ended: (acked, next message), as
+        ``done`` answers; its hash's state becomes done (a clip was stored) or dead."""
+        k = self.keys
+        reply = self._clips_ack(
+            keys=[k.processing(worker_id), k.job(job_id), k.clips(job_id), k.attempts,
+                  k.queue],
+            args=[sha1(message), token or uuid.uuid4().hex, int(self.config.job.job_ttl),
+                  "1" if take_next else "0", *_pairs(fields)])
+        return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
+
     def _add_event(self, pipe: Any, kind: str, job_id: str, body: str | bytes,
                    callback: str | None = None) -> None:
         fields: dict[str, Any] = {"type": str(kind), "id": job_id, "time": now_iso(),
@@ -418,20 +462,26 @@ class JobQueue:
 
     def enqueue_many(self, jobs: list[tuple[bytes, str, dict]]) -> list[str]:
         """``enqueue`` several (message, job id, event) in one round trip (MULTI), in order;
-        returns the entry id of each one's ``queued`` event."""
+        returns the entry id of each one's ``queued`` event. A multi-clip job's event names
+        its clip ids (``clips``): they go into its hash as well."""
         ttl = int(self.config.job.job_ttl)
         pipe = self.client.pipeline(transaction=True)
         for message, job_id, event in jobs:
             key = self.keys.job(job_id)
             # A new submission: neither an earlier one's cancel nor its completion counts.
-            pipe.hdel(key, "cancel", "completed")
-            pipe.hset(key, mapping={"state": JobState.QUEUED, "progress": 0, "stage": "",
-                                    "queued": now_iso(), "error": "", "reason": ""})
+            # (and what a multi-clip job's clips did then: see worker.scripts, START)
+            pipe.hdel(key, "cancel", "completed", "clips_done", "clips_dead")
+            pipe.delete(self.keys.clips(job_id))
+            fields = {"state": JobState.QUEUED, "progress": 0, "stage": "",
+                      "queued": now_iso(), "error": "", "reason": ""}
+            if event.get("clips"):  # a multi-clip job's clip ids, for a handle on its id
+                fields["clips"] = json.dumps(event["clips"])
+            pipe.hset(key, mapping=fields)
             pipe.expire(key, ttl)
             pipe.lpush(self.keys.queue, message)
             self._add_event(pipe, EventType.QUEUED, job_id, _json(event))
         replies = pipe.execute()
-        return [_str(entry_id) for entry_id in replies[4::5]]
+        return [_str(entry_id) for entry_id in replies[5::6]]
 
     # --- cancelling -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import json
 import logging
 import mmap
 import os
@@ -35,8 +36,9 @@ import setproctitle
 from . import health, logs, metrics
 from .config import Config
 from .errors import Aborted, HostFault, JobFailed, Permanent, Transient
-from .job import Job, Rejected, dead_letter, intake
+from .job import BadClip, Job, Rejected, dead_letter, intake
 from .media import set_parent_death_signal
+from .multiclip import ClipSession
 from .pipeline import Pipeline, Result
 from .protocol import (
     EXIT_ABORTED,
@@ -44,6 +46,7 @@ from .protocol import (
     EXIT_OK,
     EXIT_PARENT_GONE,
     EXIT_RECYCLE,
+    EventType,
     JobState,
     Stage,
     worker_dir_name,
@@ -99,6 +102,7 @@ class Worker:
         self._listener_stop = threading.Event()
         self._last_event = 0.0  # when the current job's last progress event was appended
         self._event_due = False  # a stage or progress change not on the stream yet
+        self._clip_share: tuple[int, int] | None = None  # (clips ended, clips) of the job
         self.waker = Waker()
         self.client: Any = None
         self.queue: JobQueue | None = None
@@ -298,6 +302,7 @@ class Worker:
                                                f"{type(exc).__name__}: {exc}"))
         finally:
             self.current = None
+            self._clip_share = None
             self._cancel_id = None
             self.busy = False
             self._alive()
@@ -320,10 +325,14 @@ class Worker:
         if self.config.job.pipeline == "noop":
             self._done(job, Result(output=job.output), started)
             return
-        attempts = self._persist(lambda: self.queue.start(job.id, sha1(raw), {
+        started_fields: dict[str, str | int | float] = {
             "state": JobState.RUNNING, "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
-            "started": now_iso(), "error": "", "message_sha1": sha1(raw)}), "start")
+            "started": now_iso(), "error": "", "message_sha1": sha1(raw)}
+        if job.clips:
+            started_fields["clips"] = json.dumps([clip.id for clip in job.clips])
+        attempts = self._persist(lambda: self.queue.start(job.id, sha1(raw), started_fields),
+                                 "start")
         if attempts == CANCELLED:
             self._dead(raw, job.id, Permanent("cancelled", "cancelled before it started"),
                        attempts=0, cancelled=True)
@@ -337,6 +346,9 @@ class Worker:
         if pipeline is None:  # one per worker, made at its first job: it owns the source cache
             pipeline = self.pipeline = Pipeline(self.config, self.dir, self.waker, self._poll,
                                                 self._on_stage, self._on_progress)
+        if job.clips:
+            self._run_clips(raw, job, pipeline, attempts)
+            return
         if attempts > 0 and self._already_stored(pipeline, job):
             log.info("job %s: output %s already stored by an earlier attempt", job.id,
                      job.output)
@@ -348,18 +360,7 @@ class Worker:
         except Permanent as exc:
             self._dead(raw, job.id, exc, attempts=attempts + 1)
         except Transient as exc:
-            fault = self._host_fault(exc)
-            if fault is None:
-                self._retry(raw, job.id, exc)
-            else:
-                queued = {"state": JobState.QUEUED, "stage": "", "progress": 0, "worker": "",
-                          "reason": exc.reason,
-                          "error": f"given back by a paused host: {exc.error[-400:]}"}
-                given = self._persist(
-                    lambda: self.queue.release(self.worker_id, job.id, queued), "release")
-                log.info("job %s given back (%d) uncounted: %s", job.id, given, exc)
-                self.current = None
-                self._pause(*fault)
+            self._transient(raw, job, exc)
         except Aborted:
             if self._cancelled() and not self.aborting:
                 self._dead(raw, job.id, Permanent("cancelled", "cancelled while running, in "
@@ -375,11 +376,30 @@ class Worker:
         else:
             self._done(job, result, started)
 
-    def _host_fault(self, exc: Transient) -> tuple[str, str] | None:
+    def _transient(self, raw: bytes, job: Job, exc: Transient, output: str | None = None,
+                   ) -> None:
+        """A transient failure: the job's (retried, counted), or this host's (given back
+        uncounted, and the host pauses). ``output``: where the failed clip was going."""
+        fault = self._host_fault(exc, output)
+        if fault is None:
+            self._retry(raw, job.id, exc)
+            return
+        queued = {"state": JobState.QUEUED, "stage": "", "progress": 0, "worker": "",
+                  "reason": exc.reason,
+                  "error": f"given back by a paused host: {exc.error[-400:]}"}
+        given = self._persist(
+            lambda: self.queue.release(self.worker_id, job.id, queued), "release")
+        log.info("job %s given back (%d) uncounted: %s", job.id, given, exc)
+        self.current = None
+        self._pause(*fault)
+
+    def _host_fault(self, exc: Transient, output: str | None = None,
+                    ) -> tuple[str, str] | None:
         """Whether a failure was this host's rather than the job's: (reason, error) or None."""
         if not isinstance(exc, HostFault) and exc.reason not in health.HOST_REASONS:
             return None
-        output = self.current.output if self.current is not None else None
+        if output is None:
+            output = self.current.output if self.current is not None else None
         try:  # the host, and the very folder this job's output goes to
             return health.probe(self.config, self.dir, output=output, reason=exc.reason)
         except Exception:  # a probe that fails cannot prove a fault: the job pays, counted
@@ -434,23 +454,171 @@ class Worker:
                         job.id, job.output, exc)
             return False
 
-    def _done(self, job: Job, result: Result, started: float, reused: bool = False) -> None:
-        logs.bind(stage="done")
+    # --- many clips per job -------------------------------------------------------------------
+
+    def _run_clips(self, raw: bytes, job: Job, pipeline: Pipeline, attempts: int) -> None:
+        """A multi-clip job: cut its clips one by one from one read of the source
+        (worker.multiclip), record each clip's end as it comes (CLIP_END: its own done event
+        or dead letter, once), and acknowledge the message when every clip has ended.
+
+        A copy of the message run again (a crash, a retry, a given-back job) skips the clips
+        that ended before, and records a clip stored just before a crash as done without
+        cutting it again. A transient failure retries the message (the clips left); a bad
+        clip, or one the source cannot give (past its end, damaged there), is dead-lettered
+        alone; a failure of the source itself ends every clip left alike."""
         assert self.queue is not None
-        elapsed = round(time.monotonic() - started, 3)
-        finished = now_iso()
+        ended = set(self._persist(lambda: self.queue.clips_ended(job.id), "clips"))
+        todo = [clip for clip in job.clips if clip.id not in ended]
+        total = len(job.clips)
+        clip: Job | BadClip | None = None
+        try:
+            with ClipSession(pipeline, job, [c for c in todo if isinstance(c, Job)]) as session:
+                for n, clip in enumerate(todo):
+                    self._clip_share = (total - len(todo) + n, total)
+                    if isinstance(clip, BadClip):
+                        self._clip_end(raw, job, clip.id, clip.raw, error=clip.error,
+                                       attempts=0)
+                        continue
+                    failed = self._run_clip(raw, job, clip, session, pipeline, attempts)
+                    if failed is not None and failed.reason in SOURCE_REASONS:
+                        # The source itself: the clips left would fail alike, reading it again.
+                        for rest in todo[n + 1:]:
+                            self._clip_end(raw, job, rest.id, rest.raw, attempts=attempts + 1,
+                                           error=rest.error if isinstance(rest, BadClip)
+                                           else failed)
+                        break
+                clip = None
+        except _Fenced:
+            return
+        except Transient as exc:
+            self._transient(raw, job, exc, clip.output if isinstance(clip, Job) else None)
+            return
+        except Aborted:
+            if not (self._cancelled() and not self.aborting):
+                given = self._persist(lambda: self.queue.release(self.worker_id), "release")
+                metrics.JOBS.labels("aborted").inc()
+                log.info("job %s aborted, message given back (%d)", job.id, given)
+                return
+            try:  # the clips that had not ended are cancelled; the others stay as they ended
+                left = set(self._persist(lambda: self.queue.clips_ended(job.id), "clips"))
+                cancelled = Permanent("cancelled", f"cancelled while running, in stage "
+                                      f"{self.stage}")
+                for rest in job.clips:
+                    if rest.id not in left:
+                        self._clip_end(raw, job, rest.id, rest.raw, error=cancelled,
+                                       attempts=attempts, kind=EventType.CANCELLED)
+            except _Fenced:
+                return
+        except Exception as exc:  # a bug: keep the message, retry it, show the traceback
+            log.exception("job %s: unexpected error", job.id)
+            self._retry(raw, job.id, Transient("internal_error", f"{type(exc).__name__}: {exc}"))
+            return
+        self._clips_ack(raw, job)
+
+    def _run_clip(self, raw: bytes, job: Job, clip: Job, session: ClipSession,
+                  pipeline: Pipeline, attempts: int) -> Permanent | None:
+        """Cut, store and record one clip; its Permanent failure (recorded) or None."""
+        started = time.monotonic()
+        logs.bind(job_id=clip.id)
+        try:
+            if attempts > 0 and self._already_stored(pipeline, clip):
+                log.info("job %s clip %s: output %s already stored by an earlier attempt",
+                         job.id, clip.id, clip.output)
+                self._clip_end(raw, job, clip.id, clip.raw, clip=clip, started=started,
+                               result=Result(output=clip.output), reused=True)
+                return None
+            try:
+                result = session.run(clip, started + self.config.job.timeout)
+            except Permanent as exc:
+                self._clip_end(raw, job, clip.id, clip.raw, error=exc, attempts=attempts + 1)
+                return exc
+            self._clip_end(raw, job, clip.id, clip.raw, clip=clip, started=started,
+                           result=result)
+            return None
+        finally:
+            logs.bind(job_id=job.id)
+
+    def _clip_end(self, raw: bytes, job: Job, clip_id: str, clip_raw: bytes, *,
+                  error: JobFailed | None = None, attempts: int = 0,
+                  kind: EventType = EventType.DEAD, clip: Job | None = None,
+                  started: float = 0.0, result: Result | None = None,
+                  reused: bool = False) -> None:
+        """Record one clip's end: done (``clip``, ``result``) or dead (``error``; ``kind``
+        cancelled for a cancel). Raises _Fenced when the message is no longer ours."""
+        assert self.queue is not None
+        if result is not None and clip is not None:
+            kind = EventType.DONE
+            entry = self._completion(clip, result, started, reused)
+        else:
+            assert error is not None
+            entry = self._letter(clip_raw, clip_id, error, attempts)
+        entry["job"] = job.id
+        recorded = self._persist(lambda: self.queue.clip_end(
+            self.worker_id, raw, job.id, clip_id, kind, entry, job.callback), "clip end")
+        if not recorded:
+            self._fenced(job.id, f"end of clip {clip_id}")
+            raise _Fenced()
+        if self._clip_share is not None:
+            self._clip_share = (self._clip_share[0] + 1, self._clip_share[1])
+        if kind == EventType.DONE:
+            metrics.JOBS.labels("done").inc()
+            metrics.JOB_SECONDS.observe(float(entry["elapsed"]))
+            metrics.BYTES_IN.inc(result.bytes_in if result else 0)
+            metrics.BYTES_OUT.inc(result.size if result else 0)
+            if result is not None and result.cut:
+                metrics.CUTS.labels(result.cut).inc()
+                metrics.REENCODED_SECONDS.inc(result.reencoded)
+            log.info("job %s clip %s done in %.2f s -> %s%s", job.id, clip_id,
+                     entry["elapsed"], entry["output"], " (already stored)" if reused else
+                     f" ({entry['source_read']}, {entry['source_bytes']} source bytes)"
+                     if "source_read" in entry else "")
+        else:
+            assert error is not None
+            metrics.JOBS.labels("dead").inc()
+            metrics.DEAD.labels(error.reason).inc()
+            log.warning("job %s clip %s dead (%s): %s", job.id, clip_id, error.reason,
+                        _one_line(error.error), extra={"reason": error.reason})
+
+    def _clips_ack(self, raw: bytes, job: Job) -> None:
+        """Every clip has ended: acknowledge the message (and take the next one)."""
+        assert self.queue is not None
+        self.jobs_done += 1
+        max_jobs = self.config.supervisor.max_jobs_per_worker
+        take_next = not (self.stopping or self.aborting
+                         or (max_jobs and self.jobs_done >= max_jobs))
+        token = self._token()
+        fields = {"progress": 100, "finished": now_iso(), "error": "", "reason": ""}
+        acked, self._next = self._persist(lambda: self.queue.clips_ack(
+            self.worker_id, raw, job.id, fields, take_next=take_next, token=token), "ack")
+        if not acked:
+            self._fenced(job.id, "acknowledgement")
+            return
+        log.info("job %s: its %d clips have ended", job.id, len(job.clips))
+
+    def _completion(self, job: Job, result: Result, started: float,
+                    reused: bool = False) -> dict:
+        """A finished job's (or clip's) completion event, as {prefix}:done holds it."""
         event = {"id": job.id, "output": result.output, "url": job.url,
                  "start": result.clip_start, "end": result.clip_end,
-                 "duration": round(result.out_time, 3), "elapsed": elapsed,
-                 "timings": result.timings, "worker": self.worker_id, "time": finished,
+                 "duration": round(result.out_time, 3),
+                 "elapsed": round(time.monotonic() - started, 3),
+                 "timings": result.timings, "worker": self.worker_id, "time": now_iso(),
                  "reused": reused}
         if result.read:  # how the source was read, and how much of it
             event.update(source_read=result.read, source_bytes=result.bytes_in)
-        fields = {"progress": 100, "stage": "done", "finished": finished, "elapsed": elapsed,
-                  "output": result.output, "error": "", "reason": "",
-                  **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
         if result.cut:  # how it was cut (a smart job may have been encoded), re-encoding how much
             event.update(cut=result.cut, reencoded_seconds=result.reencoded)
+        return event
+
+    def _done(self, job: Job, result: Result, started: float, reused: bool = False) -> None:
+        logs.bind(stage="done")
+        assert self.queue is not None
+        event = self._completion(job, result, started, reused)
+        elapsed = event["elapsed"]
+        fields = {"progress": 100, "stage": "done", "finished": event["time"],
+                  "elapsed": elapsed, "output": result.output, "error": "", "reason": "",
+                  **{f"time_{stage}": seconds for stage, seconds in result.timings.items()}}
+        if result.cut:
             fields.update(cut=result.cut, reencoded_seconds=result.reencoded)
         self.jobs_done += 1
         max_jobs = self.config.supervisor.max_jobs_per_worker
@@ -551,6 +719,9 @@ class Worker:
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()
+        if self._clip_share is not None:  # a multi-clip job's: the job's share done so far
+            ended, total = self._clip_share
+            percent = (ended + percent / 100) / total * 100
         if percent != self.progress:
             self._event_due = True
         self.progress = percent
@@ -693,6 +864,16 @@ class Worker:
         with contextlib.suppress(InterruptedError):
             select.select([self.waker.fileno()], [], [], seconds)
         self.waker.drain()
+
+
+class _Fenced(Exception):  # noqa: N818 - a signal between two methods, not an error
+    """A clip's end was not recorded: the message is no longer this worker's."""
+
+
+# A failure of the source itself, not of one clip's range: every clip of the job would meet it.
+SOURCE_REASONS = frozenset({"not_found", "forbidden", "http_error", "not_video",
+                            "source_too_large", "private_address", "scheme_not_allowed",
+                            "bad_url"})
 
 
 def _one_line(text: str) -> str:

@@ -34,6 +34,14 @@ reason ``cancelled``. MARK_CANCEL sets it (unless the job has ended), CANCEL tak
 message out and dead-letters it, START refuses to start a job that carries it, and every
 outcome (DONE, DEAD, RETRY's dead letter, CANCEL) clears it.
 
+Many clips per job: a message with ``clips`` is one job whose clips end one by one. CLIP_END
+records a clip's outcome (its completion event or dead letter, its stream entry naming the
+clip and the job) while the worker still holds the message, fenced like DONE, and at most
+once per clip: the hash ``{prefix}:clips:<job id>`` remembers which clips have ended, so a
+copy of the message run again after a crash cuts only the others and never ends a clip twice.
+CLIPS_ACK acknowledges the message once every clip has ended. START forgets what the clips of
+an ended job did when a new submission of it starts.
+
 The job states the scripts write (``done``, ``failed``, ``dead``) are ``JobState`` values of
 worker.protocol (a test holds them to it). The queue module (worker.queue) is the only
 caller of these scripts.
@@ -103,6 +111,7 @@ START = _EVENT + """
 -- KEYS[1] job      hash    {prefix}:job:<id>
 -- KEYS[2] attempts hash    message SHA-1 -> failed attempts so far
 -- KEYS[3] events   stream  a "started" entry
+-- KEYS[4] clips    hash    {prefix}:clips:<id>: a multi-clip job's ended clips
 -- ARGV[1] message SHA-1, ARGV[2] job TTL s, ARGV[3] job id, ARGV[4] time, ARGV[5] the
 -- event's JSON object (its "attempt" is added here), ARGV[6] events cap, ARGV[7..] field,
 -- value pairs for the job hash
@@ -112,7 +121,16 @@ START = _EVENT + """
 -- submission must not swallow this one's done event (see DONE's "completed").
 if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return -1 end
 local attempts = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if attempts == 0 then redis.call('HDEL', KEYS[1], 'completed') end
+if attempts == 0 then
+  redis.call('HDEL', KEYS[1], 'completed')
+  -- The same for a multi-clip job's clips, once the job has ended; a copy given back
+  -- uncounted (an abort, a paused host) has not, and keeps what its clips did.
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state == 'done' or state == 'dead' then
+    redis.call('DEL', KEYS[4])
+    redis.call('HDEL', KEYS[1], 'clips_done', 'clips_dead')
+  end
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 event(KEYS[3], ARGV[6], 'started', ARGV[3], ARGV[4], with_member('attempt', attempts + 1,
@@ -170,6 +188,78 @@ elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[6] then
 end
 if ARGV[5] == '1' then
   -- A retried call (lost reply) finds the next message already taken: return it again.
+  local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
+  if nxt then return {acked, nxt} end
+end
+return {acked}
+"""
+
+# The message is still held (by SHA-1), without taking it back: a clip ended, not the job.
+_HOLDS = """
+local function holds(list, sha1)
+  for _, message in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    if redis.sha1hex(message) == sha1 then return true end
+  end
+  return false
+end
+"""
+
+CLIP_END = _HOLDS + """
+-- clip_end: one clip of a multi-clip job has ended (stored, dead-lettered or cancelled);
+-- record it once, while the worker still holds the job's message (not acknowledged here).
+-- KEYS[1] processing list    the worker's in-flight message (looked for, not removed)
+-- KEYS[2] clips      hash    {prefix}:clips:<job id>: clip id -> done, dead or cancelled
+-- KEYS[3] job        hash    {prefix}:job:<job id>: clips_done or clips_dead counts it
+-- KEYS[4] list       list    {prefix}:done (the completion event) or {prefix}:dead (the
+--                            dead letter), newest first, capped
+-- KEYS[5] events     stream  a done, dead or cancelled entry: "id" the clip, "job" the job
+-- ARGV[1] message SHA-1, ARGV[2] clip id, ARGV[3] outcome (done, dead, cancelled: the
+-- entry's type), ARGV[4] the list's entry (JSON), ARGV[5] the list's cap, ARGV[6] the
+-- event's JSON, ARGV[7] job id, ARGV[8] time, ARGV[9] callback URL or '', ARGV[10] events
+-- cap, ARGV[11] job TTL s
+-- Returns 1 = recorded now, 2 = recorded before (this call made again after a lost reply),
+-- 0 = fenced: the message was recovered and requeued meanwhile; its copy decides.
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 2 end
+if not holds(KEYS[1], ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[11])
+local counter = 'clips_dead'
+if ARGV[3] == 'done' then counter = 'clips_done' end
+redis.call('HINCRBY', KEYS[3], counter, 1)
+redis.call('EXPIRE', KEYS[3], ARGV[11])
+redis.call('LPUSH', KEYS[4], ARGV[4])
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[5]) - 1)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'type', ARGV[3], 'id', ARGV[2],
+           'time', ARGV[8], 'event', ARGV[6], 'callback', ARGV[9], 'job', ARGV[7])
+return 1
+"""
+
+CLIPS_ACK = _TAKE_BACK + """
+-- clips_ack: every clip of a multi-clip job has ended (CLIP_END); acknowledge its message,
+-- and take the next one as DONE does. No event: each clip had its own.
+-- KEYS[1] processing list    the worker's in-flight message (removed here = the ack)
+-- KEYS[2] job        hash    its state becomes done (a clip was stored) or dead (none was)
+-- KEYS[3] clips      hash    the ended clips (its TTL renewed)
+-- KEYS[4] attempts   hash    message SHA-1 -> attempts; the entry is dropped
+-- KEYS[5] queue      list    main queue, for the next message
+-- ARGV[1] message SHA-1, ARGV[2] ack token (the same when the call is made again), ARGV[3]
+-- job TTL s, ARGV[4] '1' = take the next message, ARGV[5..] field, value pairs for the hash
+-- Returns {acked, next message or nothing}, acked as DONE's.
+local acked = 0
+if take_back(KEYS[1], ARGV[1]) then
+  acked = 1
+  local stored = tonumber(redis.call('HGET', KEYS[2], 'clips_done') or '0')
+  local state = 'dead'
+  if stored > 0 then state = 'done' end
+  redis.call('HSET', KEYS[2], 'state', state, 'stage', state, 'ack', ARGV[2], unpack(ARGV, 5))
+  redis.call('HDEL', KEYS[2], 'cancel')
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[2] then
+  acked = 1  -- this call ran before and its reply was lost
+end
+if ARGV[4] == '1' then
   local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
   if nxt then return {acked, nxt} end
 end
