@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
+import time
 from fractions import Fraction
 
 import pytest
 
 from tests import corpus
 from worker import media, smartcut
+from worker.context import FetchLimits, JobContext
+from worker.errors import Transient
 from worker.smartcut import Fallback, Packet, Probe, Video
 
 MUXERS = {"mp4": "mp4", "mkv": "matroska", "ts": "mpegts", "mov": "mov"}
@@ -177,3 +181,48 @@ def test_plan_falls_back_without_a_keyframe_inside_the_clip_or_an_encoder():
 def test_cut_point_without_b_frames_is_the_end_itself():
     packets = [Packet(round(i / 25, 6), round(i / 25, 6), i % 50 == 0) for i in range(200)]
     assert smartcut.cut_point(packets, 0.0, 3.3, 0.01) == pytest.approx(3.3)
+
+
+# --- ffprobe runs under ffmpeg's rules (media.capture) --------------------------------------
+
+
+def _ctx(seconds: float) -> JobContext:
+    return JobContext(time.monotonic() + seconds, FetchLimits(5, 30, 1 << 30, False))
+
+
+def test_a_helper_that_prints_without_end_is_stopped_at_the_output_limit():
+    # Given a "probe" that prints forever
+    cmd = [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"]
+    # When it is run as the cut's helpers are
+    with pytest.raises(RuntimeError, match="more than 1048576 bytes"):
+        media.capture(cmd, _ctx(30), limit=1 << 20)
+    # Then it was stopped there (the caller falls back to encode mode)
+
+
+def test_a_helper_that_hangs_is_killed_at_the_job_s_deadline_with_its_children(tmp_path):
+    # Given a "probe" that starts a child and hangs, writing their pids
+    pids = tmp_path / "pids"
+    cmd = [sys.executable, "-c", "import os, subprocess, sys, time\n"
+           "child = subprocess.Popen(['sleep', '300'])\n"
+           f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+           "time.sleep(300)"]
+    # When the job's deadline passes
+    started = time.monotonic()
+    with pytest.raises(Transient) as caught:
+        media.capture(cmd, _ctx(2))
+    # Then it ends as the job's timeout, soon, and neither process is left
+    assert caught.value.reason == "timeout"
+    assert time.monotonic() - started < 10
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -511,7 +511,7 @@ class FFmpegRun:
         return rest
 
 
-PROBE_OUTPUT_LIMIT = 64 << 20  # bytes of ffprobe's JSON: ~600,000 packets
+PROBE_OUTPUT_LIMIT = 16 << 20  # bytes of ffprobe's JSON: ~130,000 packets (Python holds ~10x)
 
 
 def capture(cmd: list[str], ctx: JobContext, feed: Feed | None = None,
