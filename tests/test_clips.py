@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -220,3 +221,35 @@ def test_smart_mode_is_frame_exact_on_the_corpus(env, tmp_path_factory, corpus_h
     for event in env.done_events():
         if event["cut"] == "smart":
             assert event["reencoded_seconds"] < event["duration"], event
+
+
+def test_a_smart_clip_whose_join_does_not_decode_cleanly_is_encoded_instead(
+        env, tmp_path_factory, corpus_http, tmp_path):
+    # Given an ffmpeg that damages what it writes when it joins a smart cut's pieces (the
+    # concat demuxer's run): bytes at the start of the clip's media data, the re-encoded head
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+code = subprocess.call(["{shutil.which("ffmpeg")}", *sys.argv[1:]])
+if "concat" in sys.argv and code == 0:
+    path = sys.argv[-1]
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"mdat") + 8
+    data[at + 64:at + 6000] = os.urandom(len(data[at + 64:at + 6000]))
+    open(path, "wb").write(bytes(data))
+sys.exit(code)
+""")
+    wrapper.chmod(0o755)
+    env.settings["job"]["ffmpeg"] = str(wrapper)
+    name = "h264_high_b3_25.mp4"
+    source = corpus.session_corpus(tmp_path_factory, [name])[name]
+    _, start, length = next(c for c in cases(source) if c[0] == "issue")
+    # When a smart cut of it is asked for
+    checks = cut_and_check(env, corpus_http, source, [("damaged", start, length, "mp4")],
+                           mode="smart")
+    # Then the damaged join was caught before anything was stored, and the clip was cut
+    # again in encode mode: exact, and the done event says so
+    assert_exact(source, checks)
+    (event,) = env.done_events()
+    assert event["cut"] == "encode"
+    assert "did not decode cleanly" in env.log_text()

@@ -515,13 +515,13 @@ PROBE_OUTPUT_LIMIT = 16 << 20  # bytes of ffprobe's JSON: ~130,000 packets (Pyth
 
 
 def capture(cmd: list[str], ctx: JobContext, feed: Feed | None = None,
-            limit: int = PROBE_OUTPUT_LIMIT) -> str:
+            limit: int = PROBE_OUTPUT_LIMIT, quiet: bool = False) -> str:
     """Run a helper of the cut (ffprobe) to its end under ffmpeg's rules: started so that it
     dies with the worker, in its own session, killed when the job's deadline passes, when
     it is aborted, or when neither its output nor the feed moves for ``stall_timeout``.
     Returns its stdout; raises RuntimeError with the end of its stderr when it fails or
     prints more than ``limit`` bytes (the caller falls back to a plain cut, whose own run
-    says why the source is bad)."""
+    says why the source is bad); with ``quiet``, also when it says anything on stderr."""
     argv, preexec = _launcher(cmd)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -574,7 +574,7 @@ def capture(cmd: list[str], ctx: JobContext, feed: Feed | None = None,
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or (quiet and err):
         raise RuntimeError(f"{os.path.basename(cmd[0])} exit {proc.returncode}: "
                            f"{_tail(b''.join(err))}")
     return out.decode("utf-8", "replace")

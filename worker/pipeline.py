@@ -338,13 +338,27 @@ class Pipeline:
         os.makedirs(pieces, exist_ok=True)
         cmd = smartcut.cut_command(plan, src, pieces, ffmpeg=cfg.ffmpeg,
                                    preset=cfg.encode_preset, rw_timeout=tools.rw_timeout)
-        media.FFmpegRun(cmd, tools.ctx, cut, tools.feed).run()
         end = plan.end if plan.end is not None else probe.duration
         length = None if end is None else end - plan.start
-        # The join reads our own pieces: its input report is the clip's, not the source's
-        join = media.FFmpegRun(smartcut.join_command(plan, pieces, clip_path, ffmpeg=cfg.ffmpeg),
-                               tools.ctx, media.Cut(0.0, length, muxer=cut.muxer)).run()
-        shutil.rmtree(pieces, ignore_errors=True)
+        try:
+            media.FFmpegRun(cmd, tools.ctx, cut, tools.feed).run()
+            # The join reads our own pieces: its input report is the clip's, not the source's
+            join = media.FFmpegRun(
+                smartcut.join_command(plan, pieces, clip_path, ffmpeg=cfg.ffmpeg), tools.ctx,
+                media.Cut(0.0, length, muxer=cut.muxer)).run()
+        except Permanent as exc:  # what smart cut did not foresee: encode mode may cope
+            raise smartcut.Fallback(f"the smart cut failed ({exc.reason}): "
+                                    f"{exc.error[-300:]}") from None
+        finally:
+            shutil.rmtree(pieces, ignore_errors=True)
+        # Never store a clip whose joins a decoder complains about: decode across them
+        for check in smartcut.check_commands(plan, clip_path, ffmpeg=cfg.ffmpeg):
+            try:
+                media.capture(check, tools.ctx, quiet=True)
+            except RuntimeError as exc:
+                log.warning("a smart cut's joins did not decode cleanly: %s", exc)
+                os.unlink(clip_path)
+                raise smartcut.Fallback("the joined clip did not decode cleanly") from None
         return media.ClipResult(join.out_time, join.size, probe.duration,
                                 expected=join.expected, cut="smart",
                                 reencoded=round(plan.reencoded, 3))

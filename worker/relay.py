@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 CHUNK = 32 * 1024
 SEND_BUFFER = 16 * 1024
 MAX_HEAD = 16 * 1024  # ffmpeg's requests are a few hundred bytes
-REREAD_SLACK = 1 << 20
+# Bytes a job may read beyond twice the source (see ``_pass_on``): the fixed costs of a short
+# source, whose index and preroll are read by every process of a cut (smart cut's ffprobe
+# and three inputs, then an encode when its join fails).
+REREAD_SLACK = 4 << 20
 MAX_REQUESTS = 8  # at once; ffmpeg makes one per input, two while it seeks (smart cut: 3 inputs)
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy",

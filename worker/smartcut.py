@@ -628,6 +628,26 @@ def join_command(plan: Plan, folder: str, dst: str, *, ffmpeg: str = "ffmpeg") -
     return [*cmd, "-progress", "pipe:1", "-f", plan.muxer, "-y", dst]
 
 
+CHECK_MARGIN = 0.5  # s decoded past the head's join, and before the tail's
+
+
+def check_commands(plan: Plan, clip: str, *, ffmpeg: str = "ffmpeg") -> list[list[str]]:
+    """ffmpeg runs that decode the joined ``clip`` across each join, from the start through
+    the first copied GOP's start, and from before the tail to the end, with ``-v error
+    -xerror``: a clean join says nothing. None for a clip with no join (all copied)."""
+    base = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "error", "-xerror",
+            "-protocol_whitelist", "file", "-format_whitelist", media.DEMUXERS]
+    out = ["-map", "0:v:0", "-f", "null", "-"]
+    cmds = []
+    if plan.head > 0:
+        cmds.append([*base, "-i", clip, "-t",
+                     f"{plan.keyframe - plan.first + CHECK_MARGIN:.6f}", *out])
+    if plan.tail > 0 and plan.copy_end is not None:
+        seek = max(0.0, plan.copy_end - plan.first - CHECK_MARGIN)
+        cmds.append([*base, "-ss", f"{seek:.6f}", "-i", clip, *out])
+    return cmds
+
+
 def run(plan: Plan, src: str, dst: str, folder: str, *, ffmpeg: str = "ffmpeg",
         preset: str = "veryfast", rw_timeout: float | None = None,
         runner: Runner = run_command) -> SmartResult:
