@@ -373,8 +373,10 @@ class Job:
         A multi-clip job's wait returns ``{"id", "clips"}`` once every clip has ended:
         ``clips`` holds, in the job's order, each clip's completion event or dead letter
         (``id`` the clip's, ``job`` the job's) with ``type`` done, dead or cancelled. It
-        raises nothing for dead clips; a job that failed as a whole (cancelled before it
-        started, its retries spent, poison) gives the clips that had not ended its letter."""
+        raises nothing for dead clips. A job that failed as a whole once it ran (its retries
+        spent, poison, cancelled while running) ends each clip left as its own letter; one
+        that never ran (cancelled while queued, a message refused as a whole) gives every
+        clip the job's letter."""
         final = None
         ended: dict[str, Event] = {}
         for event in self.follow(timeout):
@@ -431,7 +433,7 @@ class Job:
             entries = queue.events_read(position, count=500, block_ms=max(1, int(block * 1000)))
             for entry_id, fields in entries:
                 position = entry_id
-                if self.id not in (fields.get("id"), fields.get("job")):
+                if not self._ours(fields):
                     continue
                 checked = time.monotonic()
                 event = Event.of(entry_id, fields)
@@ -451,6 +453,13 @@ class Job:
                 if ended:
                     yield from ended
                     return
+
+    def _ours(self, fields: Mapping[str, str]) -> bool:
+        """Whether a stream entry is this job's: its own (no ``job`` field), or one of its
+        clips'. A clip of another job may carry this job's id as its own (ids are the
+        producers'): its entry names that job, and is not this one's end."""
+        parent = fields.get("job")
+        return parent == self.id if parent else fields.get("id") == self.id
 
     def _ended(self) -> list[Event]:
         """The events that ended the job when its hash says it has ended (for a multi-clip
@@ -473,7 +482,7 @@ class Job:
             for entry_id, entry in entries:
                 if entry.get("type") not in FINAL:
                     continue
-                if entry.get("id") == self.id:
+                if entry.get("id") == self.id and not entry.get("job"):
                     return [*found.values(), Event.of(entry_id, entry)]
                 if entry.get("job") == self.id and entry.get("id") in clips:
                     found.setdefault(entry.get("id", ""), Event.of(entry_id, entry))

@@ -398,3 +398,156 @@ def test_the_client_follows_every_clip_and_a_cancel_ends_the_clips_left(env):
     assert "cli-1 done:" in run.stdout and "cli-2 dead (bad_range)" in run.stdout
     assert env.stop(proc) == 0
     assert env.work_leftovers() == []
+
+
+# --- adversarial review: one terminal event per clip, whatever ends the message ----------------
+
+
+def _clip_letters(env, job_id: str) -> list[dict]:
+    return [d for d in env.dead_letters() if d.get("job") == job_id]
+
+
+@pytest.mark.settings({**NO_CACHE, "job": {"cache_max_bytes": 0, "max_attempts": 1}})
+def test_a_message_that_crashed_its_last_attempt_dead_letters_each_clip_left_on_its_own(env):
+    # Given max_attempts = 1 and a job of three clips read slowly
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    size = os.path.getsize(os.path.join(env.http.directory, "twenty.mp4"))
+    url = f"http://127.0.0.1:{env.http.port}/paced/{size // 6}/poison/twenty.mp4"
+    [raw] = env.push({"id": "crashy", "url": url, "callback": "http://127.0.0.1:9/hook",
+                      "clips": [{"start": 2 * n, "duration": 0.5} for n in range(3)]})
+    [pid] = env.wait_in_flight(raw)
+
+    # When its worker is SIGKILLed once the first clip has ended (its one attempt spent)
+    wait_for(lambda: env.r.hlen(env.keys.clips("crashy")) >= 1, 60, interval=0.01,
+             what="a clip recorded")
+    os.kill(pid, signal.SIGKILL)
+    ended = {k.decode() for k in env.r.hkeys(env.keys.clips("crashy"))}
+    assert 1 <= len(ended) < 3
+
+    # Then each clip that had not ended is a dead letter of its own (poison, naming the job),
+    # and no letter names the job itself: one terminal event per clip, never a job-wide one
+    wait_for(lambda: env.r.hlen(env.keys.clips("crashy")) == 3, 30, what="every clip ended")
+    wait_for(lambda: _acknowledged(env), 10, what="the message acknowledged")
+    left = sorted({"crashy-1", "crashy-2", "crashy-3"} - ended)
+    letters = env.dead_letters()
+    assert sorted(d["id"] for d in letters) == left, letters
+    assert {(d["job"], d["reason"]) for d in letters} == {("crashy", "poison")}
+    assert json.loads(letters[0]["message"])["id"] in left  # replayable as that clip alone
+    terminal = _terminal(env, "crashy")
+    assert sorted(e["id"] for e in terminal) == ["crashy-1", "crashy-2", "crashy-3"]
+    assert [e for e in _stream(env) if e["id"] == "crashy" and e["type"] in
+            ("done", "dead", "cancelled")] == []
+    assert all(e["callback"] == "http://127.0.0.1:9/hook" for e in terminal)
+    # and the job is done (a clip was stored), its message's attempts forgotten
+    assert env.r.hget(env.keys.job("crashy"), "state") == b"done"
+    assert env.r.hlen(env.keys.attempts) == 0
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings(NO_CACHE)
+def test_a_message_whose_clips_had_all_ended_before_its_last_crash_is_only_acknowledged(env):
+    import hashlib
+
+    # Given what a worker SIGKILLed between its last clip's end and the acknowledgement
+    # leaves, on the crash that spent the message's last attempt: every clip recorded (two
+    # done, one dead), the job running, the message requeued with max_attempts counted
+    message = json.dumps({"id": "late", "url": env.url("twenty.mp4"),
+                          "clips": [{"start": 1, "duration": 1}, {"start": 3, "duration": 1},
+                                    {"start": 5, "end": 2}]}).encode()
+    env.r.hset(env.keys.clips("late"), mapping={"late-1": "done", "late-2": "done",
+                                                 "late-3": "dead"})
+    env.r.hset(env.keys.job("late"), mapping={"state": "running", "clips_done": 2,
+                                               "clips_dead": 1})
+    env.r.hset(env.keys.attempts, hashlib.sha1(message).hexdigest(), 3)
+    env.push(message)
+
+    # When a worker takes it
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    wait_for(lambda: _acknowledged(env), 20, what="the message acknowledged")
+
+    # Then it is acknowledged as the clips ended: no letter, no second event for any clip
+    assert env.dead_letters() == [] and env.done_events() == []
+    assert [e for e in _stream(env) if e["type"] in ("done", "dead", "cancelled")] == []
+    assert env.r.hget(env.keys.job("late"), "state") == b"done"
+    assert env.r.hlen(env.keys.attempts) == 0
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"job": {"cache_max_bytes": 0, "max_attempts": 1}})
+def test_a_message_whose_retries_are_spent_dead_letters_each_clip_on_its_own(env):
+    from clip_supervisor import Client
+
+    # Given max_attempts = 1 and a source that answers 503 at first
+    client = Client(env.redis.url, config_file=env.conf)
+    url = f"http://127.0.0.1:{env.http.port}/flaky/1/spent/twenty.mp4"
+    job = client.enqueue(url, id="spent", clips=[{"start": 1, "duration": 1},
+                                                 {"start": 4, "duration": 1}])
+
+    # When it runs and fails transiently on its only attempt
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    result = job.wait(timeout=30)
+    wait_for(lambda: _acknowledged(env), 10, what="the message acknowledged")
+
+    # Then each clip is a dead letter of its own with the failure's reason; none names the job
+    letters = env.dead_letters()
+    assert sorted((d["id"], d["job"]) for d in letters) == [("spent-1", "spent"),
+                                                            ("spent-2", "spent")], letters
+    assert len({d["reason"] for d in letters}) == 1 and letters[0]["reason"] != "poison"
+    assert [(c["id"], c["type"]) for c in result["clips"]] == [("spent-1", "dead"),
+                                                               ("spent-2", "dead")]
+    assert sorted(e["id"] for e in _terminal(env, "spent")) == ["spent-1", "spent-2"]
+    assert env.r.hget(env.keys.job("spent"), "state") == b"dead"
+    assert env.r.hlen(env.keys.attempts) == 0
+    # and a clip's letter replays that clip alone, which now succeeds
+    env.cli("dead", "retry", "spent-2")
+    wait_for(lambda: [d["id"] for d in env.done_events()] == ["spent-2"], 30,
+             what="the replayed clip done")
+    assert [d["id"] for d in env.dead_letters()] == ["spent-1"]
+    assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({**NO_CACHE, "supervisor": {"workers": 1}})
+def test_a_job_whose_id_a_clip_of_another_job_reuses_waits_for_its_own_end(env):
+    from clip_supervisor import Client
+
+    # Given one worker, a multi-clip job with a clip named "solo", and behind it in the queue
+    # a job of one clip whose id is "solo" too
+    client = Client(env.redis.url, config_file=env.conf)
+    multi = client.enqueue(env.url("twenty.mp4"), id="multi",
+                           clips=[{"id": "solo", "start": 1, "duration": 1}])
+    solo = client.enqueue(env.url("ten.mp4"), id="solo", start=2, duration=1)
+
+    # When both run
+    proc = env.start()
+    env.wait_workers(proc, 1)
+    own = solo.wait(timeout=60)
+
+    # Then the job's wait returns its own completion, not the clip's
+    assert own["url"] == env.url("ten.mp4") and "job" not in own, own
+    assert multi.wait(timeout=10)["clips"][0]["url"] == env.url("twenty.mp4")
+    assert env.stop(proc) == 0
+
+
+def test_a_clip_end_from_a_worker_that_no_longer_holds_the_message_is_fenced(redis_server):
+    from worker.config import load
+    from worker.queue import JobQueue
+
+    config = load(None, env={}, overrides={"redis.url": redis_server.url})
+    queue = JobQueue(redis_server.client(), config)
+    r = redis_server.client()
+    k = queue.keys
+    # Given a worker that recorded a clip's end, then lost its message to recovery (taken
+    # for dead during a partition: another worker now runs the copy)
+    r.lpush(k.queue, b"m")
+    assert queue.fetch_nowait("w") == b"m"
+    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 1
+    r.delete(k.processing("w"))
+
+    # When it makes that call again (its reply was lost)
+    # Then it is told it is fenced, not that its clip is recorded: it must stop cutting
+    # the clips of a message that is no longer its own
+    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 0
+    assert r.llen(k.done) == 1

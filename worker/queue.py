@@ -368,7 +368,8 @@ class JobQueue:
         ``kind`` done (``entry``, its completion event, goes onto the done list and the
         stream), dead or cancelled (``entry`` is its dead letter, onto the dead list; the
         stream gets it without its message). Returns 1 (recorded), 2 (it had ended before:
-        nothing written) or 0 (fenced: the message is no longer this worker's)."""
+        nothing written) or 0 (fenced: the message is no longer this worker's, whether or
+        not the clip has ended)."""
         k = self.keys
         cfg = self.config.job
         done = kind == EventType.DONE

@@ -339,8 +339,11 @@ class Worker:
             return
         self._last_event = time.monotonic()  # the "started" event: progress follows later
         if attempts >= self.config.job.max_attempts:
-            self._dead(raw, job.id, Permanent(
-                "poison", f"the job crashed its worker {attempts} times"), attempts=attempts)
+            poison = Permanent("poison", f"the job crashed its worker {attempts} times")
+            if job.clips:  # each clip left ends on its own: never a letter of the job's
+                self._end_clips_left(raw, job, poison, attempts)
+            else:
+                self._dead(raw, job.id, poison, attempts=attempts)
             return
         pipeline: Pipeline | None = getattr(self, "pipeline", None)
         if pipeline is None:  # one per worker, made at its first job: it owns the source cache
@@ -377,12 +380,16 @@ class Worker:
             self._done(job, result, started)
 
     def _transient(self, raw: bytes, job: Job, exc: Transient, output: str | None = None,
-                   ) -> None:
+                   attempts: int = 0) -> None:
         """A transient failure: the job's (retried, counted), or this host's (given back
-        uncounted, and the host pauses). ``output``: where the failed clip was going."""
+        uncounted, and the host pauses). ``output``: where the failed clip was going;
+        ``attempts``: a multi-clip job's attempts before this one."""
         fault = self._host_fault(exc, output)
         if fault is None:
-            self._retry(raw, job.id, exc)
+            if job.clips:
+                self._retry_clips(raw, job, exc, attempts)
+            else:
+                self._retry(raw, job.id, exc)
             return
         queued = {"state": JobState.QUEUED, "stage": "", "progress": 0, "worker": "",
                   "reason": exc.reason,
@@ -491,7 +498,8 @@ class Worker:
         except _Fenced:
             return
         except Transient as exc:
-            self._transient(raw, job, exc, clip.output if isinstance(clip, Job) else None)
+            self._transient(raw, job, exc, clip.output if isinstance(clip, Job) else None,
+                            attempts=attempts)
             return
         except Aborted:
             if not (self._cancelled() and not self.aborting):
@@ -499,19 +507,48 @@ class Worker:
                 metrics.JOBS.labels("aborted").inc()
                 log.info("job %s aborted, message given back (%d)", job.id, given)
                 return
-            try:  # the clips that had not ended are cancelled; the others stay as they ended
-                left = set(self._persist(lambda: self.queue.clips_ended(job.id), "clips"))
-                cancelled = Permanent("cancelled", f"cancelled while running, in stage "
-                                      f"{self.stage}")
-                for rest in job.clips:
-                    if rest.id not in left:
-                        self._clip_end(raw, job, rest.id, rest.raw, error=cancelled,
-                                       attempts=attempts, kind=EventType.CANCELLED)
-            except _Fenced:
-                return
+            # the clips that had not ended are cancelled; the others stay as they ended
+            self._end_clips_left(raw, job, Permanent(
+                "cancelled", f"cancelled while running, in stage {self.stage}"), attempts,
+                kind=EventType.CANCELLED)
+            return
         except Exception as exc:  # a bug: keep the message, retry it, show the traceback
             log.exception("job %s: unexpected error", job.id)
-            self._retry(raw, job.id, Transient("internal_error", f"{type(exc).__name__}: {exc}"))
+            self._retry_clips(raw, job, Transient("internal_error",
+                                                  f"{type(exc).__name__}: {exc}"), attempts)
+            return
+        self._clips_ack(raw, job)
+
+    def _retry_clips(self, raw: bytes, job: Job, exc: Transient, attempts: int) -> None:
+        """A multi-clip job's transient failure (``attempts``: those used before this one):
+        retry the message for the clips left, or, when this was its last attempt, end each
+        of them as its own dead letter. RETRY would dead-letter the message as a whole,
+        leaving the clips left without an end of their own and making the job's letter,
+        once replayed, cut again the clips that were stored."""
+        if attempts + 1 < self.config.job.max_attempts:
+            self._retry(raw, job.id, exc)
+            return
+        log.warning("job %s failed (%s) on its last attempt (%d): its clips left are dead",
+                    job.id, exc.reason, attempts + 1)
+        self._end_clips_left(raw, job, exc, attempts + 1)
+
+    def _end_clips_left(self, raw: bytes, job: Job, error: JobFailed, attempts: int,
+                        kind: EventType = EventType.DEAD) -> None:
+        """End every clip of the job that has not ended (``kind`` dead: with ``error``, or
+        a bad clip's own; cancelled: with ``error``), then acknowledge the message. So a
+        message that fails as a whole (poison, its retries spent, a cancel) still ends as
+        one terminal event per clip, and the clips that ended stay as they ended."""
+        assert self.queue is not None
+        ended = set(self._persist(lambda: self.queue.clips_ended(job.id), "clips"))
+        try:
+            for clip in job.clips:
+                if clip.id in ended:
+                    continue
+                own = clip.error if isinstance(clip, BadClip) and kind == EventType.DEAD \
+                    else error
+                self._clip_end(raw, job, clip.id, clip.raw, error=own, attempts=attempts,
+                               kind=kind)
+        except _Fenced:
             return
         self._clips_ack(raw, job)
 

@@ -219,8 +219,11 @@ CLIP_END = _HOLDS + """
 -- cap, ARGV[11] job TTL s
 -- Returns 1 = recorded now, 2 = recorded before (this call made again after a lost reply),
 -- 0 = fenced: the message was recovered and requeued meanwhile; its copy decides.
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 2 end
+-- The hold is checked first: a worker that lost the message is told so even for a clip
+-- that has ended (by it before a lost reply, or by the copy), and stops cutting the clips
+-- of a message that is no longer its own.
 if not holds(KEYS[1], ARGV[1]) then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 2 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[11])
 local counter = 'clips_dead'
