@@ -329,14 +329,25 @@ def throughput(queue: JobQueue, minutes: int = 60, now: float | None = None) -> 
 
 def job_record(queue: JobQueue, job_id: str) -> dict[str, Any] | None:
     """Everything Redis holds about one job: its hash (the fields of ``JOB_FIELDS`` first,
-    in that order, then any other), attempts and dead letters."""
+    in that order, then any other), attempts and dead letters. A clip of a multi-clip job
+    has no hash: its dead letter, or its completion event, tells its state and its job."""
     found = queue.job(job_id)
     letters = [letter for letter in newest_entries(queue, "dead", id_contains=job_id)
                if letter.get("id") == job_id]
-    if not found.fields and not letters:
-        return None
+    fields = found.fields
+    if not fields and not letters:
+        # A clip of a multi-clip job has no hash of its own (its job's hash counts it): a
+        # stored one is known by its completion event, which names its job.
+        event = next((entry for entry in newest_entries(queue, "done", id_contains=job_id)
+                      if entry.get("id") == job_id and entry.get("job")), None)
+        if event is None:
+            return None
+        fields = {"state": JobState.DONE, "job": str(event["job"]),
+                  "output": str(event.get("output", "")), "url": str(event.get("url", "")),
+                  "finished": str(event.get("time", "")),
+                  "elapsed": str(event.get("elapsed", ""))}
     order = {name: i for i, name in enumerate(JOB_FIELDS)}
-    fields = dict(sorted(found.fields.items(),
+    fields = dict(sorted(fields.items(),
                          key=lambda item: (order.get(item[0], len(order)), item[0])))
     # Its state; "dead" also once the hash has expired but a dead letter remains.
     state = fields.get("state") or (JobState.DEAD if letters else "")

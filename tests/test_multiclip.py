@@ -551,3 +551,38 @@ def test_a_clip_end_from_a_worker_that_no_longer_holds_the_message_is_fenced(red
     # the clips of a message that is no longer its own
     assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 0
     assert r.llen(k.done) == 1
+
+
+@pytest.mark.settings(NO_CACHE)
+def test_the_dashboard_shows_a_multi_clip_job_and_each_of_its_clips(env):
+    from tests.conftest import free_port
+    from tests.test_dashboard import _request
+
+    # Given the dashboard on loopback and a job of two clips, one with a bad range, done
+    port = free_port()
+    env.settings["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    base = f"http://127.0.0.1:{port}"
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    env.push({"id": "board", "url": env.url("twenty.mp4"),
+              "clips": [{"start": 1, "duration": 1}, {"id": "askew", "start": 5, "end": 2}]})
+    env.wait_finished(2)
+    wait_for(lambda: _acknowledged(env), 10, what="the message acknowledged")
+
+    # When an operator opens the overview and the pages its lists link to
+    stats, recent = _request(base + "/api/stats"), _request(base + "/api/recent")
+    job, done, dead = (_request(f"{base}/api/job/{name}") for name in
+                       ("board", "board-1", "askew"))
+
+    # Then every one answers: the job with its clips' counts, each clip with its outcome and
+    # its job (the done clip's page is not "unknown": it has no hash of its own)
+    assert stats[0] == recent[0] == 200
+    assert [e["id"] for e in recent[1]["done"]] == ["board-1"]
+    assert job[0] == 200 and job[1]["state"] == "done", job
+    assert job[1]["fields"]["clips_done"] == "1" and job[1]["fields"]["clips_dead"] == "1"
+    assert done[0] == 200, done
+    assert done[1]["state"] == "done" and done[1]["fields"]["job"] == "board"
+    assert done[1]["fields"]["output"].endswith("/board-1.mp4") and not done[1]["cancellable"]
+    assert dead[0] == 200 and dead[1]["state"] == "dead"
+    assert [d["reason"] for d in dead[1]["dead"]] == ["bad_range"]
+    assert env.stop(proc) == 0
