@@ -586,3 +586,33 @@ def test_the_dashboard_shows_a_multi_clip_job_and_each_of_its_clips(env):
     assert dead[0] == 200 and dead[1]["state"] == "dead"
     assert [d["reason"] for d in dead[1]["dead"]] == ["bad_range"]
     assert env.stop(proc) == 0
+
+
+@pytest.mark.settings({"job": {"cache_max_bytes": 0, "range_requests": "false"}})
+def test_a_worker_killed_during_the_download_its_clips_share_leaves_nothing_behind(env,
+                                                                                  long_video):
+    # Given whole downloads only, and a job of three clips whose source arrives slowly
+    proc = env.start()
+    env.wait_workers(proc, 2)
+    url = f"http://127.0.0.1:{env.http.port}/paced/{long_video // 4}/shared-kill/{LONG}"
+    [raw] = env.push({"id": "fetching", "url": url,
+                      "clips": [{"start": 10 * n, "duration": 1} for n in range(3)]})
+    [pid] = env.wait_in_flight(raw)
+
+    # When its worker is SIGKILLed in the middle of that download, before any clip ended
+    wait_for(lambda: env.http.sent.get("shared-kill", 0) > long_video // 4, 20,
+             interval=0.01, what="a quarter of the source sent")
+    assert env.r.hlen(env.keys.clips("fetching")) == 0
+    os.kill(pid, signal.SIGKILL)
+
+    # Then the copy of the message downloads it again and cuts each clip once; the killed
+    # worker's partial download is gone
+    env.wait_finished(3, timeout=60)
+    wait_for(lambda: _acknowledged(env), 10, what="the message acknowledged")
+    assert sorted(e["id"] for e in _terminal(env, "fetching")) == [
+        "fetching-1", "fetching-2", "fetching-3"]
+    assert sorted(d["source_read"] for d in env.done_events()) == ["download", "shared",
+                                                                   "shared"]
+    assert env.dead_letters() == []
+    assert env.stop(proc) == 0
+    assert env.work_leftovers() == []
