@@ -25,8 +25,9 @@ Then, untimed, where smart's time goes: a second supervisor whose ``[job] ffmpeg
 ``ffprobe`` are wrappers that time each run (bash's ``time``: wall, user and system
 seconds) cuts the smart clips once more; its runs are put into probe (ffprobe: the packets
 around the start and the end, the keyframe's NAL type), cut (one ffmpeg writing the head,
-body, tail and audio pieces) and join (ffmpeg's concat of the pieces, audio encoded). Those
-clips are also decoded with ``-xerror`` to check that each decodes cleanly.
+body, tail and audio pieces), join (ffmpeg's concat of the pieces, audio encoded) and check
+(the worker's decode across each join before it stores the clip). Those clips are also
+decoded whole with ``-xerror`` here, to check that each decodes cleanly.
 
 Usage: python -m bench.smartcut [--clips 6] [--rounds 3] [--gops 2,5] [--workers 2]
        python -m bench.clips --mode smart [the same options]
@@ -159,6 +160,7 @@ WRAPPER = """#!/bin/bash
 case " $* " in
   *" -version "*) step=version ;;
   *" -f concat "*) step=join ;;
+  *" -f null "*) step=check ;;
   *) step={step} ;;
 esac
 TIMEFORMAT="$step %3R %3U %3S"
@@ -295,7 +297,7 @@ def table(summaries: dict[int, dict[str, Any]], parts: dict[int, dict[str, Any]]
         if gop in parts:
             p = parts[gop]
             rows.append("      smart, per clip (timed ffmpeg/ffprobe): " + ", ".join(
-                f"{step} {v['runs'] / n:g} run(s) {v['wall'] / n:.2f} s wall "
+                f"{step} {v['runs'] / n:.3g} run(s) {v['wall'] / n:.2f} s wall "
                 f"{v['cpu'] / n:.2f} s CPU" for step, v in p["steps"].items()
                 if step != "version")
                 + f"; job elapsed {p['elapsed_sum'] / n:.2f} s; clean decode "
@@ -322,6 +324,7 @@ def main() -> None:
                         help="skip the timed-wrapper run of where smart's time goes")
     args = parser.parse_args()
     gops = [int(g) for g in args.gops.split(",")]
+    commit = _commit()
     n = args.clips
 
     sources = {gop: source(gop, SOURCE_SECONDS) for gop in gops}
@@ -377,14 +380,18 @@ def main() -> None:
         "source_bytes": {g: os.path.getsize(p) for g, p in sources.items()},
         "target": TARGET, "met": met and all_cut, "all_cut_as_asked": all_cut,
         "smart_decodes_cleanly": clean if parts else None,
-        "commit": _commit(), "summary": summaries, "breakdown": parts,
-        "batches": rounds})
+        "commit_at_start": commit, "commit_at_end": _commit(), "summary": summaries,
+        "breakdown": parts, "batches": rounds})
 
 
 def _commit() -> str:
-    proc = subprocess.run(["git", "-C", h.ROOT, "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=False)
-    return proc.stdout.strip()
+    """HEAD, and '+ changes in worker/' when the worker's code differs from it: the
+    checkout is shared, and the pipeline timed is the working tree's."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", h.ROOT, *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "worker")
+    return git("rev-parse", "HEAD") + (" + changes in worker/" if dirty else "")
 
 
 if __name__ == "__main__":
