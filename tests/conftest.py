@@ -138,7 +138,10 @@ class Env:
                            "heartbeat_ttl": 2, "min_uptime": 0.5, "logfile": self.log,
                            "log_level": "debug"},
             "redis": {"url": self.redis.url, "block_timeout": 1},
-            "job": {"work_dir": self.work, "allow_private_networks": "true",
+            # copy unless a test asks for another mode: the daemon's default, smart, costs
+            # more processes per clip than most tests are about (tests/test_clips.py and
+            # test_smartcut.py cut in smart mode)
+            "job": {"work_dir": self.work, "allow_private_networks": "true", "mode": "copy",
                     "retry_backoff": 0.2, "stall_timeout": 20, "timeout": 60},
             "storage": {"output_base": f"file://{self.out}"},
         }, self.settings)

@@ -32,7 +32,7 @@ def test_bare_url_is_a_whole_video_job_with_a_sha1_id():
     job = parse(raw, CONFIG)
     assert job.url == "https://cdn.example/v.mp4"
     assert job.id == hashlib.sha1(raw).hexdigest()
-    assert (job.start, job.end, job.mode, job.format) == (0.0, None, "copy", "mp4")
+    assert (job.start, job.end, job.mode, job.format) == (0.0, None, "smart", "mp4")
     assert job.output == f"file:///srv/clips/{job.id}.mp4"
 
 

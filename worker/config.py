@@ -262,7 +262,7 @@ class JobConfig:
     retry_backoff: float = _opt(_non_negative_float, "5")
     retry_backoff_max: float = _opt(_non_negative_float, "600")
     default_duration: float | None = _opt(_optional_duration, "")
-    mode: str = _opt(_mode, "copy")
+    mode: str = _opt(_mode, "smart")
     pipeline: str = _opt(_pipeline, "ffmpeg")
     ffmpeg: str = _opt(_text, "ffmpeg")
     ffprobe: str = _opt(_text, "ffprobe")

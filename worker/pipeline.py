@@ -277,6 +277,8 @@ class Pipeline:
         # ffmpeg's own network timeout, after the relay's and ours
         rw_timeout = None if feed is None else ctx.limits.stall_timeout + 5
         tools = _Tools(ctx, feed, cfg.ffprobe, rw_timeout)
+        if cut.mode == "smart" and cut.start == 0 and cut.length is None:
+            cut = dataclasses.replace(cut, mode="copy")  # the whole source: a copy is exact
         if cut.mode == "smart":
             try:
                 return self._smart(tools, cut, src, clip_path)
