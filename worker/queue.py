@@ -1007,8 +1007,6 @@ def _safe(fields: dict[str, str | int | float]) -> dict[str, bytes]:
     return {key: _text(value) for key, value in fields.items()}
 
 
-def _pairs(fields: dict[str, str | int | float]) -> list[bytes]:
-    flat: list[bytes] = []
-    for key, value in fields.items():
-        flat += [_text(key), _text(value)]
-    return flat
+def _pairs(fields: dict[str, str | int | float]) -> list[str | bytes]:
+    # The field names are the daemon's own ASCII literals: only the values need _text.
+    return [item for key, value in fields.items() for item in (key, _text(value))]

@@ -89,6 +89,7 @@ class Worker:
         self.jobs_done = 0
         self.fault: tuple[str, str, float] | None = None  # (reason, error, since): paused
         self._tokens = 0  # outcomes recorded (see _token)
+        self._jobs_done_metric = metrics.JOBS.labels("done")  # looked up once, not per job
         # The main loop's last sign of life (see _alive), shared with the master when given.
         self.liveness = liveness
         self.alive_at = time.monotonic()
@@ -668,12 +669,14 @@ class Worker:
         if not acked:
             self._fenced(job.id, "done")
             return
-        metrics.JOBS.labels("done").inc()
+        self._jobs_done_metric.inc()
         metrics.JOB_SECONDS.observe(elapsed)
         for stage, seconds in result.timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-        metrics.BYTES_IN.inc(result.bytes_in)
-        metrics.BYTES_OUT.inc(result.size)
+        if result.bytes_in:  # none for a no-op job or an output already stored
+            metrics.BYTES_IN.inc(result.bytes_in)
+        if result.size:
+            metrics.BYTES_OUT.inc(result.size)
         if result.cut:
             metrics.CUTS.labels(result.cut).inc()
             metrics.REENCODED_SECONDS.inc(result.reencoded)
