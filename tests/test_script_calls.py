@@ -1,9 +1,10 @@
-"""The worker's per-job scripts (FETCH, START, DONE) on its one kept connection.
+"""The worker's per-job Redis calls: the scripts on its kept connection, the stage writes.
 
-``JobQueue._script`` sends them straight onto the connection of a worker's client instead of
-through redis-py's command path; these tests hold it to the same behaviour: a dropped
-connection, a server restarted or one that lost its scripts are all survived by the next
-call, and a thread using the same client meanwhile never gets another call's reply.
+``JobQueue._script`` sends the per-job scripts (FETCH, START, DONE) straight onto the
+connection of a worker's client instead of through redis-py's command path; these tests hold
+it to the same behaviour: a dropped connection, a server restarted or one that lost its
+scripts are all survived by the next call, and a thread using the same client meanwhile
+never gets another call's reply. A job's stages reach its hash once each.
 """
 
 from __future__ import annotations
@@ -105,3 +106,44 @@ def test_another_thread_on_the_same_client_never_gets_a_scripts_reply(worker_que
     # Then each thread got its own replies
     assert errors == []
     assert r.llen(keys.done) == 300
+
+
+def test_a_jobs_stages_reach_its_hash_once_each(redis_server, tmp_path):
+    # Given a worker whose pipeline goes through the stages fetch, clip and store
+    import json
+
+    from worker.pipeline import Result
+    from worker.runner import Worker
+
+    cfg = config_mod.load(None, env={
+        "CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
+        "CLIP_SUPERVISOR_JOB_WORK_DIR": str(tmp_path / "work"),
+        "CLIP_SUPERVISOR_STORAGE_OUTPUT_BASE": f"file://{tmp_path}/out"})
+    worker = Worker(cfg)
+    worker.queue = JobQueue(connect(cfg, single=True), cfg)
+    keys, r = Keys("clips"), redis_server.client()
+    written, seen = [], []
+    update = worker.queue.update
+
+    def counted(job_id, fields, event=None):
+        written.append(fields["stage"])
+        update(job_id, fields, event)
+
+    worker.queue.update = counted
+
+    class Stages:
+        def run(self, job, deadline):
+            for stage in ("fetch", "clip", "store"):
+                worker._on_stage(stage)
+                seen.append(r.hget(keys.job(job.id), "stage").decode())
+            return Result(output=job.output)
+
+    worker.pipeline = Stages()
+    raw = json.dumps({"id": "s1", "url": "http://127.0.0.1:9/v.mp4", "duration": 1}).encode()
+    r.lpush(keys.processing(worker.worker_id), raw)
+    # When it runs a job
+    worker._handle(raw)
+    # Then the hash showed each stage while it lasted, the first one written by START alone
+    assert seen == ["fetch", "clip", "store"]
+    assert written == ["clip", "store"]
+    assert r.hget(keys.job("s1"), "state") == b"done"

@@ -89,6 +89,8 @@ class Worker:
         self.jobs_done = 0
         self.fault: tuple[str, str, float] | None = None  # (reason, error, since): paused
         self._tokens = 0  # outcomes recorded (see _token)
+        self._stage_written = ""  # the stage the current job's hash holds (see _on_stage)
+        self._shown_title = ""  # the process title set last (see _title)
         self._jobs_done_metric = metrics.JOBS.labels("done")  # looked up once, not per job
         # The main loop's last sign of life (see _alive), shared with the master when given.
         self.liveness = liveness
@@ -339,6 +341,7 @@ class Worker:
                        attempts=0, cancelled=True)
             return
         self._last_event = time.monotonic()  # the "started" event: progress follows later
+        self._stage_written = Stage.FETCH  # in START's fields above
         if attempts >= self.config.job.max_attempts:
             poison = Permanent("poison", f"the job crashed its worker {attempts} times")
             if job.clips:  # each clip left ends on its own: never a letter of the job's
@@ -754,8 +757,12 @@ class Worker:
         self._title(stage)
         self._event_due = True
         if self.current is not None and self.queue is not None:
+            event = self._progress_event()
+            if event is None and stage == self._stage_written:
+                return  # the job hash says so already: START wrote the first stage, "fetch"
+            self._stage_written = stage
             with contextlib.suppress(*REDIS_ERRORS):
-                self.queue.update(self.current.id, {"stage": stage}, self._progress_event())
+                self.queue.update(self.current.id, {"stage": stage}, event)
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()
@@ -792,10 +799,13 @@ class Worker:
 
     def _title(self, state: str) -> None:
         if self.current is None:
-            setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} {state}")
+            title = f"clip-supervisor: worker {self.slot} {state}"
         else:
-            setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} job "
-                                      f"{self.current.id[:12]} {state} {self.progress:.0f}%")
+            title = (f"clip-supervisor: worker {self.slot} job {self.current.id[:12]} {state} "
+                     f"{self.progress:.0f}%")
+        if title != self._shown_title:  # the loop says "idle" again after every job
+            setproctitle.setproctitle(title)
+            self._shown_title = title
 
     def _activity(self) -> Activity:
         if self.fault:
