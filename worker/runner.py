@@ -205,6 +205,7 @@ class Worker:
             code = EXIT_ABORTED if self.aborting else EXIT_OK
             clean = True
         finally:
+            logs.hold(False)
             self._heartbeat_stop.set()
             self._listener_stop.set()
             if heartbeat.is_alive():
@@ -229,6 +230,7 @@ class Worker:
             self._title("idle")
             message, self._next = self._next, None
             if message is None:
+                logs.hold(False)  # nothing in hand: held log lines go out before waiting
                 message = self._next_message()
             if message is None:
                 continue
@@ -328,6 +330,7 @@ class Worker:
         if self.config.job.pipeline == "noop":
             self._done(job, Result(output=job.output), started)
             return
+        logs.hold(False)  # a real job may take a while: held log lines go out first
         started_fields: dict[str, str | int | float] = {
             "state": JobState.RUNNING, "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
@@ -683,6 +686,7 @@ class Worker:
         if result.cut:
             metrics.CUTS.labels(result.cut).inc()
             metrics.REENCODED_SECONDS.inc(result.reencoded)
+        logs.hold(self._next is not None)  # see logs.hold: only while jobs run back to back
         log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
                  " (already stored)" if reused else
                  f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
