@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -187,12 +188,33 @@ def log_line(d: dict[str, Any]) -> list[Row]:
              f"{median['logging defaults'] / median['daemon']:.2f}", "-", "-")]
 
 
+def noop_cpu(d: dict[str, Any]) -> list[Row]:
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in d["results"][side])
+
+    base = "base" in d["results"]
+    return [("worker CPU per no-op job (1 worker, queue drained)",
+             f"{median('this', 'us_per_job'):.0f} us (redis-server "
+             f"{median('this', 'redis_us_per_job'):.0f} us)",
+             f"{median('base', 'us_per_job'):.0f} us (the tree of --against)" if base else "-",
+             f"{statistics.median(d['ratios']):.2f}" if base else "-", "-", "-")]
+
+
+def noop_instructions(d: dict[str, Any]) -> list[Row]:
+    per_job = d["per_job"]
+    base = per_job.get("base")
+    return [("worker instructions per no-op job (callgrind)", f"{per_job['this']:,.0f}",
+             f"{base:,.0f} (the tree of --against)" if base else "-",
+             f"{per_job['this'] / base:.3f}" if base else "-", "-", "-")]
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "clips-copy": clips, "clips-copy-file": clips, "clips-copy-cache-off": clips,
     "clips-copy-cache-warm": clips,
     "clips-encode": clips, "queue-noop": queue, "latency": latency,
     "shutdown": shutdown, "requeue": requeue, "footprint": footprint,
-    "long-source": long_source, "launch": launch, "log-line": log_line}
+    "long-source": long_source, "launch": launch, "log-line": log_line,
+    "noop-cpu": noop_cpu, "noop-instructions": noop_instructions}
 
 
 def table() -> str:

@@ -34,6 +34,7 @@ if [ $quick -eq 1 ]; then
   run bench.clips --mode copy --source file --rounds 2
   run bench.clips --mode encode --clips 4 --chunk 2
   run bench.queue_overhead --jobs 2000 --rounds 2 --max-seconds 30 --compare-log-level warning
+  run bench.noop_cpu --jobs 1000 --rounds 2
   run bench.latency --samples 100
   run bench.shutdown --runs 1
   run bench.requeue --rounds 3
@@ -49,6 +50,7 @@ else
   run bench.clips --mode copy --cache warm
   run bench.clips --mode encode
   run bench.queue_overhead --compare-log-level warning
+  run bench.noop_cpu
   run bench.latency
   run bench.shutdown
   run bench.requeue

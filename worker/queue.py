@@ -34,7 +34,13 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 from redis.sentinel import Sentinel
+
+try:  # a dependency of the package (redis[hiredis]); redis-py packs without it
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - the pure-Python fallback
+    _pack_command = None
 
 from . import scripts
 from .config import Config
@@ -180,8 +186,8 @@ class JobQueue:
     def fetch_nowait(self, worker_id: str) -> bytes | float:
         """The next message, or the seconds until a delayed retry is due (inf: none)."""
         k = self.keys
-        found, *rest = self._fetch(keys=[k.queue, k.retry, k.delayed, k.processing(worker_id)],
-                                   args=[100])
+        found, *rest = self._script(self._fetch, [k.queue, k.retry, k.delayed,
+                                                  k.processing(worker_id)], [100])
         if found == 1:
             return rest[0]
         return math.inf if rest[0] < 0 else rest[0] / 1000.0
@@ -275,11 +281,11 @@ class JobQueue:
         body = {"worker": str(fields.get("worker", "")), "message_sha1": message_sha1}
         if "clips" in fields:  # a multi-clip job's: its clip ids, for whoever follows it
             body["clips"] = json.loads(fields["clips"])
-        return int(self._start(
-            keys=[self.keys.job(job_id), self.keys.attempts, self.keys.events,
-                  self.keys.clips(job_id)],
-            args=[message_sha1, int(self.config.job.job_ttl), job_id, now_iso(),
-                  _json(body), self.events_max, *_pairs(fields)]))
+        return int(self._script(
+            self._start, [self.keys.job(job_id), self.keys.attempts, self.keys.events,
+                          self.keys.clips(job_id)],
+            [message_sha1, int(self.config.job.job_ttl), job_id, now_iso(), _json(body),
+             self.events_max, *_pairs(fields)]))
 
     def update(self, job_id: str, fields: dict[str, str | int | float],
                event: dict | None = None) -> None:
@@ -304,14 +310,38 @@ class JobQueue:
         again with the same token after a lost reply answers as the first run did. The
         ``done`` event (``event`` itself, with ``callback``) is appended to the stream."""
         k = self.keys
-        reply = self._done(
-            keys=[k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue,
-                  k.events],
-            args=[sha1(message), json.dumps(event), int(self.config.job.job_ttl),
-                  self.config.job.done_max, "1" if take_next else "0",
-                  token or uuid.uuid4().hex, job_id, str(event.get("time") or now_iso()),
-                  callback, self.events_max, *_pairs(fields)])
+        reply = self._script(
+            self._done, [k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue,
+                         k.events],
+            [sha1(message), json.dumps(event), int(self.config.job.job_ttl),
+             self.config.job.done_max, "1" if take_next else "0", token or uuid.uuid4().hex,
+             job_id, str(event.get("time") or now_iso()), callback, self.events_max,
+             *_pairs(fields)])
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
+
+    def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run one of our scripts (the worker's per-job ones: FETCH, START, DONE).
+
+        On a worker's client (one kept connection, see ``connect``) the EVALSHA goes
+        straight onto that connection, under the lock redis-py takes around it: redis-py's
+        path around a command (its retry wrapper, observability hooks and per-argument
+        checks) cost more CPU than the call itself, about a quarter of a no-op job's
+        instructions. Whatever is not the plain case takes redis-py's own path for the
+        same call, with its reconnects and retries: a broken connection (already closed
+        by the failed send or read), a server that lost its scripts (NOSCRIPT: redis-py
+        loads it again), and every other client (Cluster, Sentinel, pooled)."""
+        conn = getattr(self.client, "connection", None)
+        lock = getattr(self.client, "single_connection_lock", None)
+        if conn is not None and lock is not None and not isinstance(self.client, RedisCluster):
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            with lock:
+                try:
+                    conn.send_packed_command([_pack_command(command)] if _pack_command
+                                             else conn.pack_command(*command))
+                    return conn.read_response()
+                except (redis.ConnectionError, redis.TimeoutError, NoScriptError):
+                    pass  # redis-py's path below: reconnect, or load the script again
+        return script(keys=keys, args=args)
 
     def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
              fields: dict[str, str | int | float], token: str = "", callback: str = "",
@@ -977,8 +1007,6 @@ def _safe(fields: dict[str, str | int | float]) -> dict[str, bytes]:
     return {key: _text(value) for key, value in fields.items()}
 
 
-def _pairs(fields: dict[str, str | int | float]) -> list[bytes]:
-    flat: list[bytes] = []
-    for key, value in fields.items():
-        flat += [_text(key), _text(value)]
-    return flat
+def _pairs(fields: dict[str, str | int | float]) -> list[str | bytes]:
+    # The field names are the daemon's own ASCII literals: only the values need _text.
+    return [item for key, value in fields.items() for item in (key, _text(value))]

@@ -89,6 +89,9 @@ class Worker:
         self.jobs_done = 0
         self.fault: tuple[str, str, float] | None = None  # (reason, error, since): paused
         self._tokens = 0  # outcomes recorded (see _token)
+        self._stage_written = ""  # the stage the current job's hash holds (see _on_stage)
+        self._shown_title = ""  # the process title set last (see _title)
+        self._jobs_done_metric = metrics.JOBS.labels("done")  # looked up once, not per job
         # The main loop's last sign of life (see _alive), shared with the master when given.
         self.liveness = liveness
         self.alive_at = time.monotonic()
@@ -202,6 +205,7 @@ class Worker:
             code = EXIT_ABORTED if self.aborting else EXIT_OK
             clean = True
         finally:
+            logs.hold(False)
             self._heartbeat_stop.set()
             self._listener_stop.set()
             if heartbeat.is_alive():
@@ -226,6 +230,7 @@ class Worker:
             self._title("idle")
             message, self._next = self._next, None
             if message is None:
+                logs.hold(False)  # nothing in hand: held log lines go out before waiting
                 message = self._next_message()
             if message is None:
                 continue
@@ -325,6 +330,7 @@ class Worker:
         if self.config.job.pipeline == "noop":
             self._done(job, Result(output=job.output), started)
             return
+        logs.hold(False)  # a real job may take a while: held log lines go out first
         started_fields: dict[str, str | int | float] = {
             "state": JobState.RUNNING, "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
@@ -338,6 +344,7 @@ class Worker:
                        attempts=0, cancelled=True)
             return
         self._last_event = time.monotonic()  # the "started" event: progress follows later
+        self._stage_written = Stage.FETCH  # in START's fields above
         if attempts >= self.config.job.max_attempts:
             poison = Permanent("poison", f"the job crashed its worker {attempts} times")
             if job.clips:  # each clip left ends on its own: never a letter of the job's
@@ -668,15 +675,18 @@ class Worker:
         if not acked:
             self._fenced(job.id, "done")
             return
-        metrics.JOBS.labels("done").inc()
+        self._jobs_done_metric.inc()
         metrics.JOB_SECONDS.observe(elapsed)
         for stage, seconds in result.timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-        metrics.BYTES_IN.inc(result.bytes_in)
-        metrics.BYTES_OUT.inc(result.size)
+        if result.bytes_in:  # none for a no-op job or an output already stored
+            metrics.BYTES_IN.inc(result.bytes_in)
+        if result.size:
+            metrics.BYTES_OUT.inc(result.size)
         if result.cut:
             metrics.CUTS.labels(result.cut).inc()
             metrics.REENCODED_SECONDS.inc(result.reencoded)
+        logs.hold(self._next is not None)  # see logs.hold: only while jobs run back to back
         log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
                  " (already stored)" if reused else
                  f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
@@ -751,8 +761,12 @@ class Worker:
         self._title(stage)
         self._event_due = True
         if self.current is not None and self.queue is not None:
+            event = self._progress_event()
+            if event is None and stage == self._stage_written:
+                return  # the job hash says so already: START wrote the first stage, "fetch"
+            self._stage_written = stage
             with contextlib.suppress(*REDIS_ERRORS):
-                self.queue.update(self.current.id, {"stage": stage}, self._progress_event())
+                self.queue.update(self.current.id, {"stage": stage}, event)
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()
@@ -789,10 +803,13 @@ class Worker:
 
     def _title(self, state: str) -> None:
         if self.current is None:
-            setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} {state}")
+            title = f"clip-supervisor: worker {self.slot} {state}"
         else:
-            setproctitle.setproctitle(f"clip-supervisor: worker {self.slot} job "
-                                      f"{self.current.id[:12]} {state} {self.progress:.0f}%")
+            title = (f"clip-supervisor: worker {self.slot} job {self.current.id[:12]} {state} "
+                     f"{self.progress:.0f}%")
+        if title != self._shown_title:  # the loop says "idle" again after every job
+            setproctitle.setproctitle(title)
+            self._shown_title = title
 
     def _activity(self) -> Activity:
         if self.fault:

@@ -1,0 +1,160 @@
+"""Routine log lines held back while a worker runs jobs back to back (logs.hold)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+
+import pytest
+
+from worker import config as config_mod
+from worker import logs
+from worker.keys import Keys
+from worker.protocol import EXIT_RECYCLE
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    path = tmp_path / "daemon.log"
+    logs.setup("worker 0", str(path), "INFO")
+    yield path
+    logs.hold(False)
+    logging.shutdown()
+    logs.setup("main", "", "INFO")
+
+
+def _lines(path) -> list[str]:
+    return [line.split("] ", 1)[1] for line in path.read_text().splitlines()]
+
+
+def test_held_lines_wait_for_a_warning_and_keep_their_order(log_file):
+    log = logging.getLogger("clip-supervisor.worker")
+    logs.hold(True)
+    log.info("job a done")
+    log.info("job b done")
+    # Held: nothing written yet
+    assert log_file.read_text() == ""
+    # A warning writes what waited first, then itself
+    log.warning("job c dead")
+    assert _lines(log_file) == ["job a done", "job b done", "job c dead"]
+    # Releasing writes what waits at once, and lines are written as they come again
+    log.info("job d done")
+    logs.hold(False)
+    log.info("job e done")
+    assert _lines(log_file)[-2:] == ["job d done", "job e done"]
+
+
+def test_held_lines_wait_no_longer_than_the_bound(log_file, monkeypatch):
+    log = logging.getLogger("clip-supervisor.worker")
+    logs.hold(True)
+    log.info("first")
+    assert log_file.read_text() == ""
+    # The next line after HOLD_SECONDS writes both
+    time.sleep(logs.HOLD_SECONDS + 0.05)
+    log.info("second")
+    assert _lines(log_file) == ["first", "second"]
+    # So does the HOLD_LINES-th line
+    for i in range(logs.HOLD_LINES):
+        log.info("line %d", i)
+    assert len(_lines(log_file)) == 2 + logs.HOLD_LINES
+    # And logging's shutdown (a worker's exit) writes what waits
+    log.info("last")
+    logging.shutdown()
+    assert _lines(log_file)[-1] == "last"
+
+
+def test_a_worker_holds_lines_only_between_jobs_taken_back_to_back(redis_server, tmp_path):
+    # Given a worker running no-op jobs, 30 queued at once, then one alone
+    from worker.runner import Worker
+
+    path = tmp_path / "daemon.log"
+    cfg = config_mod.load(None, env={
+        "CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
+        "CLIP_SUPERVISOR_JOB_PIPELINE": "noop",
+        "CLIP_SUPERVISOR_JOB_WORK_DIR": str(tmp_path / "work"),
+        "CLIP_SUPERVISOR_STORAGE_OUTPUT_BASE": f"file://{tmp_path}/out",
+        "CLIP_SUPERVISOR_SUPERVISOR_MAX_JOBS_PER_WORKER": "31"})
+    logs.setup("worker 0", str(path), "INFO")
+    keys, r = Keys("clips"), redis_server.client()
+    job = {"url": "http://127.0.0.1:9/v.mp4", "duration": 1}
+    r.lpush(keys.queue, *[json.dumps({**job, "id": f"burst-{i}"}) for i in range(30)])
+    worker = Worker(cfg)
+    seen: list[tuple[str, bool]] = []
+    done = worker._done
+
+    def watched(job, *args, **kwargs):
+        done(job, *args, **kwargs)
+        seen.append((job.id, f"job {job.id} done" in path.read_text()))
+        if job.id == "burst-29":  # the queue is empty: the next one comes alone
+            r.lpush(keys.queue, json.dumps({**job_fields, "id": "alone"}))
+
+    job_fields = job
+    worker._done = watched
+    # Its loop runs here, on the main thread (signals), and ends as recycled after 31 jobs
+    signals = {sig: signal.getsignal(sig) for sig in (
+        signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+        signal.SIGRTMIN + 1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)}
+    try:
+        assert worker.run() == EXIT_RECYCLE
+    finally:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+        logs.hold(False)
+    assert len(seen) == 31
+    # Then a job taken with the previous one's ack did not write its line at once, the
+    # last of the burst (nothing in hand after it) and the lone job did, and every line is
+    # in the file, in order, once the worker is done
+    written_at_once = dict(seen)
+    assert not written_at_once["burst-0"]
+    assert written_at_once["burst-29"] and written_at_once["alone"]
+    text = path.read_text()
+    positions = [text.index(f"job {name} done") for name in
+                 [f"burst-{i}" for i in range(30)] + ["alone"]]
+    assert positions == sorted(positions)
+    logging.shutdown()
+    logs.setup("main", "", "INFO")
+
+
+def test_held_lines_are_written_before_a_clip_starts(redis_server, tmp_path):
+    # Given a worker whose jobs run a pipeline (here a stand-in), three queued at once
+    from worker.pipeline import Result
+    from worker.runner import Worker
+
+    path = tmp_path / "daemon.log"
+    cfg = config_mod.load(None, env={
+        "CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
+        "CLIP_SUPERVISOR_JOB_WORK_DIR": str(tmp_path / "work"),
+        "CLIP_SUPERVISOR_STORAGE_OUTPUT_BASE": f"file://{tmp_path}/out",
+        "CLIP_SUPERVISOR_SUPERVISOR_MAX_JOBS_PER_WORKER": "3"})
+    logs.setup("worker 0", str(path), "INFO")
+    keys, r = Keys("clips"), redis_server.client()
+    r.lpush(keys.queue, *[json.dumps({"id": f"c{i}", "url": "http://127.0.0.1:9/v.mp4",
+                                      "duration": 1}) for i in range(3)])
+    before_clip: list[str] = []
+
+    class Clip:
+        def run(self, job, deadline):
+            before_clip.append(path.read_text())
+            return Result(output=job.output)
+
+    worker = Worker(cfg)
+    worker.pipeline = Clip()
+    signals = {sig: signal.getsignal(sig) for sig in (
+        signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+        signal.SIGRTMIN + 1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)}
+    try:
+        assert worker.run() == EXIT_RECYCLE
+    finally:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+        logs.hold(False)
+    # When each clip starts, Then the line of the job before it (taken with its ack) is in
+    # the file already
+    assert "job c1 done" not in before_clip[1] and "job c0 done" in before_clip[1]
+    assert "job c1 done" in before_clip[2]
+    logging.shutdown()
+    logs.setup("main", "", "INFO")

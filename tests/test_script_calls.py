@@ -1,0 +1,149 @@
+"""The worker's per-job Redis calls: the scripts on its kept connection, the stage writes.
+
+``JobQueue._script`` sends the per-job scripts (FETCH, START, DONE) straight onto the
+connection of a worker's client instead of through redis-py's command path; these tests hold
+it to the same behaviour: a dropped connection, a server restarted or one that lost its
+scripts are all survived by the next call, and a thread using the same client meanwhile
+never gets another call's reply. A job's stages reach its hash once each.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from worker import config as config_mod
+from worker.keys import Keys
+from worker.queue import JobQueue, connect, sha1
+
+
+@pytest.fixture
+def worker_queue(redis_server):
+    cfg = config_mod.load(None, env={"CLIP_SUPERVISOR_REDIS_URL": redis_server.url})
+    client = connect(cfg, single=True)
+    assert client.connection is not None  # the kept connection these tests are about
+    yield JobQueue(client, cfg), Keys("clips"), redis_server.client()
+    client.close()
+
+
+def _one_job(queue: JobQueue, r, keys: Keys, message: bytes, job_id: str) -> None:
+    """Queue ``message``, then take, start and ack it as a worker does."""
+    r.lpush(keys.queue, message)
+    assert queue.fetch_nowait("w") == message
+    assert queue.start(job_id, sha1(message), {"state": "running", "worker": "w"}) == 0
+    assert queue.done("w", message, job_id, {"id": job_id}, {"output": f"file:///{job_id}"},
+                      token=f"t-{job_id}") == (True, None)
+    assert r.hget(keys.job(job_id), "state") == b"done"
+    assert r.hget(keys.job(job_id), "output") == f"file:///{job_id}".encode()
+
+
+def test_the_per_job_scripts_do_not_take_redis_pys_command_path(worker_queue, monkeypatch):
+    # Given a worker's client whose command path fails every call, once a first job
+    # loaded the scripts (the first call of each finds none: redis-py's path loads it)
+    queue, keys, r = worker_queue
+    _one_job(queue, r, keys, b"m0", "j0")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"redis-py's command path was taken: {args[:2]}")
+
+    # When a job is taken, started and acknowledged
+    monkeypatch.setattr(queue.client, "execute_command", refuse)
+    # Then none of its scripts went through it, and each recorded what it should
+    _one_job(queue, r, keys, b"m1", "j1")
+    assert r.llen(keys.done) == 2 and r.llen(keys.processing("w")) == 0
+
+
+def test_a_dropped_connection_is_survived_by_the_next_call(worker_queue):
+    queue, keys, r = worker_queue
+    _one_job(queue, r, keys, b"m1", "j1")
+    # Given the server closed the worker's connection between two jobs
+    assert r.client_kill_filter(_id=queue.client.client_id()) == 1
+    # When the next job runs, Then every call reconnects and records once
+    _one_job(queue, r, keys, b"m2", "j2")
+    assert r.llen(keys.done) == 2
+
+
+def test_a_restarted_server_without_the_scripts_is_survived(worker_queue, redis_server):
+    queue, keys, r = worker_queue
+    _one_job(queue, r, keys, b"m1", "j1")
+    # Given a server restarted (no persistence: empty, no scripts cached, old socket dead)
+    redis_server.stop()
+    redis_server.start()
+    r = redis_server.client()
+    # When the next job runs, Then the calls reconnect, load the scripts again and record
+    _one_job(queue, r, keys, b"m2", "j2")
+    # And a server that lost only its script cache (SCRIPT FLUSH) is survived too
+    r.script_flush()
+    _one_job(queue, r, keys, b"m3", "j3")
+    assert r.llen(keys.done) == 2
+
+
+def test_another_thread_on_the_same_client_never_gets_a_scripts_reply(worker_queue):
+    # Given a thread reading through the worker's client (as the heartbeat and the cancel
+    # listener may) while the main thread runs the per-job scripts
+    queue, keys, r = worker_queue
+    r.hset(keys.job("other"), mapping={"state": "queued", "output": "o"})
+    stop, errors = threading.Event(), []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                fields = queue.job_fields("other", "state", "output")
+                if fields != {"state": "queued", "output": "o"}:
+                    errors.append(fields)
+            except Exception as exc:  # a reply meant for the other thread
+                errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(300):
+            _one_job(queue, r, keys, f"m{i}".encode(), f"j{i}")
+    finally:
+        stop.set()
+        thread.join(10)
+    # Then each thread got its own replies
+    assert errors == []
+    assert r.llen(keys.done) == 300
+
+
+def test_a_jobs_stages_reach_its_hash_once_each(redis_server, tmp_path):
+    # Given a worker whose pipeline goes through the stages fetch, clip and store
+    import json
+
+    from worker.pipeline import Result
+    from worker.runner import Worker
+
+    cfg = config_mod.load(None, env={
+        "CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
+        "CLIP_SUPERVISOR_JOB_WORK_DIR": str(tmp_path / "work"),
+        "CLIP_SUPERVISOR_STORAGE_OUTPUT_BASE": f"file://{tmp_path}/out"})
+    worker = Worker(cfg)
+    worker.queue = JobQueue(connect(cfg, single=True), cfg)
+    keys, r = Keys("clips"), redis_server.client()
+    written, seen = [], []
+    update = worker.queue.update
+
+    def counted(job_id, fields, event=None):
+        written.append(fields["stage"])
+        update(job_id, fields, event)
+
+    worker.queue.update = counted
+
+    class Stages:
+        def run(self, job, deadline):
+            for stage in ("fetch", "clip", "store"):
+                worker._on_stage(stage)
+                seen.append(r.hget(keys.job(job.id), "stage").decode())
+            return Result(output=job.output)
+
+    worker.pipeline = Stages()
+    raw = json.dumps({"id": "s1", "url": "http://127.0.0.1:9/v.mp4", "duration": 1}).encode()
+    r.lpush(keys.processing(worker.worker_id), raw)
+    # When it runs a job
+    worker._handle(raw)
+    # Then the hash showed each stage while it lasted, the first one written by START alone
+    assert seen == ["fetch", "clip", "store"]
+    assert written == ["clip", "store"]
+    assert r.hget(keys.job("s1"), "state") == b"done"
