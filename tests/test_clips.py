@@ -62,10 +62,8 @@ def cut_and_check(env, server: TestServer, source: corpus.Source,
         clip = os.path.join(env.out, f"{label}.{fmt}")
         # Audio spans the video's own time, from its first frame to the end of its last,
         # within one audio frame (an AAC encoder's priming is played where the container
-        # cannot mark it skipped: Matroska, MPEG-TS). From a source without an index its
-        # audio is cut at `start` to the sample: it may start up to a video frame early.
-        slack = float(1 / source.rate) if media.preroll(source.path) > media.PREROLL else 0.0
-        checks[label] = corpus.check(clip, source, start, length, audio_slack=slack)
+        # cannot mark it skipped: Matroska, MPEG-TS).
+        checks[label] = corpus.check(clip, source, start, length)
     return checks
 
 

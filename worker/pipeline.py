@@ -286,7 +286,8 @@ class Pipeline:
                 log.info("job %s: cut in encode mode, not smart: %s", job.id, exc.reason)
                 metrics.SMART_FALLBACKS.inc()
                 cut = dataclasses.replace(cut, mode="encode")
-                cut = _on_frames(cut, exc.times) if exc.times else cut
+                cut = _on_frames(cut, exc.times) if exc.times else \
+                    self._snapped(tools, cut, src)
         elif cut.mode == "encode":
             cut = self._snapped(tools, cut, src)
         cmd = media.clip_command(cfg.ffmpeg, src, clip_path, cut, rw_timeout)
@@ -299,13 +300,7 @@ class Pipeline:
         """``cut`` moved onto the source's frames: from its first frame at or after the
         start, for exactly as long as the frames up to the end last, so that the audio,
         cut to the sample, spans the video's own time (a frame may start up to a frame
-        after ``start``). Unchanged when the frames cannot be read: ffmpeg's run says why.
-
-        Also unchanged for a source without an index (MPEG-TS/PS): ffprobe finds times
-        there only by reading from the file's start and searching, which costs more than
-        the whole clip on a short source; its audio may start up to a frame early."""
-        if cut.preroll > media.PREROLL:
-            return cut
+        after ``start``). Unchanged when the frames cannot be read: ffmpeg's run says why."""
         try:
             times = smartcut.snap(src, cut.start, cut.length, ffprobe=tools.ffprobe,
                                   preroll=cut.preroll, rw_timeout=tools.rw_timeout,

@@ -56,6 +56,7 @@ remote source reads about its own share of the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from collections.abc import Callable
@@ -459,17 +460,27 @@ def snap(src: str, start: float, length: float | None, *, ffprobe: str = "ffprob
     """Encode mode's frame times: the first frame shown at or after ``start``, and the
     first at or after ``start + length`` (None: the clip runs to the source's end), read
     from the video packets around each (with an index, ffprobe seeks there). None when no
-    frame is found from ``start`` on: ffmpeg's own run then says why."""
+    frame is found from ``start`` on: ffmpeg's own run then says why.
+
+    A source without an index is read from ``preroll`` s before the start (a seek there
+    may land late), around the start only: the end's frame follows from the frame rate
+    (MPEG-TS counts in 90 kHz ticks, exact for the usual rates), where a second seek back
+    would cost another preroll."""
     origin = _origin(src, ffprobe, preroll, rw_timeout, runner)
-    before = preroll if preroll > media.PREROLL else 0.0
+    unindexed = preroll > media.PREROLL
+    before = preroll if unindexed else 0.0
     spans = [(start - before, start + SNAP_WINDOW)]
     end = None if length is None else start + length
-    if end is not None:
+    if end is not None and not unindexed:
         spans.append((end - before, end + SNAP_WINDOW))
     text = ",".join(f"{max(0.0, a + origin):.6f}%{b + origin:.6f}" for a, b in spans)
-    times = [p.pts for p in parse_probe(runner(probe_command(ffprobe, src, text,
-                                                              rw_timeout)))[4]]
-    return frame_times(times, start, end)
+    video, _, _, _, packets = parse_probe(runner(probe_command(ffprobe, src, text,
+                                                               rw_timeout)))
+    times = frame_times([p.pts for p in packets], start, None if unindexed else end)
+    if times is None or not unindexed or end is None:
+        return times
+    first, frame = times[0], 1 / video.rate
+    return first, first + math.ceil((end - first) / frame - 1e-6) * float(frame)
 
 
 def frame_times(times: list[float], start: float,
