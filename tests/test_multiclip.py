@@ -616,3 +616,32 @@ def test_a_worker_killed_during_the_download_its_clips_share_leaves_nothing_behi
     assert env.dead_letters() == []
     assert env.stop(proc) == 0
     assert env.work_leftovers() == []
+
+
+def test_a_queued_job_of_clips_cancelled_ends_each_clip_as_its_own_cancelled_letter(env):
+    from clip_supervisor import Client
+
+    # Given a queued job of three clips with a callback, and no worker running
+    client = Client(env.redis.url, config_file=env.conf)
+    job = client.enqueue(env.url("ten.mp4"), id="queued-clips", callback="http://127.0.0.1:9/h",
+                         clips=[{"start": n, "duration": 1} for n in range(3)])
+    # When it is cancelled
+    assert job.cancel() is True
+    # Then the message is gone, and each clip ended once, as a cancelled dead letter of its
+    # own naming the job, with a "cancelled" entry (so a webhook) for each, none for the job
+    assert env.r.llen(env.keys.queue) == 0
+    letters = _clip_letters(env, "queued-clips")
+    assert sorted(d["id"] for d in letters) == list(job.clips)
+    assert all(d["reason"] == "cancelled" and d["attempts"] == 0 for d in letters)
+    assert [d for d in env.dead_letters() if d["id"] == "queued-clips"] == []
+    ends = [e for e in _stream(env) if e["type"] in ("done", "dead", "cancelled")]
+    assert sorted(e["id"] for e in ends) == list(job.clips)
+    assert all(e["callback"] == "http://127.0.0.1:9/h" for e in ends)
+    # and wait() gives every clip's outcome, the job's state is dead
+    result = job.wait(timeout=5)
+    assert [(c["id"], c["type"]) for c in result["clips"]] == [(c, "cancelled")
+                                                               for c in job.clips]
+    assert job.status()["state"] == "dead"
+    # and a cancelled clip's letter replays that clip alone
+    letter = next(d for d in letters if d["id"] == job.clips[1])
+    assert json.loads(letter["message"])["start"] == 1

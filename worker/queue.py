@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - the pure-Python fallback
 
 from . import scripts
 from .config import Config
-from .job import dead_letter, job_id_of
+from .job import Job, dead_letter, intake, job_id_of
 from .keys import Keys
 from .protocol import EventType, JobState
 
@@ -581,16 +581,28 @@ class JobQueue:
                        job_id: str) -> int:
         k = self.keys
         now = now_iso()
-        letter = dead_letter(message, job_id, "cancelled", "cancelled while queued", 0, now,
-                             self.config.job.dead_message_bytes)
-        letter.pop("attempts")
-        fields = {"stage": "dead", "reason": "cancelled", "error": "cancelled while queued",
+        error = "cancelled while queued"
+        parsed = intake(message, self.config)
+        clips = parsed.clips if isinstance(parsed, Job) else ()
+        letters = []  # (the id it names, the letter): each clip's, or the message's
+        for clip in clips or (None,):
+            letter = dead_letter(message if clip is None else clip.raw,
+                                 job_id if clip is None else clip.id, "cancelled", error, 0,
+                                 now, self.config.job.dead_message_bytes)
+            letter.pop("attempts")
+            if clip is not None:
+                letter["job"] = job_id
+            letters.append((letter["id"], letter))
+        fields = {"stage": "dead", "reason": "cancelled", "error": error,
                   "finished": now, "progress": 0, "message_sha1": sha1(message)}
         return int(self._cancel(
             keys=[key, k.job(job_id), k.dead, k.attempts, k.events],
-            args=[kind, entry, sha1(message), _letter_json(letter),
-                  _letter_json(_unsent(letter)), job_id, now, _callback_of(message),
-                  int(self.config.job.job_ttl), self.config.job.dead_max, self.events_max,
+            args=[kind, entry, sha1(message), int(self.config.job.job_ttl), now,
+                  _callback_of(message), self.config.job.dead_max, self.events_max,
+                  len(letters),
+                  *(part for name, letter in letters for part in (
+                      name, _letter_json(letter), _letter_json(_unsent(letter)),
+                      str(letter.get("job", "")))),
                   *_pairs(fields)]))
 
     def watch_cancels(self, current: Callable[[], str | None],

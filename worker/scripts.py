@@ -429,16 +429,18 @@ return state or ''
 
 CANCEL = _EVENT + """
 -- cancel: take one queued message out of its list (or the delayed retries) and dead-letter
--- it with reason "cancelled", in one step; nothing when a worker took it first.
+-- it with reason "cancelled", in one step; nothing when a worker took it first. A message
+-- of many clips is one letter and one "cancelled" entry per clip (each clip ends once).
 -- KEYS[1] where      list or zset  the queue, the retry list, or the delayed zset
 -- KEYS[2] job        hash          its state becomes dead, its "cancel" mark is cleared
 -- KEYS[3] dead       list          dead letters, newest first, capped
 -- KEYS[4] attempts   hash          the message's entry (failed attempts) is dropped
--- KEYS[5] events     stream        a "cancelled" entry
+-- KEYS[5] events     stream        a "cancelled" entry per letter
 -- ARGV[1] 'zset' or 'list', ARGV[2] the exact list entry or zset member, ARGV[3] message
--- SHA-1, ARGV[4] the dead letter's JSON without "attempts", ARGV[5] the event's JSON
--- without "attempts", ARGV[6] job id, ARGV[7] time, ARGV[8] callback URL or '',
--- ARGV[9] job TTL s, ARGV[10] dead cap, ARGV[11] events cap, ARGV[12..] field, value pairs
+-- SHA-1, ARGV[4] job TTL s, ARGV[5] time, ARGV[6] callback URL or '', ARGV[7] dead cap,
+-- ARGV[8] events cap, ARGV[9] n letters, then n times: the id it names, the dead letter's
+-- JSON without "attempts", the event's JSON without "attempts", the job id for a clip's
+-- letter ('' for the message's own: its entry then has no "job"); then field, value pairs
 -- for the job hash
 -- Returns 1 = cancelled, 0 = no longer there.
 local removed
@@ -446,14 +448,24 @@ if ARGV[1] == 'zset' then removed = redis.call('ZREM', KEYS[1], ARGV[2])
 else removed = redis.call('LREM', KEYS[1], 1, ARGV[2]) end
 if removed == 0 then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[4], ARGV[3]) or '0')
-redis.call('LPUSH', KEYS[3], with_member('attempts', attempts, ARGV[4]))
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[10]) - 1)
+local n = tonumber(ARGV[9])
+for i = 0, n - 1 do
+  local at = 10 + 4 * i
+  redis.call('LPUSH', KEYS[3], with_member('attempts', attempts, ARGV[at + 1]))
+  local body = with_member('attempts', attempts, ARGV[at + 2])
+  if ARGV[at + 3] == '' then
+    event(KEYS[5], ARGV[8], 'cancelled', ARGV[at], ARGV[5], body, ARGV[6])
+  else
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'type', 'cancelled', 'id',
+               ARGV[at], 'time', ARGV[5], 'event', body, 'callback', ARGV[6], 'job',
+               ARGV[at + 3])
+  end
+end
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[7]) - 1)
 redis.call('HDEL', KEYS[4], ARGV[3])
-redis.call('HSET', KEYS[2], 'state', 'dead', 'attempts', attempts, unpack(ARGV, 12))
+redis.call('HSET', KEYS[2], 'state', 'dead', 'attempts', attempts, unpack(ARGV, 10 + 4 * n))
 redis.call('HDEL', KEYS[2], 'cancel')
-redis.call('EXPIRE', KEYS[2], ARGV[9])
-event(KEYS[5], ARGV[11], 'cancelled', ARGV[6], ARGV[7], with_member('attempts', attempts,
-      ARGV[5]), ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
