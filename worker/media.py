@@ -48,8 +48,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .context import JobContext
@@ -422,13 +422,7 @@ class FFmpegRun:
         try:
             self._watch(proc)
         finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+            _reap(proc)
         report = InputReport.parse(self.head)
         source = _input_of(self.cmd)
         failed = failure(proc.returncode, report, _tail(b"".join(self.stderr)),
@@ -450,51 +444,23 @@ class FFmpegRun:
         return max(0.0, end - start)
 
     def _watch(self, proc: subprocess.Popen) -> None:
-        sel = selectors.DefaultSelector()
-        assert proc.stdout is not None and proc.stderr is not None
-        sel.register(proc.stdout, selectors.EVENT_READ, "progress")
-        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-        ctx = self.ctx
-        stall_timeout = ctx.limits.stall_timeout
-        sel.register(ctx.waker.fileno(), selectors.EVENT_READ, "wake")
         pending = b""
-        open_pipes = 2
-        last_change = time.monotonic()
         last_mark: tuple[str, str] = ("", "")
-        try:
-            while open_pipes:
-                now = time.monotonic()
-                if self.feed is not None:
-                    last_change = max(last_change, self.feed.last_activity)
-                ctx.check("clipping")
-                if now - last_change > stall_timeout:
-                    raise Transient("stalled", f"ffmpeg made no progress for "
-                                    f"{stall_timeout:g} s")
-                timeout = max(0.0, min(ctx.deadline, last_change + stall_timeout) - now)
-                for key, _ in sel.select(timeout=min(timeout, 1.0)):
-                    if key.data == "wake":
-                        ctx.waker.drain()
-                        continue
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        open_pipes -= 1
-                    elif key.data == "stderr":
-                        self.stderr.append(chunk)
-                        if len(self.head) < self.HEAD_LIMIT:
-                            self.head += chunk
-                            if self.input is None and b"Output #0" in self.head:
-                                # ffmpeg has read its input's index: clipping proper starts
-                                self.input = InputReport.parse(self.head)
-                                ctx.stage("clip")
-                    else:
-                        pending = self._parse(pending + chunk)
-                        mark = (self.report.get("out_time_us", ""),
-                                self.report.get("total_size", ""))
-                        if mark != last_mark:
-                            last_mark, last_change = mark, time.monotonic()
-        finally:
-            sel.close()
+        progress = _Progress("ffmpeg", "clipping")  # moves with its -progress report only
+        for is_stdout, chunk in _pipes(proc, self.ctx, self.feed, progress):
+            if not is_stdout:
+                self.stderr.append(chunk)
+                if len(self.head) < self.HEAD_LIMIT:
+                    self.head += chunk
+                    if self.input is None and b"Output #0" in self.head:
+                        # ffmpeg has read its input's index: clipping proper starts
+                        self.input = InputReport.parse(self.head)
+                        self.ctx.stage("clip")
+            else:
+                pending = self._parse(pending + chunk)
+                mark = (self.report.get("out_time_us", ""), self.report.get("total_size", ""))
+                if mark != last_mark:
+                    last_mark, progress.at = mark, time.monotonic()
 
     def _parse(self, data: bytes) -> bytes:
         *lines, rest = data.split(b"\n")
@@ -509,6 +475,64 @@ class FFmpegRun:
                     99.9, 100.0 * _out_time(self.report) / self.length if self.length else 0)
                 self.ctx.on_progress(percent, self.report.get("speed", ""))
         return rest
+
+
+@dataclass
+class _Progress:
+    """When a watched process (``name``, doing ``doing``) last showed progress."""
+
+    name: str
+    doing: str
+    at: float = field(default_factory=time.monotonic)
+
+
+def _pipes(proc: subprocess.Popen, ctx: JobContext, feed: Feed | None,
+           progress: _Progress) -> Iterator[tuple[bool, bytes]]:
+    """``proc``'s output as it comes, (True, chunk) from stdout and (False, chunk) from
+    stderr, until both close, whatever it prints (no pipe can fill and block it). Between
+    reads: the job's abort and deadline (``ctx.check``), and ``stalled`` once neither
+    ``progress.at`` (the caller moves it) nor the feed's last byte moved for the job's
+    stall_timeout. Raising leaves ``proc`` to the caller (``_reap``)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, True)
+    sel.register(proc.stderr, selectors.EVENT_READ, False)
+    sel.register(ctx.waker.fileno(), selectors.EVENT_READ, None)
+    stall_timeout = ctx.limits.stall_timeout
+    open_pipes = 2
+    try:
+        while open_pipes:
+            now = time.monotonic()
+            if feed is not None:
+                progress.at = max(progress.at, feed.last_activity)
+            ctx.check(progress.doing)
+            if now - progress.at > stall_timeout:
+                raise Transient("stalled", f"{progress.name} made no progress for "
+                                f"{stall_timeout:g} s")
+            timeout = max(0.0, min(ctx.deadline, progress.at + stall_timeout) - now)
+            for key, _ in sel.select(timeout=min(timeout, 1.0)):
+                if key.data is None:
+                    ctx.waker.drain()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    yield key.data, chunk
+                else:
+                    sel.unregister(key.fileobj)
+                    open_pipes -= 1
+    finally:
+        sel.close()
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill what is left of ``proc``'s process group, wait for it, close its pipes."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 PROBE_OUTPUT_LIMIT = 16 << 20  # bytes of ffprobe's JSON: ~130,000 packets (Python holds ~10x)
@@ -532,48 +556,19 @@ def capture(cmd: list[str], ctx: JobContext, feed: Feed | None = None,
         raise Transient("ffmpeg_missing", f"cannot run {cmd[0]!r}") from None
     out = bytearray()
     err: collections.deque[bytes] = collections.deque(maxlen=16)
-    sel = selectors.DefaultSelector()
-    assert proc.stdout is not None and proc.stderr is not None
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
-    sel.register(ctx.waker.fileno(), selectors.EVENT_READ, None)
-    stall_timeout = ctx.limits.stall_timeout
-    last_change = time.monotonic()
+    name = os.path.basename(cmd[0])
+    progress = _Progress(name, "probing the source")  # any output is progress
     try:
-        open_pipes = 2
-        while open_pipes:
-            ctx.check("probing the source")
-            now = time.monotonic()
-            if feed is not None:
-                last_change = max(last_change, feed.last_activity)
-            if now - last_change > stall_timeout:
-                raise Transient("stalled", f"{os.path.basename(cmd[0])} made no progress "
-                                f"for {stall_timeout:g} s")
-            for key, _ in sel.select(timeout=1.0):
-                if key.data is None:
-                    ctx.waker.drain()
-                    continue
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    open_pipes -= 1
-                    continue
-                last_change = time.monotonic()
-                if key.data is out:
-                    out += chunk
-                    if len(out) > limit:
-                        raise RuntimeError(f"{os.path.basename(cmd[0])} printed more than "
-                                           f"{limit} bytes")
-                else:
-                    err.append(chunk)
+        for is_stdout, chunk in _pipes(proc, ctx, feed, progress):
+            progress.at = time.monotonic()
+            if not is_stdout:
+                err.append(chunk)
+                continue
+            out += chunk
+            if len(out) > limit:
+                raise RuntimeError(f"{name} printed more than {limit} bytes")
     finally:
-        sel.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        _reap(proc)
     if proc.returncode != 0 or (quiet and err):
         raise RuntimeError(f"{os.path.basename(cmd[0])} exit {proc.returncode}: "
                            f"{_tail(b''.join(err))}")
