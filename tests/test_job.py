@@ -328,3 +328,163 @@ def test_worker_names_parse_back():
     assert parse_worker_id("not-a-worker") is None
     assert parse_worker_dir(worker_dir_name(42, 1700000000123)) == (42, 1700000000123)
     assert parse_worker_dir("cache") is None and parse_worker_dir("w-1-2.part") is None
+
+
+# The parser's shortcuts for the usual message (worker/job.py): each must give the answer
+# of the full path it skips, on the usual inputs and on the odd ones around them.
+FILE_CONFIG = config_mod.load(None, env={"CLIP_SUPERVISOR_JOB_ALLOWED_SCHEMES":
+                                         "http,https,gs,file"})
+
+
+def _url_answer(check, url: str, cfg) -> str:
+    try:
+        check(url, cfg)
+    except Permanent as exc:
+        return exc.reason
+    return "ok"
+
+
+_URL_ODD = ["http://h:65535/v", "http://h:65536/v", "http://h:0/v", "http://h:99999",
+            "http://h:/v", "http://h:1a/v", "HTTP://H/v", "http:///v", "http://", "gs://b",
+            "file:///", "file://", "file:", "file:///x?y#z", "file://localhost/x",
+            "file://LOCALHOST/x", "file://h/x", "FILE:///x", "file://:1/x", "ftp://h/x",
+            "http://[::1]/v", "http://[::1/v", "http://u@h/v", "http://h/v x",
+            "http://h/v\x7f", "http://\u00e9.fr/v", "http://h/\u00e9", "http://h/\u2028",
+            "http://h#\u00e9", "http://h?x", "h+t.p://h/v", "1http://h/v", "http:h/v",
+            "http://h/" + "v" * 8200, "http://h:0065535/v", "http://h:" + "\u0661" + "/v"]
+_url_char = st.sampled_from("aZ09.-+:/@[]?#%_~ \t\x00\x7f\u00e9\u2100\u0661\u3000")
+_urls = st.tuples(
+    st.sampled_from(["http", "HTTPS", "gs", "file", "fIle", "ftp", "h+t.p", "1x"]),
+    st.sampled_from(["://", ":", ":/", ":///"]),
+    st.text(_url_char, max_size=12),
+    st.sampled_from(["", ":80", ":65535", ":65536", ":", ":8a", ":00080"]),
+    st.sampled_from(["", "/", "?", "#"]),
+    st.text(max_size=12)).map("".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(_urls, st.sampled_from(_URL_ODD), st.text(max_size=40)))
+def test_the_usual_url_shortcut_answers_as_the_full_check(url):
+    from worker import job
+
+    for cfg in (CONFIG, FILE_CONFIG):
+        assert _url_answer(job._check_source_url, url, cfg) == \
+            _url_answer(job._check_url_fully, url, cfg), url
+
+
+def test_a_usual_url_is_checked_without_urlsplit(monkeypatch):
+    from worker import job
+
+    def refuse(url, cfg):  # the full check: not reached for the usual shapes
+        raise Permanent("full", url)
+
+    monkeypatch.setattr(job, "_check_url_fully", refuse)
+    for url in ("http://127.0.0.1:9/v.mp4", "https://cdn.example.com/a/b.mp4?sig=x#t",
+                "gs://bucket/key/v.mp4", "HTTPS://Host-1.example:443/v"):
+        assert _url_answer(job._check_source_url, url, CONFIG) == "ok", url
+    assert _url_answer(job._check_source_url, "file:///srv/v.mp4", FILE_CONFIG) == "ok"
+    # and anything else goes to it
+    for url in ("http://u@h/v", "http://[::1]/v", "file://localhost/v", "http://h:99999/v"):
+        assert _url_answer(job._check_source_url, url, FILE_CONFIG) == "full", url
+
+
+def _json_answer(text: str) -> tuple[str, str]:
+    from worker import job
+
+    answers = []
+    for loads in (job._loads, json.loads):
+        try:
+            answers.append(("ok", repr(loads(text))))
+        except ValueError as exc:
+            answers.append(("ValueError", str(exc)))
+        except RecursionError:
+            answers.append(("RecursionError", ""))
+    assert answers[0] == answers[1], text
+    return answers[0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    _json.map(json.dumps),
+    st.tuples(_json.map(json.dumps), st.text(max_size=6)).map("".join),
+    st.tuples(st.sampled_from(["{", "[", '"']), st.text(max_size=30)).map("".join)))
+def test_the_decoder_gives_json_loads_answers(text):
+    text = text.strip(" \t\n\r\f\v")
+    if text.startswith(("{", "[", '"')):  # what parse decodes
+        _json_answer(text)
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": 1}', '{"a": 1} ', '{"a": 1}{}', '{"a": 1} x', '{"a": NaN, "b": -Infinity}',
+    '{"a": 1, "a": 2}', '[' * 100_000, '"\\ud800"', '{"a": "\x01"}', '{"a": 1e400}',
+    '{"a": ' + "1" * 5000 + "}", '{"a" 1}', '{', '"x'])
+def test_the_decoder_gives_json_loads_answers_on_odd_texts(text):
+    _json_answer(text)
+
+
+@pytest.mark.parametrize("fields, answer", [
+    ({"start": 1e9}, 1e9), ({"start": 10 ** 9}, 1e9), ({"start": 0}, 0.0),
+    ({"start": 1e9 + 1e-6}, "bad_range"), ({"start": 10 ** 9 + 1}, "bad_range"),
+    ({"start": -1e9 - 1}, "bad_range"), ({"end": -(10 ** 9) - 1}, "bad_range"),
+    ({"start": float("nan")}, "bad_range"), ({"start": float("inf")}, "bad_range"),
+    ({"start": 10 ** 400}, "bad_range"), ({"start": False}, "bad_range"),
+])
+def test_times_at_the_limits(fields, answer):
+    raw = json.dumps({"url": "http://h/v", **fields}).encode()
+    if isinstance(answer, str):
+        assert _reason(raw) == answer
+    else:
+        start = parse(raw, CONFIG).start
+        assert start == answer and type(start) is float
+
+
+def test_a_parsed_job_is_the_job_its_fields_make():
+    import dataclasses
+
+    job = parse(json.dumps({"id": "j", "url": "http://h/v", "start": 1, "end": 2,
+                            "output": "o.mkv", "format": "mkv", "mode": "copy",
+                            "callback": "https://c/h"}).encode(), CONFIG)
+    names = [f.name for f in dataclasses.fields(Job)]
+    assert sorted(vars(job)) == sorted(names)  # every field set, nothing else
+    assert job == Job(**{name: getattr(job, name) for name in names})
+    assert hash(job) == hash(Job(**{name: getattr(job, name) for name in names}))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.url = "http://other/v"  # type: ignore[misc]
+
+
+_clip_specs = st.lists(st.fixed_dictionaries({}, optional={
+    "id": st.sampled_from(["a", "b", "c", "bad id", 7]),
+    "start": _json | st.floats(-5, 50), "end": _json | st.floats(-5, 50),
+    "duration": _json | st.floats(-5, 50),
+    "output": st.sampled_from(["x.mp4", "y.mkv", "../z", "gs://bucket-a/clips/q.mp4", 3]),
+    "mode": st.sampled_from(["copy", "smart", "encode", "fast"]),
+    "format": st.sampled_from(["mp4", "mkv", "exe"]), "extra": _json}), min_size=1, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_clip_specs, st.sampled_from([{}, {"mode": "copy"}, {"format": "mkv"},
+                                     {"callback": "https://hooks.example/h"}]))
+def test_each_clip_is_the_job_its_letter_replays_to(specs, extra):
+    # A clip is made from the job's decoded fields, without encoding and parsing its own
+    # message: it must be what parsing that message (its dead letter, replayed) gives.
+    import dataclasses
+
+    from worker.job import BadClip
+
+    raw = json.dumps({"id": "m", "url": " http://h/v ", "clips": specs, **extra}).encode()
+    try:
+        job = parse(raw, CONFIG)
+    except Permanent:
+        return  # refused as a whole (a clip id): no clip to compare
+    assert len(job.clips) == len(specs)
+    for clip in job.clips:
+        try:
+            alone = dataclasses.replace(parse(clip.raw, CONFIG), job="m")
+        except Permanent as exc:
+            assert isinstance(clip, BadClip) and clip.error.reason == exc.reason
+            assert str(clip.error) == str(exc)
+        else:
+            if isinstance(clip, BadClip):  # only for an output two clips share
+                assert "too" in str(clip.error) and clip.error.reason == "output_not_allowed"
+            else:
+                assert clip == alone and clip.raw == alone.raw and clip.job == "m"
