@@ -132,12 +132,14 @@ def test_a_worker_wedged_in_a_call_that_never_returns_is_killed_and_its_job_requ
                  what="the master to find the worker wedged")
     finally:
         os.close(lock)  # the stuck sibling lets go: the next attempt runs through
-    text = env.log_text()
     assert re.search(rf"worker 1 \(pid {pid}\) is wedged: its main loop has been silent "
-                     r"for \d+ s \(busy; limit 12 s\)", text), text[-3000:]
-    assert f"worker 1 (pid {pid}) was killed: wedged" in text
-    assert re.search(rf"requeued 1 message\(s\) held by dead worker \S+:{pid}:\S+ "
-                     r"\(attempt counted\)", text)
+                     r"for \d+ s \(busy; limit 12 s\)", env.log_text()), env.log_text()[-3000:]
+    # (the master logs the kill once it has reaped the worker, and the requeue after: wait)
+    wait_for(lambda: f"worker 1 (pid {pid}) was killed: wedged" in env.log_text(), 15,
+             interval=0.1, what="the kill logged")
+    wait_for(lambda: re.search(rf"requeued 1 message\(s\) held by dead worker \S+:{pid}:\S+ "
+                               r"\(attempt counted\)", env.log_text()), 15, interval=0.1,
+             what="the requeue logged")
     # and a new worker does the job, whose crash was counted
     env.wait_finished(1, timeout=30)
     assert env.dead_letters() == [], env.log_text()[-3000:]
