@@ -201,8 +201,10 @@ def test_the_job_page_cancels_a_running_job_with_the_token(env, heavy_video):
     client = _client(env)
     proc = env.start()
     env.wait_workers(proc, 1)
-    # Given a running encode, and an operator on its job page who has entered the token
-    job = client.enqueue(env.url(heavy_video), mode="encode", id="page-enc")
+    # Given a running encode whose source arrives over 40 s (so it is still running however
+    # fast the machine, while a browser starts), and an operator on its job page who has
+    # entered the token
+    job = client.enqueue(env.url(heavy_video, slow=40), mode="encode", id="page-enc")
     wait_for(lambda: job.status().get("state") == JobState.RUNNING, 20, what="the encode")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
