@@ -140,7 +140,9 @@ def test_metrics_and_health_after_real_jobs(env):
     assert _sample(text, "clip_queue_length", queue="dead") == 2
     assert _sample(text, "clip_queue_length", queue="queue") == 0
     assert _sample(text, "clip_redis_up") == 1
-    assert _sample(text, "clip_workers_alive") == 2
+    # the master counts the restarted worker alive once it has booted: wait for it
+    wait_for(lambda: _sample(_get(base + "/metrics")[1], "clip_workers_alive") == 2, 10,
+             what="the restarted worker counted alive")
     # Redis down: /healthz says so, /metrics still answers
     env.redis.stop()
     status, body = _get(base + "/healthz")
