@@ -65,6 +65,66 @@ def test_held_lines_wait_no_longer_than_the_bound(log_file, monkeypatch):
     assert _lines(log_file)[-1] == "last"
 
 
+def test_a_deferred_line_keeps_its_time_and_fields_and_comes_before_later_lines(tmp_path):
+    # Given JSON lines, held, and a line deferred while job "a" was bound
+    path = tmp_path / "daemon.log"
+    logs.setup("worker 0", str(path), "INFO", fmt="json")
+    log = logging.getLogger("clip-supervisor.worker")
+    try:
+        logs.hold(True)
+        logs.bind(job_id="a", stage="done")
+        before = time.time()
+        logs.defer(log, "job %s done in %.2f s", "a", 0.5)
+        after = time.time()
+        # When job "b" is bound, and the deferred line is made a moment later
+        logs.bind(job_id="b", stage="fetch")
+        time.sleep(0.02)
+        assert path.read_text() == ""
+        logs.write_deferred()
+        assert path.read_text() == ""  # made, and held with the other routine lines
+        # And a warning of job b follows
+        log.warning("job b: odd")
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        # Then the deferred line comes first, with job a's fields and the time of the call
+        assert [(e["job_id"], e["stage"], e["message"]) for e in entries] == [
+            ("a", "done", "job a done in 0.50 s"), ("b", "fetch", "job b: odd")]
+        stamp = entries[0]["time"]
+        assert time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(before))) <= stamp[:19] \
+            <= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(after)))
+    finally:
+        logs.hold(False)
+        logs.unbind()
+        logging.shutdown()
+        logs.setup("main", "", "INFO")
+
+
+def test_deferred_lines_are_written_by_any_later_write_and_one_at_a_time(log_file):
+    log = logging.getLogger("clip-supervisor.worker")
+    # Not holding: a deferred line is written at once
+    logs.defer(log, "job %s done", "x")
+    assert _lines(log_file) == ["job x done"]
+    # Holding: a line deferred while another waits makes the waiting one first (so a
+    # caller that never waits for Redis keeps at most one), and releasing writes both
+    logs.hold(True)
+    logs.defer(log, "job %s done", "y")
+    logs.defer(log, "job %s done", "z")
+    assert len(logs._deferred) == 1
+    log.info("job w done")  # a plain line after them comes after them
+    assert _lines(log_file) == ["job x done"]
+    logs.hold(False)
+    assert _lines(log_file) == ["job x done", "job y done", "job z done", "job w done"]
+    # A deferred line below the log level is not made at all
+    logging.getLogger().setLevel("WARNING")
+    logs.hold(True)
+    logs.defer(log, "job %s done", "q")
+    assert not logs._deferred
+    # And logging's shutdown (a worker's exit) writes a deferred line
+    logging.getLogger().setLevel("INFO")
+    logs.defer(log, "job %s done", "last")
+    logging.shutdown()
+    assert _lines(log_file)[-1] == "job last done"
+
+
 def test_a_worker_holds_lines_only_between_jobs_taken_back_to_back(redis_server, tmp_path):
     # Given a worker running no-op jobs, 30 queued at once, then one alone
     from worker.runner import Worker

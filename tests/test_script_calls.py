@@ -10,6 +10,7 @@ never gets another call's reply. A job's stages reach its hash once each.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -147,3 +148,43 @@ def test_a_jobs_stages_reach_its_hash_once_each(redis_server, tmp_path):
     assert seen == ["fetch", "clip", "store"]
     assert written == ["clip", "store"]
     assert r.hget(keys.job("s1"), "state") == b"done"
+
+
+def test_work_given_for_the_wait_runs_while_redis_runs_the_call(worker_queue):
+    # Given a worker's queue with work to do while it waits for Redis, which waits (up to
+    # a deadline) until Redis has run the call it came with, as a second client sees it
+    queue, keys, r = worker_queue
+    _one_job(queue, r, keys, b"m0", "j0")
+
+    def snapshot():
+        return r.llen(keys.processing("w")), r.hget(keys.job("j1"), "state")
+
+    seen = [snapshot()]
+
+    def meanwhile():
+        deadline = time.monotonic() + 5
+        while snapshot() == seen[-1] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        seen.append(snapshot())
+
+    queue.while_waiting = meanwhile
+    # When a job is taken, started and acknowledged
+    _one_job(queue, r, keys, b"m1", "j1")
+    # Then the work ran once in each of the three calls, each time after the call had been
+    # sent: FETCH took the message, START marked it running, DONE done and acknowledged
+    # (work run before the send would see nothing change and record the same state again)
+    assert seen[1:] == [(1, None), (1, b"running"), (0, b"done")]
+
+
+def test_a_failure_of_the_work_for_the_wait_costs_no_answer(worker_queue, caplog):
+    # Given work for the wait that fails
+    queue, keys, r = worker_queue
+
+    def broken():
+        raise RuntimeError("boom")
+
+    queue.while_waiting = broken
+    # When a job runs, Then every call still gets its answer and records, and the failure
+    # is logged with its traceback
+    _one_job(queue, r, keys, b"m1", "j1")
+    assert "while waiting for Redis" in caplog.text and "boom" in caplog.text

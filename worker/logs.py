@@ -150,6 +150,11 @@ HOLD_SECONDS = 0.1
 HOLD_LINES = 64
 
 
+# Routine lines deferred to the worker's next wait for Redis (see defer): the logger, the
+# time of the call, the message and its arguments, the fields bound then (JSON lines).
+_deferred: list[tuple[logging.Logger, float, str, tuple, dict[str, str] | None]] = []
+
+
 class LogFile(logging.FileHandler):
     """A FileHandler that never follows a symbolic link at its path, and that can hold
     routine lines back for a moment (see ``hold``)."""
@@ -162,6 +167,8 @@ class LogFile(logging.FileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         # Called with the handler's lock held, from any thread.
+        if _deferred:  # lines deferred earlier come first, in order
+            write_deferred()
         if not self.holding or record.levelno > logging.INFO:
             if self._held:  # what was held comes first, in order
                 self._write_held()
@@ -193,6 +200,8 @@ class LogFile(logging.FileHandler):
     def flush(self) -> None:
         self.acquire()
         try:
+            if _deferred:
+                write_deferred()
             if self._held:
                 self._write_held()
         finally:
@@ -217,11 +226,54 @@ def hold(on: bool) -> None:
     if isinstance(handler, LogFile) and handler.holding != on:
         handler.acquire()
         try:
+            if _deferred:
+                write_deferred()
             handler.holding = on
             if not on and handler._held:
                 handler._write_held()
         finally:
             handler.release()
+
+
+def defer(logger: logging.Logger, msg: str, *args: object) -> None:
+    """``logger.info(msg, *args)``, made a moment later while lines are held (see hold): the
+    record is built and formatted by ``write_deferred``, which the worker calls while it
+    waits for Redis's answer to its next call (the next job's ack), so that this CPU is
+    spent while the worker would otherwise sleep. The line keeps the time of this call and
+    the fields bound now, and comes out before any later line of this process: every
+    write of the log file (a line, a flush, ``hold(False)``) writes deferred lines first.
+    Not holding, it is logged at once."""
+    handler = _state.get("file")
+    if not (isinstance(handler, LogFile) and handler.holding):
+        logger.info(msg, *args)
+        return
+    if _deferred:  # one at a time: a caller that never waits (see write_deferred) gains nothing
+        write_deferred()
+    if logger.isEnabledFor(logging.INFO):
+        bound_now = dict(_bound) if _state["format"] == "json" else None
+        _deferred.append((logger, time.time(), msg, args, bound_now))
+
+
+def write_deferred() -> None:
+    """Log the lines ``defer`` put off (they join the held lines, or go to the file)."""
+    if not _deferred:  # the usual case: called around every per-job Redis call
+        return
+    handler = _state.get("file")
+    if handler is None:
+        _deferred.clear()
+        return
+    handler.acquire()  # an RLock: emit and flush call this with it held
+    try:
+        while _deferred:
+            logger, created, msg, args, bound_then = _deferred.pop(0)
+            record = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, msg,
+                                       args, None, "(unknown function)", bound_then)
+            record.created = created  # the time of the call, as logging.LogRecord sets it
+            record.msecs = int((created - int(created)) * 1000) + 0.0
+            record.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+            logger.handle(record)
+    finally:
+        handler.release()
 
 
 def setup(role: str, logfile: str = "", level: str = "INFO", fmt: str = "text") -> None:

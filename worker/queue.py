@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -47,6 +48,8 @@ from .config import Config
 from .job import Job, dead_letter, intake, job_id_of
 from .keys import Keys
 from .protocol import EventType, JobState
+
+log = logging.getLogger("clip-supervisor.queue")
 
 if TYPE_CHECKING:
     from .wake import Waker
@@ -155,6 +158,15 @@ class JobQueue:
         self._clip_end = client.register_script(scripts.CLIP_END)
         self._clips_ack = client.register_script(scripts.CLIPS_ACK)
         self.hosts = HostClaims(client, self.keys)
+        # A worker's client (one kept connection, see connect): its per-job scripts go
+        # straight onto that connection (see _script).
+        conn = getattr(client, "connection", None)
+        lock = getattr(client, "single_connection_lock", None)
+        self._direct = ((conn, lock) if conn is not None and lock is not None
+                        and not isinstance(client, RedisCluster) else None)
+        # Work the caller gives a per-job script call to do between sending it and reading
+        # its answer, while Redis runs it (the worker: its deferred log line, logs.defer).
+        self.while_waiting: Callable[[], None] | None = None
         self._has_blmove: bool | None = None
         self._blocking: tuple[Any, Any] | None = None  # (pool, connection) for BLMOVE
 
@@ -330,18 +342,27 @@ class JobQueue:
         same call, with its reconnects and retries: a broken connection (already closed
         by the failed send or read), a server that lost its scripts (NOSCRIPT: redis-py
         loads it again), and every other client (Cluster, Sentinel, pooled)."""
-        conn = getattr(self.client, "connection", None)
-        lock = getattr(self.client, "single_connection_lock", None)
-        if conn is not None and lock is not None and not isinstance(self.client, RedisCluster):
+        direct = self._direct
+        if direct is not None and self.client.connection is direct[0]:  # None once closed
+            conn, lock = direct
             command = ("EVALSHA", script.sha, len(keys), *keys, *args)
             with lock:
                 try:
                     conn.send_packed_command([_pack_command(command)] if _pack_command
                                              else conn.pack_command(*command))
+                    if self.while_waiting is not None:
+                        self._meanwhile()
                     return conn.read_response()
                 except (redis.ConnectionError, redis.TimeoutError, NoScriptError):
                     pass  # redis-py's path below: reconnect, or load the script again
         return script(keys=keys, args=args)
+
+    def _meanwhile(self) -> None:
+        assert self.while_waiting is not None
+        try:
+            self.while_waiting()
+        except Exception:  # its own failure must not cost the call's answer
+            log.exception("while waiting for Redis")
 
     def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
              fields: dict[str, str | int | float], token: str = "", callback: str = "",

@@ -188,6 +188,7 @@ class Worker:
             return EXIT_BOOT_ERROR
         self.client = connect(self.config, single=True)
         self.queue = JobQueue(self.client, self.config)
+        self.queue.while_waiting = logs.write_deferred  # see logs.defer
         code = EXIT_OK
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         listener = threading.Thread(target=self.queue.watch_cancels, name="cancels",
@@ -687,9 +688,10 @@ class Worker:
             metrics.CUTS.labels(result.cut).inc()
             metrics.REENCODED_SECONDS.inc(result.reencoded)
         logs.hold(self._next is not None)  # see logs.hold: only while jobs run back to back
-        log.info("job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
-                 " (already stored)" if reused else
-                 f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
+        # Held, the line is made while the worker waits for the next job's ack (logs.defer).
+        logs.defer(log, "job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
+                   " (already stored)" if reused else
+                   f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
 
     def _token(self) -> str:
         """A name for one outcome, unique across workers and jobs: this worker's id and a
