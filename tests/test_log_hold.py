@@ -10,7 +10,7 @@ import time
 import pytest
 
 from worker import config as config_mod
-from worker import logs
+from worker import logs, metrics
 from worker.keys import Keys
 from worker.protocol import EXIT_RECYCLE
 
@@ -141,6 +141,7 @@ def test_a_worker_holds_lines_only_between_jobs_taken_back_to_back(redis_server,
     job = {"url": "http://127.0.0.1:9/v.mp4", "duration": 1}
     r.lpush(keys.queue, *[json.dumps({**job, "id": f"burst-{i}"}) for i in range(30)])
     worker = Worker(cfg)
+    counted = metrics.JOBS.labels("done")._value.get()
     seen: list[tuple[str, bool]] = []
     done = worker._done
 
@@ -174,6 +175,9 @@ def test_a_worker_holds_lines_only_between_jobs_taken_back_to_back(redis_server,
     positions = [text.index(f"job {name} done") for name in
                  [f"burst-{i}" for i in range(30)] + ["alone"]]
     assert positions == sorted(positions)
+    # And every job was counted (a job ended back to back is counted during the next one's
+    # ack, the last before the worker waits)
+    assert metrics.JOBS.labels("done")._value.get() - counted == 31
     logging.shutdown()
     logs.setup("main", "", "INFO")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import json.encoder
 import logging
 import math
 import threading
@@ -136,8 +137,33 @@ def _sentinel_master(url: str, tls: bool, timeouts: dict[str, float]) -> redis.R
                                **timeouts)
 
 
+_NOW_ISO: tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """The time now, ISO 8601 UTC to the second; formatted once a second (a worker stamps
+    every job it ends: formatting it each time was a microsecond of a no-op job)."""
+    global _NOW_ISO
+    second = int(time.time())
+    cached = _NOW_ISO  # one read: another thread may replace it meanwhile
+    if cached[0] != second:
+        cached = _NOW_ISO = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return cached[1]
+
+
+def _event_encoder() -> Callable[[dict], str]:
+    """json.dumps with its defaults, for the completion event: the C encoder json.dumps
+    ends in, made once instead of at every call. Its check for circular references is left
+    out: an event is a new dict of plain values."""
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:  # pragma: no cover - CPython without its _json accelerator
+        return json.dumps
+    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+                  None, ": ", ", ", False, False, True)
+    return lambda obj: "".join(encode(obj, 0))
+
+
+_event_json = _event_encoder()
 
 
 class JobQueue:
@@ -325,7 +351,7 @@ class JobQueue:
         reply = self._script(
             self._done, [k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue,
                          k.events],
-            [sha1(message), json.dumps(event), int(self.config.job.job_ttl),
+            [sha1(message), _event_json(event), int(self.config.job.job_ttl),
              self.config.job.done_max, "1" if take_next else "0", token or uuid.uuid4().hex,
              job_id, str(event.get("time") or now_iso()), callback, self.events_max,
              *_pairs(fields)])

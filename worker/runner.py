@@ -100,6 +100,8 @@ class Worker:
         self._last_progress_write = 0.0
         self._fetch_failures = 0
         self._next: bytes | None = None  # taken by the ack of the previous job (DONE script)
+        # A job ended back to back, counted in the metrics a moment later (see _catch_up).
+        self._uncounted: tuple[float, Result] | None = None
         self._heartbeat_stop = threading.Event()
         self._cancel_id: str | None = None  # a cancel named this job (the listener's note)
         self._listener_stop = threading.Event()
@@ -188,7 +190,7 @@ class Worker:
             return EXIT_BOOT_ERROR
         self.client = connect(self.config, single=True)
         self.queue = JobQueue(self.client, self.config)
-        self.queue.while_waiting = logs.write_deferred  # see logs.defer
+        self.queue.while_waiting = self._catch_up
         code = EXIT_OK
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         listener = threading.Thread(target=self.queue.watch_cancels, name="cancels",
@@ -206,7 +208,7 @@ class Worker:
             code = EXIT_ABORTED if self.aborting else EXIT_OK
             clean = True
         finally:
-            logs.hold(False)
+            self._unhold()
             self._heartbeat_stop.set()
             self._listener_stop.set()
             if heartbeat.is_alive():
@@ -231,7 +233,7 @@ class Worker:
             self._title("idle")
             message, self._next = self._next, None
             if message is None:
-                logs.hold(False)  # nothing in hand: held log lines go out before waiting
+                self._unhold()  # nothing in hand: held lines go out before waiting
                 message = self._next_message()
             if message is None:
                 continue
@@ -331,7 +333,7 @@ class Worker:
         if self.config.job.pipeline == "noop":
             self._done(job, Result(output=job.output), started)
             return
-        logs.hold(False)  # a real job may take a while: held log lines go out first
+        self._unhold()  # a real job may take a while: held lines go out first
         started_fields: dict[str, str | int | float] = {
             "state": JobState.RUNNING, "worker": self.worker_id, "url": job.url,
             "output": job.output, "mode": job.mode, "progress": 0, "stage": "fetch",
@@ -676,6 +678,19 @@ class Worker:
         if not acked:
             self._fenced(job.id, "done")
             return
+        if self._uncounted is not None:  # no wait came since (not on the direct path)
+            self._catch_up()
+        if self._next is not None:  # counted while the worker waits for the next ack
+            self._uncounted = (elapsed, result)
+        else:
+            self._count_done(elapsed, result)
+        logs.hold(self._next is not None)  # see logs.hold: only while jobs run back to back
+        # Held, the line is made while the worker waits for the next job's ack (logs.defer).
+        logs.defer(log, "job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
+                   " (already stored)" if reused else
+                   f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
+
+    def _count_done(self, elapsed: float, result: Result) -> None:
         self._jobs_done_metric.inc()
         metrics.JOB_SECONDS.observe(elapsed)
         for stage, seconds in result.timings.items():
@@ -687,11 +702,21 @@ class Worker:
         if result.cut:
             metrics.CUTS.labels(result.cut).inc()
             metrics.REENCODED_SECONDS.inc(result.reencoded)
-        logs.hold(self._next is not None)  # see logs.hold: only while jobs run back to back
-        # Held, the line is made while the worker waits for the next job's ack (logs.defer).
-        logs.defer(log, "job %s done in %.2f s -> %s%s", job.id, elapsed, result.output,
-                   " (already stored)" if reused else
-                   f" ({result.read}, {result.bytes_in} source bytes)" if result.read else "")
+
+    def _catch_up(self) -> None:
+        """What a job ended back to back left for a moment when the worker has nothing
+        else to do (see _done): its log line (logs.defer) and its counts. The queue calls
+        it while Redis runs the worker's next per-job call; the worker, before it waits for
+        work, starts a clip, or exits."""
+        logs.write_deferred()
+        uncounted, self._uncounted = self._uncounted, None
+        if uncounted is not None:
+            self._count_done(*uncounted)
+
+    def _unhold(self) -> None:
+        """No job runs back to back any more: what waits is written and counted."""
+        self._catch_up()
+        logs.hold(False)
 
     def _token(self) -> str:
         """A name for one outcome, unique across workers and jobs: this worker's id and a

@@ -141,14 +141,24 @@ return attempts
 # Fencing by SHA-1: the worker sends the SHA-1 of the message it holds, never the message
 # again (it may be up to max_message_bytes, or far more for one refused as too large).
 _TAKE_BACK = """
+-- Returns the message taken back and how many the list held with it (false when not there).
 local function take_back(list, sha1)
-  for _, message in ipairs(redis.call('LRANGE', list, 0, -1)) do
+  local held = redis.call('LRANGE', list, 0, -1)
+  for _, message in ipairs(held) do
     if redis.sha1hex(message) == sha1 then
       redis.call('LREM', list, 1, message)
-      return message
+      return message, #held
     end
   end
   return false
+end
+-- The next message for a worker that wants one, in its processing list: the one already
+-- there (a call made again after a lost reply, whose first run took it), else the next
+-- from the queue. ``empty``: the caller just took the list's only message back, so there
+-- is nothing to look for.
+local function take_next(list, queue, empty)
+  if empty then return redis.call('RPOPLPUSH', queue, list) end
+  return redis.call('LINDEX', list, -1) or redis.call('RPOPLPUSH', queue, list)
 end
 """
 
@@ -171,9 +181,10 @@ DONE = _TAKE_BACK + _EVENT + """
 -- Returns {acked, next message or nothing}: acked 1 = recorded by this call (or by an earlier
 -- run of this same call whose reply was lost), 0 = fenced: the message had been recovered
 -- and requeued meanwhile, so nothing was recorded.
-local acked = 0
-if take_back(KEYS[1], ARGV[1]) then
-  acked = 1
+local acked, empty = 0, false
+local taken, held = take_back(KEYS[1], ARGV[1])
+if taken then
+  acked, empty = 1, held == 1
   redis.call('HSET', KEYS[2], 'state', 'done', 'ack', ARGV[6], unpack(ARGV, 11))
   redis.call('HDEL', KEYS[2], 'cancel')
   if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
@@ -187,8 +198,7 @@ elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[6] then
   acked = 1  -- this call ran before and its reply was lost
 end
 if ARGV[5] == '1' then
-  -- A retried call (lost reply) finds the next message already taken: return it again.
-  local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
+  local nxt = take_next(KEYS[1], KEYS[5], empty)
   if nxt then return {acked, nxt} end
 end
 return {acked}
@@ -248,9 +258,10 @@ CLIPS_ACK = _TAKE_BACK + """
 -- ARGV[1] message SHA-1, ARGV[2] ack token (the same when the call is made again), ARGV[3]
 -- job TTL s, ARGV[4] '1' = take the next message, ARGV[5..] field, value pairs for the hash
 -- Returns {acked, next message or nothing}, acked as DONE's.
-local acked = 0
-if take_back(KEYS[1], ARGV[1]) then
-  acked = 1
+local acked, empty = 0, false
+local taken, held = take_back(KEYS[1], ARGV[1])
+if taken then
+  acked, empty = 1, held == 1
   local stored = tonumber(redis.call('HGET', KEYS[2], 'clips_done') or '0')
   local state = 'dead'
   if stored > 0 then state = 'done' end
@@ -263,7 +274,7 @@ elseif redis.call('HGET', KEYS[2], 'ack') == ARGV[2] then
   acked = 1  -- this call ran before and its reply was lost
 end
 if ARGV[4] == '1' then
-  local nxt = redis.call('LINDEX', KEYS[1], -1) or redis.call('RPOPLPUSH', KEYS[5], KEYS[1])
+  local nxt = take_next(KEYS[1], KEYS[5], empty)
   if nxt then return {acked, nxt} end
 end
 return {acked}
