@@ -75,6 +75,7 @@ def main() -> None:
     for mode in ("file", "ranges", "download", "cache"):
         config = config_mod.load(None, env={}, overrides={
             "job.allow_private_networks": "true", "job.allowed_schemes": "http,file",
+            "job.mode": "copy",  # the clips of bench.clips --mode copy (smart is the default)
             "job.range_requests": "true" if mode == "ranges" else "false",
             # each mode as named: the source cache only in "cache" mode, where it is warm
             "job.cache_max_bytes": "2GiB" if mode == "cache" else "0",

@@ -9,6 +9,7 @@ never gets another call's reply. A job's stages reach its hash once each.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -188,3 +189,18 @@ def test_a_failure_of_the_work_for_the_wait_costs_no_answer(worker_queue, caplog
     # is logged with its traceback
     _one_job(queue, r, keys, b"m1", "j1")
     assert "while waiting for Redis" in caplog.text and "boom" in caplog.text
+
+
+def test_the_done_list_keeps_the_newest_done_max_events(redis_server):
+    # Given a queue whose done list is capped at 3
+    cfg = config_mod.load(None, env={"CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
+                                     "CLIP_SUPERVISOR_JOB_DONE_MAX": "3"})
+    client = connect(cfg, single=True)
+    queue, keys, r = JobQueue(client, cfg), Keys("clips"), redis_server.client()
+    try:
+        # When five jobs are acknowledged, Then it holds the last three, newest first
+        for i in range(5):
+            _one_job(queue, r, keys, f"m{i}".encode(), f"j{i}")
+        assert [json.loads(e)["id"] for e in r.lrange(keys.done, 0, -1)] == ["j4", "j3", "j2"]
+    finally:
+        client.close()

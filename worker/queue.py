@@ -352,7 +352,7 @@ class JobQueue:
             self._done, [k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue,
                          k.events],
             [sha1(message), _event_json(event), int(self.config.job.job_ttl),
-             self.config.job.done_max, "1" if take_next else "0", token or uuid.uuid4().hex,
+             self.config.job.done_max - 1, "1" if take_next else "0", token or uuid.uuid4().hex,
              job_id, str(event.get("time") or now_iso()), callback, self.events_max,
              *_pairs(fields)])
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)

@@ -7,6 +7,8 @@ time) so it runs on Redis Cluster, where all our keys share the ``{prefix}`` slo
 
 Scripts use RPOP/RPUSH/RPOPLPUSH rather than LMOVE so they run on Redis < 6.2 as well.
 Time comes from the server (``TIME``), so hosts with skewed clocks agree on due times.
+Constant numbers given to ``redis.call`` are written as strings ('0', '-1'): a Lua number is
+turned into text with sprintf at every call, a measurable part of a per-job script.
 
 No script decodes JSON. What a producer wrote is never parsed in Lua (cjson refuses what
 Python accepts, such as a lone surrogate escape, and an error there would crash the worker
@@ -88,7 +90,7 @@ FETCH = _NOW_MS + """
 -- ARGV[1] how many due retries to promote at most
 -- Returns {1, message, source} or {0, ms until the next delayed retry is due, or -1}.
 -- Already holding one (our previous call ran but its reply was lost): hand that back.
-local held = redis.call('LINDEX', KEYS[4], -1)
+local held = redis.call('LINDEX', KEYS[4], '-1')
 if held then return {1, held, 'held'} end
 local message = redis.call('RPOPLPUSH', KEYS[1], KEYS[4])
 if message then return {1, message, 'queue'} end
@@ -143,10 +145,10 @@ return attempts
 _TAKE_BACK = """
 -- Returns the message taken back and how many the list held with it (false when not there).
 local function take_back(list, sha1)
-  local held = redis.call('LRANGE', list, 0, -1)
+  local held = redis.call('LRANGE', list, '0', '-1')
   for _, message in ipairs(held) do
     if redis.sha1hex(message) == sha1 then
-      redis.call('LREM', list, 1, message)
+      redis.call('LREM', list, '1', message)
       return message, #held
     end
   end
@@ -158,7 +160,7 @@ end
 -- is nothing to look for.
 local function take_next(list, queue, empty)
   if empty then return redis.call('RPOPLPUSH', queue, list) end
-  return redis.call('LINDEX', list, -1) or redis.call('RPOPLPUSH', queue, list)
+  return redis.call('LINDEX', list, '-1') or redis.call('RPOPLPUSH', queue, list)
 end
 """
 
@@ -172,7 +174,8 @@ DONE = _TAKE_BACK + _EVENT + """
 -- KEYS[4] attempts   hash    message SHA-1 -> attempts; the entry is dropped
 -- KEYS[5] queue      list    main queue, for the next message
 -- KEYS[6] events     stream  a "done" entry, with the completion event
--- ARGV[1] message SHA-1, ARGV[2] event JSON, ARGV[3] job TTL s, ARGV[4] done cap,
+-- ARGV[1] message SHA-1, ARGV[2] event JSON, ARGV[3] job TTL s, ARGV[4] the done list's
+-- last index (its cap - 1),
 -- ARGV[5] '1' = take the next message, ARGV[6] ack token (unique per ack, the same when the
 -- call is made again), ARGV[7] job id, ARGV[8] time, ARGV[9] callback URL or '',
 -- ARGV[10] events cap, ARGV[11..] field, value pairs for the job hash
@@ -189,7 +192,7 @@ if taken then
   redis.call('HDEL', KEYS[2], 'cancel')
   if redis.call('HSETNX', KEYS[2], 'completed', '1') == 1 then
     redis.call('LPUSH', KEYS[3], ARGV[2])
-    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+    redis.call('LTRIM', KEYS[3], '0', ARGV[4])
     event(KEYS[6], ARGV[10], 'done', ARGV[7], ARGV[8], ARGV[2], ARGV[9])
   end
   redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -207,7 +210,7 @@ return {acked}
 # The message is still held (by SHA-1), without taking it back: a clip ended, not the job.
 _HOLDS = """
 local function holds(list, sha1)
-  for _, message in ipairs(redis.call('LRANGE', list, 0, -1)) do
+  for _, message in ipairs(redis.call('LRANGE', list, '0', '-1')) do
     if redis.sha1hex(message) == sha1 then return true end
   end
   return false
