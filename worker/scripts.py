@@ -154,6 +154,9 @@ local function take_back(list, sha1)
   end
   return false
 end
+"""
+
+_TAKE_NEXT = """
 -- The next message for a worker that wants one, in its processing list: the one already
 -- there (a call made again after a lost reply, whose first run took it), else the next
 -- from the queue. ``empty``: the caller just took the list's only message back, so there
@@ -164,7 +167,7 @@ local function take_next(list, queue, empty)
 end
 """
 
-DONE = _TAKE_BACK + _EVENT + """
+DONE = _TAKE_BACK + _TAKE_NEXT + _EVENT + """
 -- done: the output is stored; record it, acknowledge the message and, when the worker
 -- wants more, take the next one from the main queue in the same step (it is idle from
 -- this instant: one round trip per job instead of two, and never more than one held).
@@ -250,7 +253,7 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'type', ARGV[3], 'id',
 return 1
 """
 
-CLIPS_ACK = _TAKE_BACK + """
+CLIPS_ACK = _TAKE_BACK + _TAKE_NEXT + """
 -- clips_ack: every clip of a multi-clip job has ended (CLIP_END); acknowledge its message,
 -- and take the next one as DONE does. No event: each clip had its own.
 -- KEYS[1] processing list    the worker's in-flight message (removed here = the ack)
