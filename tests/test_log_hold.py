@@ -127,6 +127,21 @@ def test_deferred_lines_are_written_by_any_later_write_and_one_at_a_time(log_fil
     assert _lines(log_file)[-1] == "job last done"
 
 
+def _run_here(worker) -> int:
+    """Run a worker's loop in this process, on the main thread (it installs signal
+    handlers), and put the test process's signal handling back afterwards."""
+    signals = {sig: signal.getsignal(sig) for sig in (
+        signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+        signal.SIGRTMIN + 1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)}
+    try:
+        return worker.run()
+    finally:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+        logs.hold(False)
+
+
 def test_a_worker_holds_lines_only_between_jobs_taken_back_to_back(redis_server, tmp_path):
     # Given a worker running no-op jobs, 30 queued at once, then one alone
     from worker.runner import Worker
@@ -156,16 +171,7 @@ def test_a_worker_holds_lines_only_between_jobs_taken_back_to_back(redis_server,
     job_fields = job
     worker._done = watched
     # Its loop runs here, on the main thread (signals), and ends as recycled after 31 jobs
-    signals = {sig: signal.getsignal(sig) for sig in (
-        signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
-        signal.SIGRTMIN + 1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)}
-    try:
-        assert worker.run() == EXIT_RECYCLE
-    finally:
-        signal.set_wakeup_fd(-1)
-        for sig, handler in signals.items():
-            signal.signal(sig, handler)
-        logs.hold(False)
+    assert _run_here(worker) == EXIT_RECYCLE
     assert len(seen) == 31
     # Then a job taken with the previous one's ack did not write its line at once, the
     # last of the burst (nothing in hand after it) and the lone job did, and every line is
@@ -208,16 +214,7 @@ def test_held_lines_are_written_before_a_clip_starts(redis_server, tmp_path):
 
     worker = Worker(cfg)
     worker.pipeline = Clip()
-    signals = {sig: signal.getsignal(sig) for sig in (
-        signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
-        signal.SIGRTMIN + 1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)}
-    try:
-        assert worker.run() == EXIT_RECYCLE
-    finally:
-        signal.set_wakeup_fd(-1)
-        for sig, handler in signals.items():
-            signal.signal(sig, handler)
-        logs.hold(False)
+    assert _run_here(worker) == EXIT_RECYCLE
     # When each clip starts, Then the line of the job before it (taken with its ack) is in
     # the file already
     assert "job c1 done" not in before_clip[1] and "job c0 done" in before_clip[1]

@@ -200,8 +200,7 @@ class LogFile(logging.FileHandler):
     def flush(self) -> None:
         self.acquire()
         try:
-            if _deferred:
-                write_deferred()
+            write_deferred()
             if self._held:
                 self._write_held()
         finally:
@@ -226,8 +225,7 @@ def hold(on: bool) -> None:
     if isinstance(handler, LogFile) and handler.holding != on:
         handler.acquire()
         try:
-            if _deferred:
-                write_deferred()
+            write_deferred()
             handler.holding = on
             if not on and handler._held:
                 handler._write_held()
