@@ -215,6 +215,90 @@ def test_a_full_disk_under_the_clip_is_disk_full(media_dir, tmp_path):
     assert "No space left on device" in failed.error
 
 
+# --- ffmpeg's stderr on a local file, read in passing -----------------------------------------
+
+
+def _stand_in(tmp_path, script: str) -> str:
+    """An ffmpeg stand-in that runs ``script`` (shell), then the real ffmpeg in its place."""
+    path = tmp_path / "ffmpeg-stand-in"
+    path.write_text(f"#!/bin/sh\n{script}\nexec {shlex.quote(FFMPEG)} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _watched(ffmpeg: str, src: str, dst: str) -> tuple[FFmpegRun, JobFailed | None, int, float]:
+    """A copy clip of ``src`` by ``ffmpeg``: the run, its failure (or None), how many times
+    the watching loop turned (each turn asks the job's abort check) and its wall time."""
+    turns = 0
+
+    def should_abort() -> bool:
+        nonlocal turns
+        turns += 1
+        return False
+
+    cut = Cut(0.0, 1.0, "copy", "mp4", "ultrafast")
+    ctx = JobContext(time.monotonic() + 120, FetchLimits(5, 60, 1 << 30, True), Waker(),
+                     should_abort)
+    run = FFmpegRun(clip_command(ffmpeg, src, dst, cut), ctx, cut)
+    started = time.monotonic()
+    try:
+        run.run()
+    except JobFailed as exc:
+        return run, exc, turns, time.monotonic() - started
+    return run, None, turns, time.monotonic() - started
+
+
+def test_a_report_written_line_by_line_does_not_wake_the_loop_line_by_line(media_dir,
+                                                                          tmp_path):
+    # Given an ffmpeg that writes 40 lines to stderr one at a time, 10 ms apart (the real
+    # one writes its ~80-write report on its input in a burst, which a pipe the loop waits
+    # on turns into a wake-up each)
+    lines = "; ".join(f"echo 'line {i}' >&2; sleep 0.01" for i in range(40))
+    ffmpeg = _stand_in(tmp_path, lines)
+    # When it clips a local file
+    run, failed, turns, _ = _watched(ffmpeg, os.path.join(media_dir, "ten.mp4"),
+                                     str(tmp_path / "clip.mp4"))
+    # Then the clip is made, every line is kept, and the loop turned a few times, not 40
+    assert failed is None
+    assert all(f"line {i}\n".encode() in run.head for i in range(40))
+    assert b"Output #0" in run.head  # and ffmpeg's own report after them
+    assert turns < 20, turns
+
+
+def test_a_flood_on_stderr_holds_ffmpeg_up_for_one_tick_at_most(media_dir, tmp_path):
+    # Given an ffmpeg with a helper (a process of its group, holding its pipes) that prints
+    # 16 MB to stderr once ffmpeg has described its input: 244 pipefuls, which the loop, if
+    # it read stderr only when its 1 s tick wakes it, would hold up for over 20 s
+    ffmpeg = _stand_in(tmp_path, "(sleep 0.3; yes 'a message ffmpeg repeats' | "
+                       "head -c 16000000 >&2; echo 'the last line' >&2) &")
+    # When it clips a local file
+    run, failed, _, took = _watched(ffmpeg, os.path.join(media_dir, "ten.mp4"),
+                                    str(tmp_path / "clip.mp4"))
+    # Then the clip is made within seconds, with the report on its input and the last line
+    # of the flood both kept
+    assert failed is None
+    assert took < 20, took
+    assert b"Output #0" in run.head
+    assert b"".join(run.stderr).endswith(b"the last line\n")
+
+
+def test_the_last_words_of_a_flooding_ffmpeg_are_kept(media_dir, tmp_path):
+    # Given an ffmpeg that floods stderr, then fails with a word about its input and exits
+    # without a progress report
+    ffmpeg = str(tmp_path / "ffmpeg-stand-in")
+    with open(ffmpeg, "w") as fh:
+        fh.write("#!/bin/sh\nyes 'a message ffmpeg repeats' | head -c 300000 >&2\n"
+                 "echo 'Input #0, mov,mp4, from x:' >&2\n"
+                 "echo '[h264 @ 0x1] Invalid NAL unit size (634 > 221).' >&2\nexit 1\n")
+    os.chmod(ffmpeg, 0o755)
+    # When it is run on a local file
+    _, failed, _, _ = _watched(ffmpeg, os.path.join(media_dir, "ten.mp4"),
+                               str(tmp_path / "clip.mp4"))
+    # Then the job fails for what it said last, read after it exited
+    assert isinstance(failed, Transient | Permanent), failed
+    assert failed.error.endswith("Invalid NAL unit size (634 > 221)."), failed.error[-200:]
+
+
 # --- the real supervisor with a misbehaving ffmpeg ------------------------------------------
 
 

@@ -4,7 +4,7 @@
 connection of a worker's client instead of through redis-py's command path; these tests hold
 it to the same behaviour: a dropped connection, a server restarted or one that lost its
 scripts are all survived by the next call, and a thread using the same client meanwhile
-never gets another call's reply. A job's stages reach its hash once each.
+never gets another call's reply. A job's stage reaches its hash once it lasts, and once.
 """
 
 from __future__ import annotations
@@ -110,12 +110,13 @@ def test_another_thread_on_the_same_client_never_gets_a_scripts_reply(worker_que
     assert r.llen(keys.done) == 300
 
 
-def test_a_jobs_stages_reach_its_hash_once_each(redis_server, tmp_path):
-    # Given a worker whose pipeline goes through the stages fetch, clip and store
+def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server, tmp_path):
+    # Given a worker whose pipeline goes through the stages fetch, clip and store, of which
+    # clip lasts (the job takes steps meanwhile, as ffmpeg's watch does) and store does not
     import json
 
     from worker.pipeline import Result
-    from worker.runner import Worker
+    from worker.runner import WRITE_AFTER, Worker
 
     cfg = config_mod.load(None, env={
         "CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
@@ -124,20 +125,33 @@ def test_a_jobs_stages_reach_its_hash_once_each(redis_server, tmp_path):
     worker = Worker(cfg)
     worker.queue = JobQueue(connect(cfg, single=True), cfg)
     keys, r = Keys("clips"), redis_server.client()
-    written, seen = [], []
+    written, seen = [], {}
     update = worker.queue.update
 
     def counted(job_id, fields, event=None):
-        written.append(fields["stage"])
+        written.append(dict(fields))
         update(job_id, fields, event)
 
     worker.queue.update = counted
 
+    def stage_in_hash(job_id: str) -> str:
+        return r.hget(keys.job(job_id), "stage").decode()
+
     class Stages:
         def run(self, job, deadline):
-            for stage in ("fetch", "clip", "store"):
-                worker._on_stage(stage)
-                seen.append(r.hget(keys.job(job.id), "stage").decode())
+            worker._on_stage("fetch")
+            seen["fetch"] = stage_in_hash(job.id)
+            worker._on_stage("clip")
+            entered = time.monotonic()
+            seen["clip entered"] = stage_in_hash(job.id)
+            while stage_in_hash(job.id) != "clip":  # the job's steps, up to a deadline
+                assert time.monotonic() - entered < 10, "the lasting stage was never written"
+                worker._on_progress(50.0, "1x")
+                worker._poll()
+                time.sleep(0.01)
+            seen["clip written after"] = time.monotonic() - entered
+            worker._on_stage("store")
+            seen["store"] = stage_in_hash(job.id)
             return Result(output=job.output)
 
     worker.pipeline = Stages()
@@ -145,10 +159,15 @@ def test_a_jobs_stages_reach_its_hash_once_each(redis_server, tmp_path):
     r.lpush(keys.processing(worker.worker_id), raw)
     # When it runs a job
     worker._handle(raw)
-    # Then the hash showed each stage while it lasted, the first one written by START alone
-    assert seen == ["fetch", "clip", "store"]
-    assert written == ["clip", "store"]
+    # Then the first stage was in the hash by START; the lasting one reached it once it had
+    # lasted WRITE_AFTER, with the progress of that moment, in one write; the short one never
+    assert seen["fetch"] == "fetch" and seen["clip entered"] == "fetch"
+    assert seen["clip written after"] >= WRITE_AFTER
+    assert seen["store"] == "clip"
+    assert [f.get("stage") for f in written] == ["clip"], written
+    assert written[0]["progress"] == 50.0
     assert r.hget(keys.job("s1"), "state") == b"done"
+    assert stage_in_hash("s1") == "done"
 
 
 def test_work_given_for_the_wait_runs_while_redis_runs_the_call(worker_queue):

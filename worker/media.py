@@ -8,7 +8,8 @@ network.
 ffmpeg runs in its own session so that a timeout or an abort kills its whole process group,
 and with a parent-death signal so that it dies with its worker even after a SIGKILL. Its two
 pipes are drained with a selector while it runs, whatever it prints (the seed's Popen pipe
-deadlock cannot happen), and its ``-progress`` report is parsed as it arrives.
+deadlock cannot happen): its ``-progress`` report is parsed as it arrives, its stderr on a
+local file in passing (``_pipes``).
 
 A failed run is classified by its cause (``failure``), so that a crashing ffmpeg never blames
 the input. Only what ffmpeg says about the input itself is permanent; everything else is
@@ -422,7 +423,7 @@ class FFmpegRun:
         try:
             self._watch(proc)
         finally:
-            _reap(proc)
+            _reap(proc, self._err)
         report = InputReport.parse(self.head)
         source = _input_of(self.cmd)
         failed = failure(proc.returncode, report, _tail(b"".join(self.stderr)),
@@ -447,20 +448,28 @@ class FFmpegRun:
         pending = b""
         last_mark: tuple[str, str] = ("", "")
         progress = _Progress("ffmpeg", "clipping")  # moves with its -progress report only
-        for is_stdout, chunk in _pipes(proc, self.ctx, self.feed, progress):
+        # Read through the relay, the input report is the moment the fetch stage ends: its
+        # stderr is read as it comes. On a local file, in passing (see _pipes).
+        for is_stdout, chunk in _pipes(proc, self.ctx, self.feed, progress,
+                                       stderr_as_it_comes=self.feed is not None):
             if not is_stdout:
-                self.stderr.append(chunk)
-                if len(self.head) < self.HEAD_LIMIT:
-                    self.head += chunk
-                    if self.input is None and b"Output #0" in self.head:
-                        # ffmpeg has read its input's index: clipping proper starts
-                        self.input = InputReport.parse(self.head)
-                        self.ctx.stage("clip")
+                if self._err(chunk) and self.input is None and b"Output #0" in self.head:
+                    # ffmpeg has read its input's index: clipping proper starts
+                    self.input = InputReport.parse(self.head)
+                    self.ctx.stage("clip")
             else:
                 pending = self._parse(pending + chunk)
                 mark = (self.report.get("out_time_us", ""), self.report.get("total_size", ""))
                 if mark != last_mark:
                     last_mark, progress.at = mark, time.monotonic()
+
+    def _err(self, chunk: bytes) -> bool:
+        """Keep a chunk of stderr: in the tail, and in the head while it has room (True)."""
+        self.stderr.append(chunk)
+        if len(self.head) >= self.HEAD_LIMIT:
+            return False
+        self.head += chunk
+        return True
 
     def _parse(self, data: bytes) -> bytes:
         *lines, rest = data.split(b"\n")
@@ -487,19 +496,35 @@ class _Progress:
 
 
 def _pipes(proc: subprocess.Popen, ctx: JobContext, feed: Feed | None,
-           progress: _Progress) -> Iterator[tuple[bool, bytes]]:
+           progress: _Progress, stderr_as_it_comes: bool = True,
+           ) -> Iterator[tuple[bool, bytes]]:
     """``proc``'s output as it comes, (True, chunk) from stdout and (False, chunk) from
-    stderr, until both close, whatever it prints (no pipe can fill and block it). Between
-    reads: the job's abort and deadline (``ctx.check``), and ``stalled`` once neither
-    ``progress.at`` (the caller moves it) nor the feed's last byte moved for the job's
-    stall_timeout. Raising leaves ``proc`` to the caller (``_reap``)."""
+    stderr, until stdout closes (and stderr, when it is read as it comes), whatever it
+    prints (no pipe can fill and block it for long). Between reads: the job's abort and
+    deadline (``ctx.check``), and ``stalled`` once neither ``progress.at`` (the caller
+    moves it) nor the feed's last byte moved for the job's stall_timeout. Raising leaves
+    ``proc`` to the caller (``_reap``).
+
+    Without ``stderr_as_it_comes``, stderr is read in passing: whenever the loop wakes for
+    something else (stdout, the waker, its tick of at most a second), before what woke it
+    is handed on. ffmpeg writes its report on its input in ~80 small writes, and a pipe the
+    loop waits on wakes it (and costs ffmpeg the wake-up) for each: ~1.5 ms of CPU in all
+    per copy clip, 2-3 % of it (docs/PERFORMANCE.md, 4.1). A process that fills half the
+    pipe between two wakes is read as it comes from then on, so a flood of messages holds
+    it up for one tick at most; what is left when stdout closes is read by ``_reap``."""
     assert proc.stdout is not None and proc.stderr is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, True)
-    sel.register(proc.stderr, selectors.EVENT_READ, False)
     sel.register(ctx.waker.fileno(), selectors.EVENT_READ, None)
+    open_pipes = 1
+    passing: int | None = None  # stderr's descriptor while it is read in passing
+    if stderr_as_it_comes:
+        sel.register(proc.stderr, selectors.EVENT_READ, False)
+        open_pipes += 1
+    else:
+        passing = proc.stderr.fileno()
+        os.set_blocking(passing, False)
     stall_timeout = ctx.limits.stall_timeout
-    open_pipes = 2
     try:
         while open_pipes:
             now = time.monotonic()
@@ -510,7 +535,17 @@ def _pipes(proc: subprocess.Popen, ctx: JobContext, feed: Feed | None,
                 raise Transient("stalled", f"{progress.name} made no progress for "
                                 f"{stall_timeout:g} s")
             timeout = max(0.0, min(ctx.deadline, progress.at + stall_timeout) - now)
-            for key, _ in sel.select(timeout=min(timeout, 1.0)):
+            ready = sel.select(timeout=min(timeout, 1.0))
+            if passing is not None:
+                read = 0
+                for chunk in _drain(passing):
+                    read += len(chunk)
+                    yield False, chunk
+                if read >= _FLOOD:  # read it as it comes from now on
+                    sel.register(passing, selectors.EVENT_READ, False)
+                    open_pipes += 1
+                    passing = None
+            for key, _ in ready:
                 if key.data is None:
                     ctx.waker.drain()
                     continue
@@ -524,12 +559,33 @@ def _pipes(proc: subprocess.Popen, ctx: JobContext, feed: Feed | None,
         sel.close()
 
 
-def _reap(proc: subprocess.Popen) -> None:
-    """Kill what is left of ``proc``'s process group, wait for it, close its pipes."""
+_FLOOD = 32 * 1024  # bytes of stderr between two wakes: half of a pipe's default size
+
+
+def _drain(fd: int) -> Iterator[bytes]:
+    """What a non-blocking pipe holds now, to its end of file if the writer closed it."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        yield chunk
+
+
+def _reap(proc: subprocess.Popen, stderr: Callable[[bytes], None] | None = None) -> None:
+    """Kill what is left of ``proc``'s process group, wait for it, close its pipes; hand
+    ``stderr`` what its stderr still holds (read without blocking: a process that left
+    the group may hold it open)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    if stderr is not None and proc.stderr is not None:
+        os.set_blocking(proc.stderr.fileno(), False)
+        for chunk in _drain(proc.stderr.fileno()):
+            stderr(chunk)
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()

@@ -63,6 +63,18 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _fresh_dir(path: str) -> None:
+    """An empty folder at ``path``: made (with its parents, if someone removed them), or
+    emptied when a worker killed mid-job left it."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        shutil.rmtree(path, ignore_errors=True)
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path)
+
+
 def _on_frames(cut: media.Cut, times: tuple[float, float | None]) -> media.Cut:
     """``cut`` from the first frame of the clip to the end of its last (see
     ``Pipeline._snapped``): ``times`` are the first frame at or after the start and the
@@ -134,9 +146,8 @@ class Pipeline:
 
     def run(self, job: Job, deadline: float) -> Result:
         job_dir = os.path.join(self.worker_dir, "job")
-        shutil.rmtree(job_dir, ignore_errors=True)
         try:
-            os.makedirs(job_dir)
+            _fresh_dir(job_dir)
         except OSError as exc:  # the host's fault: the worker then probes it (worker.health)
             raise work_dir_failure(exc, f"cannot create {job_dir}") from None
         ctx = JobContext(deadline, self.limits, self.waker, self.should_abort, self.on_stage,
@@ -144,7 +155,10 @@ class Pipeline:
         try:
             return self._run(job, ctx, job_dir)
         finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            try:
+                os.rmdir(job_dir)  # mostly empty by now: the store took the clip
+            except OSError:
+                shutil.rmtree(job_dir, ignore_errors=True)
 
     def _run(self, job: Job, ctx: JobContext, job_dir: str,
              read: Callable[[JobContext, Job, str], _Read] | None = None) -> Result:

@@ -333,7 +333,8 @@ class JobQueue:
             self.client.hset(self.keys.job(job_id), mapping=_safe(fields))
             return
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.job(job_id), mapping=_safe(fields))
+        if fields:
+            pipe.hset(self.keys.job(job_id), mapping=_safe(fields))
         self._add_event(pipe, EventType.PROGRESS, job_id, _json(event))
         pipe.execute()
 

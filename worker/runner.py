@@ -57,7 +57,10 @@ from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
 
-PROGRESS_INTERVAL = 0.5  # seconds between job-hash progress writes
+# A job's stage and progress reach its hash once they have lasted this long (seconds), at
+# the job's next step (see _note): a copy clip's stages, over in milliseconds, cost no
+# round trip of their own, and the hash is never more than this (or a step) behind.
+WRITE_AFTER = 0.5
 REDIS_BACKOFF_MAX = 5.0
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0  # seconds between probes of a host fault (doubling)
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
@@ -89,7 +92,9 @@ class Worker:
         self.jobs_done = 0
         self.fault: tuple[str, str, float] | None = None  # (reason, error, since): paused
         self._tokens = 0  # outcomes recorded (see _token)
-        self._stage_written = ""  # the stage the current job's hash holds (see _on_stage)
+        self._stage_written = ""  # the stage the current job's hash holds (see _note)
+        self._unwritten: dict[str, str | int | float] | None = None  # not in the hash yet
+        self._unwritten_at = 0.0  # when the oldest of it changed
         self._shown_title = ""  # the process title set last (see _title)
         self._jobs_done_metric = metrics.JOBS.labels("done")  # looked up once, not per job
         # The main loop's last sign of life (see _alive), shared with the master when given.
@@ -97,7 +102,6 @@ class Worker:
         self.alive_at = time.monotonic()
         self._loop_thread = threading.get_ident()
         self._withheld = False  # heartbeats withheld: the main loop has been silent too long
-        self._last_progress_write = 0.0
         self._fetch_failures = 0
         self._next: bytes | None = None  # taken by the ack of the previous job (DONE script)
         # A job ended back to back, counted in the metrics a moment later (see _catch_up).
@@ -165,6 +169,8 @@ class Worker:
         """Housekeeping between steps; True when the current job must be abandoned. Every
         step of a job calls it (each chunk read, each second of ffmpeg): a sign of life."""
         self._alive()
+        if self._unwritten is not None:
+            self._write_lasting()
         if self.reopen_logs:
             self.reopen_logs = False
             logs.reopen()
@@ -310,6 +316,7 @@ class Worker:
                                                f"{type(exc).__name__}: {exc}"))
         finally:
             self.current = None
+            self._unwritten = None  # the job's outcome wrote its hash last
             self._clip_share = None
             self._cancel_id = None
             self.busy = False
@@ -787,13 +794,7 @@ class Worker:
         self._alive()  # after: the stage says how long the loop may be silent now
         self._title(stage)
         self._event_due = True
-        if self.current is not None and self.queue is not None:
-            event = self._progress_event()
-            if event is None and stage == self._stage_written:
-                return  # the job hash says so already: START wrote the first stage, "fetch"
-            self._stage_written = stage
-            with contextlib.suppress(*REDIS_ERRORS):
-                self.queue.update(self.current.id, {"stage": stage}, event)
+        self._note({"stage": stage})
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()
@@ -803,16 +804,36 @@ class Worker:
         if percent != self.progress:
             self._event_due = True
         self.progress = percent
-        now = time.monotonic()
-        if now - self._last_progress_write < PROGRESS_INTERVAL and percent < 100:
+        self._note({"progress": round(percent, 1), "speed": speed})
+
+    def _note(self, fields: dict[str, str | int | float]) -> None:
+        """The current job's hash is to hold ``fields``: written with the rest of what it
+        lacks once the oldest of that has lasted WRITE_AFTER, at this call or a later step
+        of the job (_poll), or never, when the job's outcome overwrites it first (its
+        script writes the final stage and progress)."""
+        if self.current is None or self.queue is None:
             return
-        self._last_progress_write = now
+        if self._unwritten is None:
+            self._unwritten, self._unwritten_at = dict(fields), time.monotonic()
+        else:
+            self._unwritten.update(fields)
+        self._write_lasting()
+
+    def _write_lasting(self) -> None:
+        fields = self._unwritten
+        if fields is None or time.monotonic() - self._unwritten_at < WRITE_AFTER \
+                or threading.get_ident() != self._loop_thread or self.current is None:
+            return
+        self._unwritten = None
+        if fields.get("stage") == self._stage_written:
+            del fields["stage"]  # the hash says so already (START wrote "fetch")
+        else:
+            self._stage_written = str(fields.get("stage", self._stage_written))
         self._title(self.stage)
-        if self.current is not None and self.queue is not None:
+        event = self._progress_event(str(fields.get("speed", "")))
+        if fields or event is not None:
             with contextlib.suppress(*REDIS_ERRORS):
-                self.queue.update(self.current.id, {"progress": round(percent, 1),
-                                                    "speed": speed},
-                                  self._progress_event(speed))
+                self.queue.update(self.current.id, fields, event)  # type: ignore[union-attr]
 
     def _progress_event(self, speed: str = "") -> dict | None:
         """The job's stage and progress for the event stream when they changed since the
