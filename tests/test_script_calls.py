@@ -111,8 +111,9 @@ def test_another_thread_on_the_same_client_never_gets_a_scripts_reply(worker_que
 
 
 def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server, tmp_path):
-    # Given a worker whose pipeline goes through the stages fetch, clip and store, of which
-    # clip lasts (the job takes steps meanwhile, as ffmpeg's watch does) and store does not
+    # Given a worker whose pipeline goes through the stages fetch, clip and store right
+    # after START, of which clip lasts (the job takes steps meanwhile, as ffmpeg's watch
+    # does) and store does not
     import json
 
     from worker.pipeline import Result
@@ -126,13 +127,19 @@ def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server,
     worker.queue = JobQueue(connect(cfg, single=True), cfg)
     keys, r = Keys("clips"), redis_server.client()
     written, seen = [], {}
-    update = worker.queue.update
+    update, start = worker.queue.update, worker.queue.start
 
     def counted(job_id, fields, event=None):
         written.append(dict(fields))
+        seen.setdefault("first write", time.monotonic())
         update(job_id, fields, event)
 
-    worker.queue.update = counted
+    def started(*args, **kwargs):
+        attempts = start(*args, **kwargs)
+        seen["started"] = time.monotonic()
+        return attempts
+
+    worker.queue.update, worker.queue.start = counted, started
 
     def stage_in_hash(job_id: str) -> str:
         return r.hget(keys.job(job_id), "stage").decode()
@@ -149,7 +156,6 @@ def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server,
                 worker._on_progress(50.0, "1x")
                 worker._poll()
                 time.sleep(0.01)
-            seen["clip written after"] = time.monotonic() - entered
             worker._on_stage("store")
             seen["store"] = stage_in_hash(job.id)
             return Result(output=job.output)
@@ -159,10 +165,11 @@ def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server,
     r.lpush(keys.processing(worker.worker_id), raw)
     # When it runs a job
     worker._handle(raw)
-    # Then the first stage was in the hash by START; the lasting one reached it once it had
-    # lasted WRITE_AFTER, with the progress of that moment, in one write; the short one never
+    # Then the first stage was in the hash by START; the lasting one reached it with the
+    # progress of that moment, in one write, once START was WRITE_AFTER old; the short one
+    # never
     assert seen["fetch"] == "fetch" and seen["clip entered"] == "fetch"
-    assert seen["clip written after"] >= WRITE_AFTER
+    assert seen["first write"] - seen["started"] >= WRITE_AFTER
     assert seen["store"] == "clip"
     assert [f.get("stage") for f in written] == ["clip"], written
     assert written[0]["progress"] == 50.0

@@ -57,9 +57,11 @@ from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
 
-# A job's stage and progress reach its hash once they have lasted this long (seconds), at
-# the job's next step (see _note): a copy clip's stages, over in milliseconds, cost no
-# round trip of their own, and the hash is never more than this (or a step) behind.
+# A job's hash is written at most this often (seconds) while it runs: a change within that
+# time of the last write waits for the job's next step after it (see _note). A copy clip's
+# stages, over in milliseconds after START, cost no round trip of their own; a long job's
+# progress is written every half second; the hash is never more than this (or a step)
+# behind.
 WRITE_AFTER = 0.5
 REDIS_BACKOFF_MAX = 5.0
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0  # seconds between probes of a host fault (doubling)
@@ -94,7 +96,7 @@ class Worker:
         self._tokens = 0  # outcomes recorded (see _token)
         self._stage_written = ""  # the stage the current job's hash holds (see _note)
         self._unwritten: dict[str, str | int | float] | None = None  # not in the hash yet
-        self._unwritten_at = 0.0  # when the oldest of it changed
+        self._written_at = 0.0  # when the current job's hash was last written
         self._shown_title = ""  # the process title set last (see _title)
         self._jobs_done_metric = metrics.JOBS.labels("done")  # looked up once, not per job
         # The main loop's last sign of life (see _alive), shared with the master when given.
@@ -353,7 +355,7 @@ class Worker:
             self._dead(raw, job.id, Permanent("cancelled", "cancelled before it started"),
                        attempts=0, cancelled=True)
             return
-        self._last_event = time.monotonic()  # the "started" event: progress follows later
+        self._last_event = self._written_at = time.monotonic()  # START wrote both
         self._stage_written = Stage.FETCH  # in START's fields above
         if attempts >= self.config.job.max_attempts:
             poison = Permanent("poison", f"the job crashed its worker {attempts} times")
@@ -808,23 +810,24 @@ class Worker:
 
     def _note(self, fields: dict[str, str | int | float]) -> None:
         """The current job's hash is to hold ``fields``: written with the rest of what it
-        lacks once the oldest of that has lasted WRITE_AFTER, at this call or a later step
-        of the job (_poll), or never, when the job's outcome overwrites it first (its
-        script writes the final stage and progress)."""
+        lacks at once when its last write is WRITE_AFTER old, else at the first step of
+        the job (_poll) when it is, or never, when the job's outcome overwrites it first
+        (its script writes the final stage and progress)."""
         if self.current is None or self.queue is None:
             return
         if self._unwritten is None:
-            self._unwritten, self._unwritten_at = dict(fields), time.monotonic()
+            self._unwritten = dict(fields)
         else:
             self._unwritten.update(fields)
         self._write_lasting()
 
     def _write_lasting(self) -> None:
         fields = self._unwritten
-        if fields is None or time.monotonic() - self._unwritten_at < WRITE_AFTER \
+        now = time.monotonic()
+        if fields is None or now - self._written_at < WRITE_AFTER \
                 or threading.get_ident() != self._loop_thread or self.current is None:
             return
-        self._unwritten = None
+        self._unwritten, self._written_at = None, now
         if fields.get("stage") == self._stage_written:
             del fields["stage"]  # the hash says so already (START wrote "fetch")
         else:
