@@ -117,7 +117,7 @@ def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server,
     import json
 
     from worker.pipeline import Result
-    from worker.runner import WRITE_AFTER, Worker
+    from worker.runner import HASH_WRITE_INTERVAL, Worker
 
     cfg = config_mod.load(None, env={
         "CLIP_SUPERVISOR_REDIS_URL": redis_server.url,
@@ -166,10 +166,10 @@ def test_a_stage_reaches_the_jobs_hash_once_it_lasts_and_once_only(redis_server,
     # When it runs a job
     worker._handle(raw)
     # Then the first stage was in the hash by START; the lasting one reached it with the
-    # progress of that moment, in one write, once START was WRITE_AFTER old; the short one
+    # progress of that moment, in one write, once START was HASH_WRITE_INTERVAL old; the short one
     # never
     assert seen["fetch"] == "fetch" and seen["clip entered"] == "fetch"
-    assert seen["first write"] - seen["started"] >= WRITE_AFTER
+    assert seen["first write"] - seen["started"] >= HASH_WRITE_INTERVAL
     assert seen["store"] == "clip"
     assert [f.get("stage") for f in written] == ["clip"], written
     assert written[0]["progress"] == 50.0

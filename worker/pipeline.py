@@ -284,10 +284,11 @@ class Pipeline:
         cfg = self.config.job
         # How far before the start to decode depends on whether the source's container has
         # an index (media.preroll): a local file says so by its first bytes, a remote one by
-        # its name.
+        # its name. A copy decodes nothing.
         cut = media.Cut(job.start, None if job.end is None else job.end - job.start,
                         job.mode, job.muxer, cfg.encode_preset,
-                        media.preroll(job.url, src if feed is None else None))
+                        media.preroll(job.url, src if feed is None and job.mode != "copy"
+                                      else None))
         # ffmpeg's own network timeout, after the relay's and ours
         rw_timeout = None if feed is None else ctx.limits.stall_timeout + 5
         tools = _Tools(ctx, feed, cfg.ffprobe, rw_timeout)

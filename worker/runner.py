@@ -60,9 +60,9 @@ log = logging.getLogger("clip-supervisor.worker")
 # A job's hash is written at most this often (seconds) while it runs: a change within that
 # time of the last write waits for the job's next step after it (see _note). A copy clip's
 # stages, over in milliseconds after START, cost no round trip of their own; a long job's
-# progress is written every half second; the hash is never more than this (or a step)
-# behind.
-WRITE_AFTER = 0.5
+# progress is written at each of ffmpeg's reports (every 0.5 s, give or take its jitter);
+# the hash is never more than this (or a step) behind.
+HASH_WRITE_INTERVAL = 0.4
 REDIS_BACKOFF_MAX = 5.0
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0  # seconds between probes of a host fault (doubling)
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
@@ -172,7 +172,7 @@ class Worker:
         step of a job calls it (each chunk read, each second of ffmpeg): a sign of life."""
         self._alive()
         if self._unwritten is not None:
-            self._write_lasting()
+            self._write_due()
         if self.reopen_logs:
             self.reopen_logs = False
             logs.reopen()
@@ -796,7 +796,10 @@ class Worker:
         self._alive()  # after: the stage says how long the loop may be silent now
         self._title(stage)
         self._event_due = True
-        self._note({"stage": stage})
+        # An upload may wait on the network with no step of the job to write the stage
+        # later: the hash says "store" before it starts.
+        self._note({"stage": stage}, at_once=stage == Stage.STORE and self.current is not None
+                   and not self.current.output.startswith("file:"))
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()
@@ -808,24 +811,25 @@ class Worker:
         self.progress = percent
         self._note({"progress": round(percent, 1), "speed": speed})
 
-    def _note(self, fields: dict[str, str | int | float]) -> None:
+    def _note(self, fields: dict[str, str | int | float], at_once: bool = False) -> None:
         """The current job's hash is to hold ``fields``: written with the rest of what it
-        lacks at once when its last write is WRITE_AFTER old, else at the first step of
-        the job (_poll) when it is, or never, when the job's outcome overwrites it first
-        (its script writes the final stage and progress)."""
+        lacks now (``at_once``, or when its last write is HASH_WRITE_INTERVAL old), else at
+        the first step of the job (_poll) when it is, or never, when the job's outcome
+        overwrites it first (its script writes the final stage and progress)."""
         if self.current is None or self.queue is None:
             return
         if self._unwritten is None:
             self._unwritten = dict(fields)
         else:
             self._unwritten.update(fields)
-        self._write_lasting()
+        self._write_due(at_once)
 
-    def _write_lasting(self) -> None:
+    def _write_due(self, at_once: bool = False) -> None:
         fields = self._unwritten
         now = time.monotonic()
-        if fields is None or now - self._written_at < WRITE_AFTER \
-                or threading.get_ident() != self._loop_thread or self.current is None:
+        if fields is None or (now - self._written_at < HASH_WRITE_INTERVAL and not at_once) \
+                or threading.get_ident() != self._loop_thread or self.current is None \
+                or self.queue is None:
             return
         self._unwritten, self._written_at = None, now
         if fields.get("stage") == self._stage_written:
@@ -836,7 +840,7 @@ class Worker:
         event = self._progress_event(str(fields.get("speed", "")))
         if fields or event is not None:
             with contextlib.suppress(*REDIS_ERRORS):
-                self.queue.update(self.current.id, fields, event)  # type: ignore[union-attr]
+                self.queue.update(self.current.id, fields, event)
 
     def _progress_event(self, speed: str = "") -> dict | None:
         """The job's stage and progress for the event stream when they changed since the
