@@ -26,6 +26,7 @@ import collections
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,11 @@ def _cpu() -> float:
 
 
 def main() -> None:
+    if os.path.realpath(sys.prefix) != os.path.realpath(h.clip_venv()):
+        # The pipeline runs in this process: in clip-supervisor's own venv, not the bench's
+        python = h.clip_python()
+        os.execve(python, [python, "-m", "bench.pipeline_cpu", *sys.argv[1:]],
+                  {**os.environ, "PYTHONPATH": h.ROOT})
     from worker import config as config_mod
     from worker import job as job_mod
     from worker import relay

@@ -42,6 +42,7 @@ if [ $quick -eq 1 ]; then
   run bench.long_source --rounds 1
   run bench.pipeline_cpu --clips 10
   run bench.launch --starts 100 --rounds 2
+  run bench.ffmpeg_phase --clips 10 --rounds 2
   run bench.log_line --rounds 2
 else
   run bench.clips --mode copy --what-if
@@ -58,6 +59,7 @@ else
   run bench.long_source
   run bench.pipeline_cpu
   run bench.launch
+  run bench.ffmpeg_phase
   run bench.log_line
 fi
 "$PY" -m bench.report --out bench/results/summary.md && "$PY" -m bench.chart >/dev/null
