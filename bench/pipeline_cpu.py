@@ -90,7 +90,7 @@ def main() -> None:
             "storage.output_base": f"file://{os.path.join(tmp, 'out', mode)}"})
         worker_dir = os.path.join(tmp, "work", mode)
         os.makedirs(worker_dir)
-        pipeline = Pipeline(config, worker_dir, Waker(), lambda: False, lambda stage: None,
+        pipeline = Pipeline(config, worker_dir, Waker(), lambda: False, lambda stage, at_once: None,
                             lambda percent, speed: None)
         url = f"file://{source}" if mode == "file" else http.url("src.mp4")
         if mode == "cache":  # a first clip downloads the source and keeps it

@@ -218,10 +218,11 @@ def test_a_full_disk_under_the_clip_is_disk_full(media_dir, tmp_path):
 # --- ffmpeg's stderr on a local file, read in passing -----------------------------------------
 
 
-def _stand_in(tmp_path, script: str) -> str:
+def _stand_in(tmp_path, script: str, then_ffmpeg: bool = True) -> str:
     """An ffmpeg stand-in that runs ``script`` (shell), then the real ffmpeg in its place."""
     path = tmp_path / "ffmpeg-stand-in"
-    path.write_text(f"#!/bin/sh\n{script}\nexec {shlex.quote(FFMPEG)} \"$@\"\n")
+    ffmpeg = f"exec {shlex.quote(FFMPEG)} \"$@\"\n" if then_ffmpeg else ""
+    path.write_text(f"#!/bin/sh\n{script}\n{ffmpeg}")
     path.chmod(0o755)
     return str(path)
 
@@ -285,12 +286,10 @@ def test_a_flood_on_stderr_holds_ffmpeg_up_for_one_tick_at_most(media_dir, tmp_p
 def test_the_last_words_of_a_flooding_ffmpeg_are_kept(media_dir, tmp_path):
     # Given an ffmpeg that floods stderr, then fails with a word about its input and exits
     # without a progress report
-    ffmpeg = str(tmp_path / "ffmpeg-stand-in")
-    with open(ffmpeg, "w") as fh:
-        fh.write("#!/bin/sh\nyes 'a message ffmpeg repeats' | head -c 300000 >&2\n"
-                 "echo 'Input #0, mov,mp4, from x:' >&2\n"
-                 "echo '[h264 @ 0x1] Invalid NAL unit size (634 > 221).' >&2\nexit 1\n")
-    os.chmod(ffmpeg, 0o755)
+    ffmpeg = _stand_in(tmp_path, "yes 'a message ffmpeg repeats' | head -c 300000 >&2\n"
+                       "echo 'Input #0, mov,mp4, from x:' >&2\n"
+                       "echo '[h264 @ 0x1] Invalid NAL unit size (634 > 221).' >&2\nexit 1",
+                       then_ffmpeg=False)
     # When it is run on a local file
     _, failed, _, _ = _watched(ffmpeg, os.path.join(media_dir, "ten.mp4"),
                                str(tmp_path / "clip.mp4"))

@@ -172,7 +172,7 @@ def _run(cfg: config_mod.Config, url: str) -> None:
     raw = f'{{"id": "room", "url": "{url}", "duration": 1}}'.encode()
     worker_dir = os.path.join(cfg.job.work_dir, "w-test")
     os.makedirs(worker_dir, exist_ok=True)
-    pipeline = Pipeline(cfg, worker_dir, Waker(), lambda: False, lambda stage: None,
+    pipeline = Pipeline(cfg, worker_dir, Waker(), lambda: False, lambda stage, at_once: None,
                         lambda percent, speed: None)
     pipeline.run(parse(raw, cfg), time.monotonic() + 30)
 

@@ -61,7 +61,7 @@ class JobContext:
     limits: FetchLimits
     waker: Waker = field(default_factory=Waker)
     should_abort: Callable[[], bool] = _never
-    on_stage: Callable[[str], None] = _ignore
+    on_stage: Callable[[str, bool], None] = _ignore
     on_progress: Callable[[float, str], None] = _ignore
     room: Callable[[int], None] = _ignore
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -80,9 +80,11 @@ class JobContext:
         if time.monotonic() > self.deadline:
             raise Transient("timeout", f"{doing} exceeded the job's timeout")
 
-    def stage(self, name: str) -> None:
+    def stage(self, name: str, at_once: bool = False) -> None:
         """Enter stage ``name`` (``fetch``, ``clip``, ``store``; ``""``: the job is over),
-        timing the one it leaves. Entering the stage the job is in changes nothing."""
+        timing the one it leaves. Entering the stage the job is in changes nothing.
+        ``at_once``: the job's record is to show it now, not at the job's next step (what
+        follows may wait on the network with no step between: an upload)."""
         if name == self.current:
             return
         now = time.monotonic()
@@ -90,4 +92,4 @@ class JobContext:
             self.timings[self.current] = round(now - self._since, 3)
         self.current, self._since = name, now
         if name:
-            self.on_stage(name)
+            self.on_stage(name, at_once)

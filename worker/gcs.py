@@ -205,6 +205,8 @@ def _describe(exc: BaseException) -> str:
 class GcsStore:
     """``gs://bucket/key`` outputs, with the job's description as object metadata."""
 
+    remote = True
+
     def __init__(self, cfg: StorageConfig) -> None:
         self.cfg = cfg
         self.timeout = (cfg.gcs_connect_timeout, cfg.gcs_timeout)

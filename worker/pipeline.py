@@ -121,7 +121,7 @@ class _Read:
 class Pipeline:
     def __init__(self, config: Config, worker_dir: str, waker: Waker,
                  should_abort: Callable[[], bool],
-                 on_stage: Callable[[str], None],
+                 on_stage: Callable[[str, bool], None],
                  on_progress: Callable[[float, str], None]) -> None:
         self.config = config
         self.worker_dir = worker_dir
@@ -179,9 +179,9 @@ class Pipeline:
         clip_end = end if end is not None else 0.0
         size = os.path.getsize(clip_path)  # before the store moves it
 
-        ctx.stage("store")
-        ctx.check("clipping")
         store = store_for(job.output, self.worker_dir, self.config.storage)
+        ctx.stage("store", at_once=store.remote)
+        ctx.check("clipping")
         store.put(clip_path, job.output, {
             "job_id": job.id, "source": job.url, "start": f"{job.start:g}",
             "end": f"{clip_end:g}"}, ctx)

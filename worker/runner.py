@@ -790,16 +790,13 @@ class Worker:
 
     # --- progress and liveness ---------------------------------------------------------------
 
-    def _on_stage(self, stage: str) -> None:
+    def _on_stage(self, stage: str, at_once: bool = False) -> None:
         logs.bind(stage=stage)
         self.stage = stage
         self._alive()  # after: the stage says how long the loop may be silent now
         self._title(stage)
         self._event_due = True
-        # An upload may wait on the network with no step of the job to write the stage
-        # later: the hash says "store" before it starts.
-        self._note({"stage": stage}, at_once=stage == Stage.STORE and self.current is not None
-                   and not self.current.output.startswith("file:"))
+        self._note({"stage": stage}, at_once)
 
     def _on_progress(self, percent: float, speed: str) -> None:
         self._alive()

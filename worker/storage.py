@@ -34,6 +34,9 @@ PENDING_FILE = "pending-output"
 
 
 class Store(Protocol):
+    # The clip goes over the network: a put may wait with no step of the job between
+    remote: bool
+
     def exists(self, url: str, job_id: str) -> bool:
         """True when ``url`` holds a finished output of job ``job_id``."""
         ...
@@ -65,6 +68,8 @@ class LocalStore:
     A folder that refuses the write (permissions, a read-only or full file system) is the
     host's fault, not the job's: ``output_not_writable`` or ``disk_full``, both transient.
     """
+
+    remote = False
 
     def __init__(self, worker_dir: str, roots: Sequence[str] = ()) -> None:
         self.worker_dir = worker_dir
