@@ -18,9 +18,11 @@
 FROM debian:bookworm-slim AS build
 # Package versions are left to the Debian release (bookworm's security updates included)
 # rather than pinned: a pinned version disappears from the archive at its next update.
+# gcc builds die-with-parent (worker/die_with_parent.c), the static program the worker starts
+# ffmpeg through; the runtime stage needs no compiler.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what clip-supervisor needs on Debian/Ubuntu: ffmpeg, redis-server, python3-venv
-# (only those missing), then the package into ./.venv.
+# Installs what clip-supervisor needs on Debian/Ubuntu: ffmpeg, redis-server, python3-venv, gcc
+# (only those missing; gcc builds die-with-parent, see setup.py), then the package into
+# ./.venv.
 #   scripts/setup.sh [PIP_TARGET [NEED=PACKAGE ...]]
 # PIP_TARGET defaults to "." (test.sh passes ".[test]"); each NEED=PACKAGE adds a Debian
 # package to install when NEED (a command, or an absolute path) is missing.
@@ -9,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target="${1:-.}"
 shift || true
 need=()
-for pair in ffmpeg=ffmpeg ffprobe=ffmpeg redis-server=redis-server "$@"; do
+for pair in ffmpeg=ffmpeg ffprobe=ffmpeg redis-server=redis-server cc=gcc "$@"; do
   what="${pair%%=*}" package="${pair#*=}"
   if [[ "$what" == /* ]]; then
     [ -e "$what" ] || need+=("$package")

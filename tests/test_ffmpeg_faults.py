@@ -74,6 +74,8 @@ def _classify(returncode: int, stderr: str, ended: bool = False, start: float = 
      ("transient", "ffmpeg_failed")),
     (127, "setpriv: failed to execute /usr/bin/ffmpeg: No such file or directory\n",
      ("transient", "ffmpeg_missing")),
+    (127, "die-with-parent: failed to execute /usr/bin/ffmpeg\n",
+     ("transient", "ffmpeg_missing")),
     # short of memory or disk, an I/O error reading the input
     (1, COMPLETE + "Error allocating the frame: Cannot allocate memory\n",
      ("transient", "out_of_memory")),

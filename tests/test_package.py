@@ -15,6 +15,7 @@ stop the daemon all the same when its program is removed or replaced).
 
 from __future__ import annotations
 
+import glob
 import grp
 import json
 import os
@@ -146,6 +147,11 @@ def _lifecycle(tmp_path, redis_server, http) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, account.pw_gid, 0o640)
     assert os.path.realpath("/usr/bin/clip-supervisor").startswith("/opt/clip-supervisor/")
     assert _run("/usr/bin/clip-supervisor", "--help").returncode == 0
+    # with die-with-parent, which every ffmpeg is started through, built and runnable
+    helpers = glob.glob("/opt/clip-supervisor/lib/python3*/site-packages/clip_supervisor/"
+                        "root/worker/die-with-parent")
+    assert len(helpers) == 1 and stat.S_IMODE(os.stat(helpers[0]).st_mode) == 0o755
+    assert _run(helpers[0], shutil.which("true") or "/bin/true").returncode == 0
     conffiles = _run("dpkg-query", "-W", "-f", "${Conffiles}", USER).stdout
     for path in (CONFIG, DEFAULTS, "/etc/init.d/clip-supervisor",
                  "/etc/logrotate.d/clip-supervisor"):

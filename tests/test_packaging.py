@@ -129,6 +129,11 @@ def test_the_wheel_installs_nothing_at_the_top_but_its_own_package(built):
                     rel = os.path.relpath(os.path.join(dirpath, name), ROOT)
                     assert f"clip_supervisor/root/{rel}" in names, rel
     assert "clip_supervisor/root/etc/clip-supervisor.conf" in names
+    # and die-with-parent (setup.py builds it; every ffmpeg starts through it), runnable
+    helper = "clip_supervisor/root/worker/die-with-parent"
+    with zipfile.ZipFile(built["wheel"]) as zf:
+        assert (zf.getinfo(helper).external_attr >> 16) & 0o111 == 0o111
+    assert "linux" in os.path.basename(built["wheel"])  # a binary: the wheel says for where
     assert f"clip_supervisor-{_version()}.dist-info/licenses/LICENSE" in names
     with zipfile.ZipFile(built["wheel"]) as zf:
         meta = zf.read(f"clip_supervisor-{_version()}.dist-info/METADATA").decode()
@@ -257,8 +262,10 @@ def test_the_sdist_holds_a_test_suite_that_runs(built, tmp_path):
                  "tests/conftest.py", "tests/httpd.py", "tests/__init__.py",
                  "tests/test_job.py", "etc/clip-supervisor.conf",
                  "etc/systemd/clip-supervisor.service", "scripts/test.sh", "scripts/setup.sh",
-                 "clip_supervisor/__init__.py", "supervisor/cli.py", "worker/runner.py"):
+                 "clip_supervisor/__init__.py", "supervisor/cli.py", "worker/runner.py",
+                 "setup.py", "worker/die_with_parent.c"):
         assert name in members, f"{name} is not in the sdist"
+    assert "worker/die-with-parent" not in members  # built from source where it installs
     # (scripts keep their x bit: scripts/test.sh is the README's test command)
     for name in ("scripts/test.sh", "scripts/setup.sh", "etc/init.d/clip-supervisor"):
         assert members[name].mode & 0o111, name

@@ -82,14 +82,18 @@ def test_a_sigkilled_worker_takes_its_ffmpeg_with_it(env, heavy_video):
     assert env.stop(proc) == 0
 
 
-@pytest.mark.parametrize("launcher", ["setpriv", "preexec_fn"])
+@pytest.mark.parametrize("launcher", ["die-with-parent", "setpriv", "preexec_fn"])
 def test_a_program_started_for_a_job_dies_with_the_process_that_started_it(launcher):
     # ffmpeg would also die of SIGPIPE at its next progress line to a dead worker; the
     # parent-death signal does not wait for that (nor for a program that prints nothing).
-    # setpriv when installed (util-linux), else a preexec_fn (slower: see media._launcher).
+    # Through die-with-parent (built at install), else setpriv (util-linux), else a
+    # preexec_fn: each is tried here on its own (see media._death_prefix).
+    prefix = {"die-with-parent": "[media._HELPER]",
+              "setpriv": "[media._SETPRIV, '--pdeathsig', 'KILL', '--']",
+              "preexec_fn": "[]"}[launcher]
     code = ("import subprocess, time\n"
             "from worker import media\n"
-            f"media._SETPRIV = media._SETPRIV if {launcher == 'setpriv'} else None\n"
+            f"media._prefix = {prefix}\n"
             "argv, preexec = media._launcher(['sleep', '60'])\n"
             "child = subprocess.Popen(argv, preexec_fn=preexec, start_new_session=True)\n"
             "print(child.pid, flush=True)\n"
@@ -310,9 +314,41 @@ def test_ctrl_c_at_the_terminal_stops_gracefully(env):
     assert "aborted" not in env.log_text()
 
 
-def test_a_setpriv_without_pdeathsig_falls_back_to_a_preexec_fn(monkeypatch):
-    # util-linux before 2.33 has setpriv without --pdeathsig: it fails, and is not used
+def test_ffmpeg_is_started_through_die_with_parent_which_the_install_built():
+    # setup.py builds it beside the worker package (the editable install of the tests, the
+    # wheel, the Debian package); without it every clip would pay setpriv's ~1 ms
+    media._prefix = None
+    try:
+        argv, preexec = media._launcher(["sleep", "1"])
+    finally:
+        media._prefix = None
+    assert argv == [media._HELPER, shutil.which("sleep"), "1"] and preexec is None
+
+
+def test_a_launcher_that_does_not_run_here_is_passed_over(monkeypatch, tmp_path):
+    # a die-with-parent built for another machine, and a setpriv from before util-linux 2.33
+    # (no --pdeathsig): each fails its trial run, and the next way is used
+    foreign = tmp_path / "die-with-parent"
+    foreign.write_bytes(b"\x7fELF not for this machine")
+    foreign.chmod(0o755)
+    monkeypatch.setattr(media, "_HELPER", str(foreign))
+    monkeypatch.setattr(media, "_prefix", None)
+    argv, preexec = media._launcher(["sleep", "1"])
+    assert argv[:4] == [media._SETPRIV, "--pdeathsig", "KILL", "--"] and preexec is None
     monkeypatch.setattr(media, "_SETPRIV", shutil.which("false"))
-    monkeypatch.setattr(media, "_setpriv_works", None)
+    monkeypatch.setattr(media, "_prefix", None)
     argv, preexec = media._launcher(["sleep", "1"])
     assert argv == [shutil.which("sleep"), "1"] and preexec is media._die_with_parent
+
+
+def test_die_with_parent_says_why_it_cannot_run_a_program(tmp_path):
+    # the worker tells a missing ffmpeg (127, "failed to execute") from a broken one
+    run = subprocess.run([media._HELPER, str(tmp_path / "nothing-here")], capture_output=True,
+                         text=True, timeout=10)
+    assert run.returncode == 127
+    assert f"failed to execute {tmp_path / 'nothing-here'}" in run.stderr
+    failed = media.failure(run.returncode, media.InputReport.parse(run.stderr.encode()),
+                           run.stderr, ended=False, start=0.0)
+    assert failed is not None and failed.reason == "ffmpeg_missing"
+    usage = subprocess.run([media._HELPER], capture_output=True, text=True, timeout=10)
+    assert usage.returncode == 126 and "usage" in usage.stderr

@@ -76,33 +76,52 @@ def _die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-# util-linux's setpriv sets the parent-death signal and then runs the program: the same as
-# _die_with_parent, without a preexec_fn. A preexec_fn makes Python fork the whole worker
-# (no vfork) and run Python in the child. Measured per start (bench/launch.py, CPU over a
-# bare Popen of 0.7-0.8 ms): setpriv +0.7-1.1 ms, preexec_fn +2-4.6 ms, a long-lived
-# launcher process per worker that forks and sets it +0.5-2 ms. What costs less loses the
-# guarantee or needs compiled code: a master that is a child subreaper and kills its dead
-# workers' orphans costs nothing per start, but an ffmpeg outlives a master and worker that
-# die together (a kill of both, the OOM killer taking both) and runs to the end of its cut;
-# a static C helper that sets the signal and execs costs +0.3-0.5 ms, but is a binary to
-# build and ship per platform. So setpriv it is: ~1 % of a copy clip's CPU.
+# Every ffmpeg is started so that the kernel kills it when its worker dies (whatever killed
+# the worker): through a prefix that sets the parent-death signal and execs it, cheapest
+# first. Measured per start by bench/launch.py (CPU over a bare Popen of ~0.9 ms):
+# - die-with-parent (worker/die_with_parent.c, built at install beside this module when a C
+#   compiler is there): no C library, three system calls and the exec; within the noise of
+#   a bare start;
+# - util-linux's `setpriv --pdeathsig KILL --`: +0.7-1.1 ms, the dynamic loader and locale;
+# - a preexec_fn that calls prctl: +2-5 ms, as Python must then fork the whole worker (no
+#   vfork) and run Python in the child. The last resort.
+# A copy clip costs ffmpeg ~60 ms of CPU, so setpriv's millisecond was ~1.5 % of it. What
+# costs nothing per start loses the guarantee: a master that is a child subreaper and kills
+# its dead workers' orphans leaves an ffmpeg running to the end of its cut when master and
+# worker die together (a kill of both, the OOM killer taking both).
+_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "die-with-parent")
 _SETPRIV = shutil.which("setpriv")
-_setpriv_works: bool | None = None  # --pdeathsig needs util-linux 2.33 (2018) or later
+_prefix: list[str] | None = None  # what every ffmpeg is started through, once tried
 
 
-def _setpriv() -> str | None:
-    global _setpriv_works
-    if _SETPRIV is not None and _setpriv_works is None:
-        try:
-            _setpriv_works = subprocess.run(
-                [_SETPRIV, "--pdeathsig", "KILL", "--", "true"], stdin=subprocess.DEVNULL,
-                capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            _setpriv_works = False
-        if not _setpriv_works:
-            log.info("%s --pdeathsig does not work here: ffmpeg is started with a "
-                     "preexec_fn instead (slower)", _SETPRIV)
-    return _SETPRIV if _setpriv_works else None
+def _works(prefix: list[str]) -> bool:
+    """Whether ``prefix`` runs a program (``true``) here: the helper may be built for another
+    architecture; setpriv has --pdeathsig from util-linux 2.33 (2018) on."""
+    true = shutil.which("true")
+    if true is None:
+        return False
+    try:
+        return subprocess.run([*prefix, true], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _death_prefix() -> list[str]:
+    """The cheapest prefix that works here, tried once per process; [] for none (then a
+    preexec_fn does it)."""
+    global _prefix
+    if _prefix is None:
+        candidates = [[_HELPER]] if os.access(_HELPER, os.X_OK) else []
+        if _SETPRIV is not None:
+            candidates.append([_SETPRIV, "--pdeathsig", "KILL", "--"])
+        _prefix = next((c for c in candidates if _works(c)), [])
+        if _prefix[:1] != [_HELPER]:
+            log.info("ffmpeg is started through %s, not die-with-parent (%s): slower",
+                     _prefix[0] if _prefix else "a preexec_fn",
+                     "not built" if not candidates or candidates[0][0] != _HELPER
+                     else "it does not run here")
+    return _prefix
 
 
 _programs: dict[str, str] = {}  # name -> path found on PATH
@@ -122,10 +141,10 @@ def _program(name: str) -> str:
 def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     """The argument list and preexec_fn that start ``cmd`` so that it dies with us."""
     program = _program(cmd[0])
-    setpriv = _setpriv()
-    if setpriv is None:
+    prefix = _death_prefix()
+    if not prefix:
         return [program, *cmd[1:]], _die_with_parent
-    return [setpriv, "--pdeathsig", "KILL", "--", program, *cmd[1:]], None
+    return [*prefix, program, *cmd[1:]], None
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -357,7 +376,7 @@ def failure(returncode: int, report: InputReport, tail: str, *, ended: bool, sta
                          f"{_signal_name(-returncode)}: {detail}")
     if returncode == 255 and _said(tail, ("received signal",)):  # it caught one and quit
         return Transient("ffmpeg_crashed", detail)
-    if returncode in (126, 127) and "failed to execute" in tail:  # setpriv could not exec it
+    if returncode in (126, 127) and "failed to execute" in tail:  # the launcher could not exec it
         return Transient("ffmpeg_missing", detail)
     if returncode in (126, 127) and _said(tail, _CANNOT_RUN):
         return Transient("ffmpeg_broken", detail)
