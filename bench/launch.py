@@ -10,14 +10,17 @@ wall time per start, median over rounds, and the extra over a bare start:
 - ``bare``: ``subprocess.Popen`` in a session of its own, as the worker starts ffmpeg, with
   nothing that makes the child die with us: the floor. (A master that is a child subreaper
   and kills its dead workers' orphans costs this per start: nothing is done per child.)
-- ``setpriv``: ``setpriv --pdeathsig KILL -- program`` (util-linux): what worker.media does.
-- ``preexec``: ``prctl(PR_SET_PDEATHSIG)`` in a ``preexec_fn`` (worker.media's fallback):
+- ``die-with-parent``: ``die-with-parent program``, the static program without a C library
+  that setup.py builds from worker/die_with_parent.c: what worker.media does.
+- ``setpriv``: ``setpriv --pdeathsig KILL -- program`` (util-linux): worker.media's first
+  fallback, when die-with-parent was not built.
+- ``preexec``: ``prctl(PR_SET_PDEATHSIG)`` in a ``preexec_fn`` (worker.media's last resort):
   Python must fork the whole worker (no vfork) and run Python in the child.
 - ``launcher``: a long-lived launcher process per worker (forked once, small): the worker
   hands it the child's pipes over a Unix socket (SCM_RIGHTS); it forks, sets the
   parent-death signal in the child, execs, and reports the pid and the exit status.
-- ``helper``: a 10-line C program that sets the parent-death signal and execs, statically
-  linked (built here with ``cc`` when there is one): the least any exec wrapper costs.
+- ``glibc-helper``: the same 10 lines as die-with-parent with the C library, statically
+  linked (built here with ``cc`` when there is one): what glibc's start-up costs.
 
 Usage: python -m bench.launch [--starts 300] [--rounds 6]
 """
@@ -178,13 +181,19 @@ def main() -> None:
     ballast = [bytearray(1 << 20) for _ in range(30)]  # a worker's size: fork copies its tables
     setpriv = shutil.which("setpriv")
     helper = build_helper()
+    ours = subprocess.run([h.clip_python(), "-c", "from worker import media; print(media._HELPER)"],
+                          capture_output=True, text=True, check=True).stdout.strip()
     candidates: dict[str, Callable[[], None]] = {"bare": lambda: _popen([PROGRAM])}
+    if os.access(ours, os.X_OK):
+        candidates["die-with-parent"] = lambda: _popen([ours, PROGRAM])
+    else:
+        h.note(f"{ours} was not built (no C compiler at install?): not measured")
     if setpriv:
         candidates["setpriv"] = lambda: _popen([setpriv, "--pdeathsig", "KILL", "--", PROGRAM])
     candidates["preexec"] = lambda: _popen([PROGRAM], _die_with_parent)
     candidates["launcher"] = lambda: launcher.start([PROGRAM])
     if helper:
-        candidates["helper"] = lambda: _popen([helper, PROGRAM])
+        candidates["glibc-helper"] = lambda: _popen([helper, PROGRAM])
 
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
     wall: dict[str, list[float]] = {name: [] for name in candidates}
