@@ -22,7 +22,11 @@ wall time per start, median over rounds, and the extra over a bare start:
 - ``glibc-helper``: the same 10 lines as die-with-parent with the C library, statically
   linked (built here with ``cc`` when there is one): what glibc's start-up costs.
 
-Usage: python -m bench.launch [--starts 300] [--rounds 6]
+With ``--ffmpeg``, each start is a real copy clip instead (10 s of the 720p source of
+bench.clips, the floor's command, one at a time, 40 starts a round by default): what each
+way adds next to ffmpeg's own ~80 ms, whose spread is then the noise.
+
+Usage: python -m bench.launch [--starts 300] [--rounds 6] [--ffmpeg]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import time
 from collections.abc import Callable
 
 from bench import harness as h
+from bench.clips import CLIP_SECONDS, floor_command
 
 PROGRAM = shutil.which("true") or "/bin/true"
 PR_SET_PDEATHSIG = 1
@@ -173,9 +178,13 @@ def build_helper() -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--starts", type=int, default=300, help="starts per candidate and round")
+    parser.add_argument("--starts", type=int, default=0,
+                        help="starts per candidate and round (300; 40 with --ffmpeg)")
+    parser.add_argument("--ffmpeg", action="store_true",
+                        help="start a real copy clip instead of /bin/true")
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
+    args.starts = args.starts or (40 if args.ffmpeg else 300)
 
     launcher = Launcher()  # forked while this process is small, as a worker would at its start
     ballast = [bytearray(1 << 20) for _ in range(30)]  # a worker's size: fork copies its tables
@@ -183,17 +192,24 @@ def main() -> None:
     helper = build_helper()
     ours = subprocess.run([h.clip_python(), "-c", "from worker import media; print(media._HELPER)"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    candidates: dict[str, Callable[[], None]] = {"bare": lambda: _popen([PROGRAM])}
+    target = [PROGRAM]
+    if args.ffmpeg:
+        name, seconds, size, bitrate = h.SOURCE_720P
+        out = os.path.join(h.tmpdir("launch"), "clip.mp4")
+        target = floor_command(h.media(name, seconds, size, bitrate), out,
+                               (seconds - CLIP_SECONDS) / 2, "copy")
+        target[0] = shutil.which(target[0]) or target[0]
+    candidates: dict[str, Callable[[], None]] = {"bare": lambda: _popen(target)}
     if os.access(ours, os.X_OK):
-        candidates["die-with-parent"] = lambda: _popen([ours, PROGRAM])
+        candidates["die-with-parent"] = lambda: _popen([ours, *target])
     else:
         h.note(f"{ours} was not built (no C compiler at install?): not measured")
     if setpriv:
-        candidates["setpriv"] = lambda: _popen([setpriv, "--pdeathsig", "KILL", "--", PROGRAM])
-    candidates["preexec"] = lambda: _popen([PROGRAM], _die_with_parent)
-    candidates["launcher"] = lambda: launcher.start([PROGRAM])
+        candidates["setpriv"] = lambda: _popen([setpriv, "--pdeathsig", "KILL", "--", *target])
+    candidates["preexec"] = lambda: _popen(target, _die_with_parent)
+    candidates["launcher"] = lambda: launcher.start(target)
     if helper:
-        candidates["glibc-helper"] = lambda: _popen([helper, PROGRAM])
+        candidates["glibc-helper"] = lambda: _popen([helper, *target])
 
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
     wall: dict[str, list[float]] = {name: [] for name in candidates}
@@ -221,11 +237,12 @@ def main() -> None:
     parts = [f"{name} {median[name]:.2f} ms CPU ({extra[name]:+.2f}; wall "
              f"{h.median(wall[name]):.2f} ms; range {min(cpu[name]):.2f}-{max(cpu[name]):.2f})"
              for name in names]
-    line = (f"launch: CPU per start of {PROGRAM}, median of {args.rounds} paired rounds of "
+    what = "a 10 s copy clip with ffmpeg" if args.ffmpeg else PROGRAM
+    line = (f"launch: CPU per start of {what}, median of {args.rounds} paired rounds of "
             f"{args.starts}: " + "; ".join(parts))
-    h.emit("launch", line, {"program": PROGRAM, "starts": args.starts, "rounds": args.rounds,
-                            "cpu_ms": cpu, "wall_ms": wall, "median_cpu_ms": median,
-                            "extra_cpu_ms": extra})
+    h.emit("launch-ffmpeg" if args.ffmpeg else "launch", line,
+           {"program": target, "starts": args.starts, "rounds": args.rounds, "cpu_ms": cpu,
+            "wall_ms": wall, "median_cpu_ms": median, "extra_cpu_ms": extra})
 
 
 if __name__ == "__main__":

@@ -443,7 +443,9 @@ class FFmpegRun:
             self._watch(proc)
         finally:
             _reap(proc, self._err)
-        report = InputReport.parse(self.head)
+        # (the report taken when "Output #0" came is the same: the input's description ends
+        # before it)
+        report = self.input or InputReport.parse(self.head)
         source = _input_of(self.cmd)
         failed = failure(proc.returncode, report, _tail(b"".join(self.stderr)),
                          ended=self.ended, start=self.cut.start, source=source)
@@ -491,14 +493,19 @@ class FFmpegRun:
         return True
 
     def _parse(self, data: bytes) -> bytes:
-        *lines, rest = data.split(b"\n")
-        for line in lines:
-            key, sep, value = line.decode("ascii", "replace").strip().partition("=")
+        """Take in ffmpeg's -progress lines (``key=value``, each report ending with
+        ``progress=continue`` or ``progress=end``); returns the unfinished last line."""
+        lines, newline, rest = data.rpartition(b"\n")
+        if not newline:
+            return data
+        for line in lines.decode("ascii", "replace").split("\n"):
+            key, sep, value = line.partition("=")
             if not sep:
                 continue
-            self.report[key] = value.strip()
+            key, value = key.strip(), value.strip()
+            self.report[key] = value
             if key == "progress":
-                self.ended = value.strip() == "end"
+                self.ended = value == "end"
                 percent = 100.0 if self.ended else min(
                     99.9, 100.0 * _out_time(self.report) / self.length if self.length else 0)
                 self.ctx.on_progress(percent, self.report.get("speed", ""))
