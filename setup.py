@@ -57,4 +57,5 @@ class BinaryDistribution(Distribution):
         return True
 
 
-setup(cmdclass={"build_py": BuildPy}, distclass=BinaryDistribution)
+if __name__ == "__main__":  # (setuptools runs it so; the tests import FLAGS)
+    setup(cmdclass={"build_py": BuildPy}, distclass=BinaryDistribution)

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh ".[test]" logrotate=logrotate openssl=openssl \
   systemd-analyze=systemd start-stop-daemon=dpkg /lib/lsb/init-functions=sysvinit-utils \
   /usr/bin/chromium=chromium faketime=faketime promtool=prometheus unshare=util-linux \
-  lintian=lintian strip=binutils /usr/share/python-wheels=python3-venv
+  lintian=lintian strip=binutils /usr/share/python-wheels=python3-venv \
+  aarch64-linux-gnu-gcc=gcc-aarch64-linux-gnu qemu-aarch64=qemu-user
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -18,7 +18,8 @@
  * it was), 127 when PROGRAM cannot be executed; either with a line on stderr.
  *
  * Built by setup.py for x86-64 and AArch64 (cc -static -nostdlib); on another architecture
- * the build skips it, and setpriv is used.
+ * the build skips it, and setpriv is used. tests/test_die_with_parent.py runs both builds,
+ * the AArch64 one under qemu-user.
  */
 
 #define PR_SET_PDEATHSIG 1
