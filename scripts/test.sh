@@ -3,10 +3,10 @@
 # with its test extras, plus the tools some tests drive (logrotate, openssl, systemd-analyze,
 # start-stop-daemon, the LSB init functions, faketime for a host whose clock is off,
 # promtool (Debian's prometheus package) for the alert rules, unshare, lintian and strip
-# for the Debian package, Debian's Chromium
-# for the dashboard tests,
-# driven through Playwright: never `playwright install`), checks style with ruff, then runs
-# pytest (arguments are passed on).
+# for the Debian package, Debian's Chromium for the dashboard tests, driven through
+# Playwright: never `playwright install`; an AArch64 cross compiler and qemu-user for
+# die-with-parent's other build), checks style with ruff, then runs pytest (arguments are
+# passed on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh ".[test]" logrotate=logrotate openssl=openssl \
