@@ -70,10 +70,15 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
+def set_parent_death_signal(sig: int) -> None:
+    """This process gets ``sig`` when the thread that started it dies."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
 def _die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when the worker that started it dies."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 # Every ffmpeg is started so that the kernel kills it when its worker dies (whatever killed
@@ -85,7 +90,7 @@ def _die_with_parent() -> None:
 # - util-linux's `setpriv --pdeathsig KILL --`: +0.7-1.1 ms, the dynamic loader and locale;
 # - a preexec_fn that calls prctl: +2-5 ms, as Python must then fork the whole worker (no
 #   vfork) and run Python in the child. The last resort.
-# A copy clip costs ffmpeg ~60 ms of CPU, so setpriv's millisecond was ~1.5 % of it. What
+# A copy clip costs ffmpeg 60-100 ms of CPU, so setpriv's millisecond was 1-1.5 % of it. What
 # costs nothing per start loses the guarantee: a master that is a child subreaper and kills
 # its dead workers' orphans leaves an ffmpeg running to the end of its cut when master and
 # worker die together (a kill of both, the OOM killer taking both).
@@ -112,15 +117,15 @@ def _death_prefix() -> list[str]:
     preexec_fn does it)."""
     global _prefix
     if _prefix is None:
-        candidates = [[_HELPER]] if os.access(_HELPER, os.X_OK) else []
-        if _SETPRIV is not None:
-            candidates.append([_SETPRIV, "--pdeathsig", "KILL", "--"])
-        _prefix = next((c for c in candidates if _works(c)), [])
-        if _prefix[:1] != [_HELPER]:
-            log.info("ffmpeg is started through %s, not die-with-parent (%s): slower",
-                     _prefix[0] if _prefix else "a preexec_fn",
-                     "not built" if not candidates or candidates[0][0] != _HELPER
-                     else "it does not run here")
+        built = os.access(_HELPER, os.X_OK)
+        if built and _works([_HELPER]):
+            _prefix = [_HELPER]
+            return _prefix
+        setpriv = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV is not None else []
+        _prefix = setpriv if setpriv and _works(setpriv) else []
+        log.info("ffmpeg is started through %s, not die-with-parent (%s): slower",
+                 _prefix[0] if _prefix else "a preexec_fn",
+                 "it does not run here" if built else "not built")
     return _prefix
 
 
@@ -145,11 +150,6 @@ def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     if not prefix:
         return [program, *cmd[1:]], _die_with_parent
     return [*prefix, program, *cmd[1:]], None
-
-
-def set_parent_death_signal(sig: int) -> None:
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
