@@ -36,8 +36,8 @@ import redis
 import setproctitle
 from prometheus_client import Counter, Gauge
 
+from worker import cache, logs
 from worker import config as config_mod
-from worker import logs
 from worker.config import Config, ConfigError
 from worker.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
 from worker.queue import REDIS_ERRORS, JobQueue, connect
@@ -491,6 +491,8 @@ class Master:
         WORKER_EXITS.labels("killed_by_us" if slot.killed_on_purpose else
                             "wedged" if slot.wedged else how.cause).inc()
         worker_metrics_done(slot.pid)
+        if self.config.job.cache_max_bytes:
+            cache.remove_left_by(self.config.job.cache_folder, slot.pid)
         # Recover first, respawn after: the message is back on the queue before anyone new
         # could be looking for work.
         self.pending.append(PendingRecovery(worker_id, count, worker_dir))

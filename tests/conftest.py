@@ -412,6 +412,18 @@ def kill_tree(pid: int) -> None:
             p.kill()
 
 
+def child_named(pid: int, name: str) -> psutil.Process | None:
+    """The child of ``pid`` called ``name``, if any. Children that exit while they are looked
+    at (the worker's trial run of its launcher, a probe) are passed over, not an error."""
+    for child in psutil.Process(pid).children():
+        try:
+            if child.name() == name:
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
 def gone(pid: int) -> bool:
     """True once the process has exited (a zombie waiting for init to reap it counts)."""
     try:

@@ -7,12 +7,11 @@ import json
 import os
 import time
 
-import psutil
 import pytest
 
 from clip_supervisor import Client, JobCancelled
 from clip_supervisor.client import message
-from tests.conftest import free_port, gone, wait_for
+from tests.conftest import child_named, free_port, gone, wait_for
 from worker.protocol import JobState
 from worker.queue import now_iso
 
@@ -87,10 +86,7 @@ def test_a_running_encode_is_stopped_within_a_second(env, heavy_video):
     # Given an encode that has been running for a while
     job = client.enqueue(env.url(heavy_video), mode="encode", id="enc")
 
-    def ffmpeg() -> psutil.Process | None:
-        return next((c for c in psutil.Process(pid).children() if c.name() == "ffmpeg"), None)
-
-    child = wait_for(ffmpeg, 20, what="the worker's ffmpeg")
+    child = wait_for(lambda: child_named(pid, "ffmpeg"), 20, what="the worker's ffmpeg")
     wait_for(lambda: [e["type"] for e in _events(env, "enc")].count("progress") >= 2, 30,
              what="the encode's progress on the stream")
 

@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import gone, kill_tree, wait_for
+from tests.conftest import child_named, gone, kill_tree, wait_for
 from worker import media
 from worker.queue import sha1
 
@@ -62,17 +62,34 @@ def test_sigkilled_worker_job_is_requeued_within_a_second_and_finished_once(env)
     assert env.stop(proc) == 0
 
 
+def test_files_a_sigkilled_worker_left_in_the_cache_are_removed_as_it_is_reaped(env):
+    proc = env.start()
+    pid, other = env.wait_workers(proc, 2)
+    cache = os.path.join(env.work, "cache")
+    # Given the cache files two workers are writing (a kill between open and rename leaves
+    # them), and one of a live process that only looks alike
+    key = "0af4eebc2ec3b0b086a4189b610d289094ab3455"
+    planted = [f".tmp-{pid}-{key}.json", f".tmp-{pid}-{key}.data", f".tmp-{other}-{key}.json",
+               f".tmp-{pid}0-{key}.json"]
+    for name in planted:
+        with open(os.path.join(cache, name), "w") as fh:
+            fh.write("{")
+    # When one of the workers is SIGKILLed
+    os.kill(pid, signal.SIGKILL)
+    # Then its files are gone as soon as the master has reaped it, and only its files
+    wait_for(lambda: not os.path.exists(os.path.join(cache, planted[0])), 5,
+             what="the dead worker's half-written files to be removed")
+    assert sorted(n for n in os.listdir(cache) if n.startswith(".tmp-")) == sorted(planted[2:])
+    assert env.stop(proc) == 0
+
+
 def test_a_sigkilled_worker_takes_its_ffmpeg_with_it(env, heavy_video):
     # Given a worker whose ffmpeg is re-encoding a clip (a few seconds of work)
     (raw,) = env.push({"id": "enc", "url": env.url(heavy_video), "mode": "encode"})
     proc = env.start()
     pid = wait_for(lambda: env.holder_of(raw), what="a worker to take the job")
 
-    def ffmpeg() -> psutil.Process | None:
-        return next((c for c in psutil.Process(pid).children()
-                     if c.name() == "ffmpeg"), None)
-
-    child = wait_for(ffmpeg, 20, what="the worker's ffmpeg")
+    child = wait_for(lambda: child_named(pid, "ffmpeg"), 20, what="the worker's ffmpeg")
     # When the worker is SIGKILLed, so that it cannot clean up
     os.kill(pid, signal.SIGKILL)
     # Then its ffmpeg dies too, and the job is done again by another

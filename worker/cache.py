@@ -408,6 +408,28 @@ class SourceCache:
             os.close(fd)
 
 
+def remove_left_by(directory: str, pid: int) -> int:
+    """Remove the files worker ``pid`` (dead) left on their way in, ``.tmp-<pid>-*``: the
+    master calls it as it reaps the worker, so that a kill during a write leaves nothing
+    behind for long (``_prune`` sweeps what the workers of a killed master left). How many
+    were removed; a missing or unsafe folder holds nothing of ours to remove."""
+    try:
+        dfd = private_dir(directory, "cache_dir", create=False)
+    except OSError:
+        return 0
+    removed = 0
+    try:
+        prefix = f".tmp-{pid}-"
+        for name in os.listdir(dfd):
+            if name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dfd)  # a link itself, never its target
+                    removed += 1
+    finally:
+        os.close(dfd)
+    return removed
+
+
 def _exists(name: str, dir_fd: int) -> bool:
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)

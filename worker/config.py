@@ -290,6 +290,11 @@ class JobConfig:
     dead_message_bytes: int = _opt(_size, "16KiB", "how much of a message a dead letter keeps "
                                    "(its size and SHA-1 are always kept)")
 
+    @property
+    def cache_folder(self) -> str:
+        """The source cache's folder: ``cache_dir``, or ``<work_dir>/cache``."""
+        return self.cache_dir or os.path.join(self.work_dir, "cache")
+
 
 # Google Cloud Storage constraints that the client library imposes.
 GCS_CHUNK_QUANTUM = 256 * 1024  # a resumable chunk must be a multiple of this

@@ -135,7 +135,7 @@ class Pipeline:
                                   max_bytes=cfg.max_source_bytes,
                                   allow_private=cfg.allow_private_networks)
         # The cache leaves room free in work_dir for one source of the largest size.
-        self.cache = SourceCache(cfg.cache_dir or os.path.join(cfg.work_dir, "cache"),
+        self.cache = SourceCache(cfg.cache_folder,
                                  cfg.cache_max_bytes, keep_free=min(cfg.max_source_bytes, 1 << 40),
                                  work_dir=cfg.work_dir) if cfg.cache_max_bytes else None
 
