@@ -492,7 +492,7 @@ class Master:
                             "wedged" if slot.wedged else how.cause).inc()
         worker_metrics_done(slot.pid)
         if self.config.job.cache_max_bytes:
-            cache.remove_left_by(self.config.job.cache_folder, slot.pid)
+            cache.remove_left(self.config.job.cache_folder, dead=lambda pid: pid == slot.pid)
         # Recover first, respawn after: the message is back on the queue before anyone new
         # could be looking for work.
         self.pending.append(PendingRecovery(worker_id, count, worker_dir))
@@ -613,6 +613,9 @@ class Master:
             self.guard.contact(now, self.system.monotonic())
             if not self._started_recovery:
                 removed = recovery.clean_stale_dirs(self.config.job.work_dir)
+                if self.config.job.cache_max_bytes:
+                    cache.remove_left(self.config.job.cache_folder,
+                                      dead=lambda pid: not cache.alive(pid))
                 if removed:
                     log.info("removed %d work folder(s) of dead workers", removed)
                 n = recovery.recover_at_start(self.queue, self.config.host_id)

@@ -62,24 +62,40 @@ def test_sigkilled_worker_job_is_requeued_within_a_second_and_finished_once(env)
     assert env.stop(proc) == 0
 
 
-def test_files_a_sigkilled_worker_left_in_the_cache_are_removed_as_it_is_reaped(env):
+def test_cache_files_left_half_written_by_dead_workers_are_removed(env):
+    cache = os.path.join(env.work, "cache")
+    os.makedirs(cache, mode=0o700)
+    key = "0af4eebc2ec3b0b086a4189b610d289094ab3455"
+
+    def plant(*names: str) -> None:
+        for name in names:
+            with open(os.path.join(cache, name), "w") as fh:
+                fh.write("{")
+
+    def left() -> list[str]:
+        return sorted(n for n in os.listdir(cache) if n.startswith(".tmp-"))
+
+    # Given a file left by a worker of an earlier run (its process is gone), and one of a
+    # live process
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    plant(f".tmp-{dead.pid}-{key}.data", f".tmp-{os.getpid()}-{key}.json")
+    # When the supervisor starts, then the first is removed, the other kept
     proc = env.start()
     pid, other = env.wait_workers(proc, 2)
-    cache = os.path.join(env.work, "cache")
+    wait_for(lambda: left() == [f".tmp-{os.getpid()}-{key}.json"], 10,
+             what="the start to remove the file of a dead worker")
     # Given the cache files two workers are writing (a kill between open and rename leaves
-    # them), and one of a live process that only looks alike
-    key = "0af4eebc2ec3b0b086a4189b610d289094ab3455"
-    planted = [f".tmp-{pid}-{key}.json", f".tmp-{pid}-{key}.data", f".tmp-{other}-{key}.json",
-               f".tmp-{pid}0-{key}.json"]
-    for name in planted:
-        with open(os.path.join(cache, name), "w") as fh:
-            fh.write("{")
+    # them), and one of a process whose pid only begins alike
+    plant(f".tmp-{pid}-{key}.json", f".tmp-{pid}-{key}.data", f".tmp-{other}-{key}.json",
+          f".tmp-{pid}0-{key}.json")
     # When one of the workers is SIGKILLed
     os.kill(pid, signal.SIGKILL)
     # Then its files are gone as soon as the master has reaped it, and only its files
-    wait_for(lambda: not os.path.exists(os.path.join(cache, planted[0])), 5,
+    wait_for(lambda: f".tmp-{pid}-{key}.json" not in left(), 5,
              what="the dead worker's half-written files to be removed")
-    assert sorted(n for n in os.listdir(cache) if n.startswith(".tmp-")) == sorted(planted[2:])
+    assert left() == sorted([f".tmp-{os.getpid()}-{key}.json", f".tmp-{other}-{key}.json",
+                             f".tmp-{pid}0-{key}.json"])
     assert env.stop(proc) == 0
 
 

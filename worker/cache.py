@@ -386,7 +386,7 @@ class SourceCache:
                 age = now - st.st_mtime
                 if name.startswith(".tmp-"):
                     pid = name.split("-")[1]
-                    if age > 3600 or (pid.isdigit() and not _alive(int(pid))):
+                    if age > 3600 or (pid.isdigit() and not alive(int(pid))):
                         os.unlink(name, dir_fd=dfd)
                 elif stat.S_ISLNK(st.st_mode):
                     os.unlink(name, dir_fd=dfd)  # planted: removed, never followed
@@ -408,20 +408,21 @@ class SourceCache:
             os.close(fd)
 
 
-def remove_left_by(directory: str, pid: int) -> int:
-    """Remove the files worker ``pid`` (dead) left on their way in, ``.tmp-<pid>-*``: the
-    master calls it as it reaps the worker, so that a kill during a write leaves nothing
-    behind for long (``_prune`` sweeps what the workers of a killed master left). How many
-    were removed; a missing or unsafe folder holds nothing of ours to remove."""
+def remove_left(directory: str, dead: Callable[[int], bool]) -> int:
+    """Remove the files that workers now dead left on their way in (``.tmp-<pid>-*`` with
+    ``dead(pid)``). The master calls it as it reaps a worker, and at its start for the
+    workers of a master that was killed, so that a kill during a write leaves nothing behind
+    for long (``_prune`` would sweep it only some minutes later). How many were removed; a
+    missing or unsafe folder holds nothing of ours to remove."""
     try:
         dfd = private_dir(directory, "cache_dir", create=False)
     except OSError:
         return 0
     removed = 0
     try:
-        prefix = f".tmp-{pid}-"
         for name in os.listdir(dfd):
-            if name.startswith(prefix):
+            pid = name.split("-")[1] if name.startswith(".tmp-") else ""
+            if pid.isdigit() and dead(int(pid)):
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dfd)  # a link itself, never its target
                     removed += 1
@@ -430,19 +431,19 @@ def remove_left_by(directory: str, pid: int) -> int:
     return removed
 
 
-def _exists(name: str, dir_fd: int) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
     return True
