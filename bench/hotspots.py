@@ -9,10 +9,11 @@ ffprobe/ffmpeg/the socket shows). Prints the top functions by own time and by in
 py-spy samples wall time: a worker that is runnable but waiting for a CPU (2 workers and
 redis-server share 2 cores) is charged to whatever call it is in, mostly socket calls. ``cpu``
 gives the CPU-time view instead: one worker (bench/cpu_worker.py) under cProfile with
-``time.process_time`` as its clock, on a batch of no-op jobs. ``client``: what one Redis
+``time.process_time`` as its clock, on a batch of no-op jobs (``--clips``: real copy clips
+of a ``file://`` source; ffmpeg's own CPU is not counted). ``client``: what one Redis
 call costs in redis-py against a raw socket (bench/client_cost.py).
 
-Usage: python -m bench.hotspots [noop|copy|cpu|client] [--jobs 20000] [--workers 2]
+Usage: python -m bench.hotspots [noop|copy|cpu|client] [--jobs 20000] [--workers 2] [--clips]
 """
 
 from __future__ import annotations
@@ -67,10 +68,16 @@ def _short(frame: str) -> str:
     return f"{name} ({os.path.basename(file)})" if file else name
 
 
-def cpu_profile(jobs: int) -> None:
+def cpu_profile(jobs: int, clips: bool) -> None:
     tmp = h.tmpdir("cpuprofile")
     server = h.RedisServer(os.path.join(tmp, "redis"))
-    sup = h.Supervisor(os.path.join(tmp, "sup"), server.url, 1, job={"pipeline": "noop"})
+    if clips:  # real copy clips of the 720p source named as a file:// URL
+        name, seconds, size, bitrate = h.SOURCE_720P
+        url = "file://" + h.media(name, seconds, size, bitrate)
+        job = {"mode": "copy", "allowed_schemes": "file"}
+    else:
+        url, seconds, job = "http://127.0.0.1:9/v.mp4", 60.0, {"pipeline": "noop"}
+    sup = h.Supervisor(os.path.join(tmp, "sup"), server.url, 1, job=job)
     out = os.path.join(PROFILES, "cpu-worker.pstats")
     proc = h.spawn([h.clip_python(), os.path.join(h.BENCH, "cpu_worker.py"), "--config",
                     sup.conf, "--out", out], cwd=h.ROOT, env={"PYTHONPATH": h.ROOT},
@@ -83,7 +90,7 @@ def cpu_profile(jobs: int) -> None:
         return sup.r.hlen(sup.keys["workers"]) >= 1
 
     h.wait_until(registered, 30, what="the worker")
-    messages = [json.dumps({"id": f"p{i}", "url": "http://127.0.0.1:9/v.mp4",
+    messages = [json.dumps({"id": f"p{i}", "url": url, "start": (i * 2.5) % (seconds - 10),
                             "duration": 10}) for i in range(jobs)]
     for i in range(0, jobs, 1000):
         sup.r.lpush(sup.keys["queue"], *messages[i:i + 1000])
@@ -93,7 +100,8 @@ def cpu_profile(jobs: int) -> None:
     h.wait_exit(proc, 30)
     stats = pstats.Stats(out)
     total = stats.total_tt  # type: ignore[attr-defined]
-    print(f"== {os.path.relpath(out, h.ROOT)}: {jobs} no-op jobs, {total:.2f} s CPU in the "
+    what = "file:// copy clips" if clips else "no-op jobs"
+    print(f"== {os.path.relpath(out, h.ROOT)}: {jobs} {what}, {total:.2f} s CPU in the "
           f"job loop, {1e6 * total / jobs:.0f} us per job")
     rows = []
     for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore
@@ -108,6 +116,9 @@ def main() -> None:
     parser.add_argument("mode", nargs="?", choices=("noop", "copy", "cpu", "client"),
                         default="noop")
     parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--clips", action="store_true",
+                        help="cpu: real copy clips from a file:// source instead of no-op jobs "
+                        "(the worker's own CPU per clip, ffmpeg's not counted)")
     parser.add_argument("--workers", type=int, default=2,
                         help="1 keeps redis-server off the worker's core: less preemption "
                         "charged to socket calls")
@@ -117,7 +128,7 @@ def main() -> None:
 
     os.makedirs(PROFILES, exist_ok=True)
     if args.mode == "cpu":
-        cpu_profile(args.jobs)
+        cpu_profile(args.jobs, args.clips)
         return
     if args.mode == "client":
         server = h.RedisServer(os.path.join(h.tmpdir("client"), "redis"))

@@ -131,9 +131,13 @@ class LocalStore:
         """(fd of the folder that holds ``target``, its file name), every folder below the
         root opened without following a link (and made with ``create``)."""
         root, names = self._root_of(target)
-        if create:
-            os.makedirs(root, exist_ok=True)
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.makedirs(root, exist_ok=True)  # once: it is there for the next put
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         shown = root
         try:
             for name in names[:-1]:
