@@ -24,7 +24,9 @@ wall time per start, median over rounds, and the extra over a bare start:
 
 With ``--ffmpeg``, each start is a real copy clip instead (10 s of the 720p source of
 bench.clips, the floor's command, one at a time, 40 starts a round by default): what each
-way adds next to ffmpeg's own ~80 ms, whose spread is then the noise.
+way adds next to ffmpeg's own ~80 ms, whose spread is then the noise; and ``startup-only``,
+a bare start of ``ffmpeg -hide_banner -version``: ffmpeg starting (loading its shared
+libraries) and exiting without a clip, the part of a clip no daemon can make cheaper.
 
 Usage: python -m bench.launch [--starts 300] [--rounds 6] [--ffmpeg]
 """
@@ -210,6 +212,8 @@ def main() -> None:
     candidates["launcher"] = lambda: launcher.start(target)
     if helper:
         candidates["glibc-helper"] = lambda: _popen([helper, *target])
+    if args.ffmpeg:  # ffmpeg starting and exiting, no clip: what of a clip is its start-up
+        candidates["startup-only"] = lambda: _popen([target[0], "-hide_banner", "-version"])
 
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
     wall: dict[str, list[float]] = {name: [] for name in candidates}
