@@ -285,6 +285,22 @@ def test_a_flood_on_stderr_holds_ffmpeg_up_for_one_tick_at_most(media_dir, tmp_p
     assert b"".join(run.stderr).endswith(b"the last line\n")
 
 
+def test_a_flood_of_decoder_messages_before_the_report_does_not_hide_it(media_dir, tmp_path):
+    # Given an ffmpeg whose libraries log 1 MB of messages (and ffmpeg's notes that one was
+    # repeated) before it describes its input, as a long damaged stream does while it is
+    # probed: four times the head kept for the report
+    ffmpeg = _stand_in(tmp_path, "yes '[h264 @ 0x55d0c8a3b2c0] error while decoding MB 22 5, "
+                       "bytestream -7' | head -n 12000 >&2\n"
+                       "yes '    Last message repeated 3 times' | head -n 6000 >&2")
+    # When it clips a local file
+    run, failed, _, _ = _watched(ffmpeg, os.path.join(media_dir, "ten.mp4"),
+                                 str(tmp_path / "clip.mp4"))
+    # Then the clip is made: the report on the input was found after the flood
+    assert failed is None, failed
+    assert run.input is not None and run.input.complete and run.input.has_video
+    assert b"Output #0" in run.head and len(run.head) <= FFmpegRun.HEAD_LIMIT + 65536
+
+
 def test_the_last_words_of_a_flooding_ffmpeg_are_kept(media_dir, tmp_path):
     # Given an ffmpeg that floods stderr, then fails with a word about its input and exits
     # without a progress report

@@ -282,6 +282,9 @@ class Feed(Protocol):
     def ffmpeg_env(self) -> dict[str, str]: ...
 
 
+# A message of one of ffmpeg's libraries ("[h264 @ 0x55d0c8a3b2c0] error while decoding MB
+# 22 5"), or ffmpeg's note that one was repeated: never a line of the report on the input.
+_LOG_LINE = re.compile(rb"^(?:\[[^\n]*|[ \t]+Last message repeated \d+ times[ \t\r]*)\n", re.M)
 _DURATION = re.compile(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
 _VIDEO = re.compile(rb"^\s*Stream #0:\d+.*?: Video: (?!.*attached pic)", re.M)
 _INPUT = re.compile(rb"^Input #0,.*$", re.M)
@@ -425,6 +428,7 @@ class FFmpegRun:
         # before its output starts
         self.feed = feed
         self.head = b""
+        self.head_full = False  # the head is full of what the report is made of
         self.input: InputReport | None = None
         self.stderr: collections.deque[bytes] = collections.deque(maxlen=64)
         self.report: dict[str, str] = {}
@@ -485,10 +489,19 @@ class FFmpegRun:
                     last_mark, progress.at = mark, time.monotonic()
 
     def _err(self, chunk: bytes) -> bool:
-        """Keep a chunk of stderr: in the tail, and in the head while it has room (True)."""
+        """Keep a chunk of stderr: in the tail, and in the head while it has room (True).
+        A full head drops the messages of ffmpeg's libraries first (a damaged stream makes
+        its decoder log thousands while ffmpeg probes it, before the report on the input
+        comes): only when what is left still fills it is the rest of stderr kept in the
+        tail alone."""
         self.stderr.append(chunk)
         if len(self.head) >= self.HEAD_LIMIT:
-            return False
+            if self.head_full:
+                return False
+            self.head = _LOG_LINE.sub(b"", self.head)
+            if len(self.head) >= self.HEAD_LIMIT // 2:  # too little room made: stop here
+                self.head_full = True
+                return False
         self.head += chunk
         return True
 
