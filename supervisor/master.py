@@ -115,6 +115,7 @@ class Master:
         self._pipe: tuple[int, int] | None = None
         self._next_scan = 0.0
         self._started_recovery = False
+        self._cache_swept = False  # the cache's files of a killed master's workers (once)
         sup = self.config.supervisor
         self.claim = recovery.HostClaim(self.config.host_id,
                                         sup.heartbeat_ttl, sup.heartbeat_interval)
@@ -491,13 +492,29 @@ class Master:
         WORKER_EXITS.labels("killed_by_us" if slot.killed_on_purpose else
                             "wedged" if slot.wedged else how.cause).inc()
         worker_metrics_done(slot.pid)
-        if self.config.job.cache_max_bytes:
-            cache.remove_left(self.config.job.cache_folder, dead=lambda pid: pid == slot.pid)
         # Recover first, respawn after: the message is back on the queue before anyone new
         # could be looking for work.
         self.pending.append(PendingRecovery(worker_id, count, worker_dir))
         self.run_pending_recoveries()
+        if not how.clean:  # a worker that exits cleanly has finished its writes
+            pid = slot.pid
+            self._remove_cache_left(lambda p: p == pid)
         self._start_failed(slot, how)
+
+    def _remove_cache_left(self, dead: Callable[[int], bool]) -> None:
+        """Remove the source cache's files that dead workers left half-written (see
+        worker.cache.remove_left). A failure is logged, never the master's end."""
+        if not self.config.job.cache_max_bytes:
+            return
+        try:
+            removed = cache.remove_left(self.config.job.cache_folder, dead)
+        except Exception as exc:  # a folder that cannot be read: the workers' sweep remains
+            log.warning("source cache %s: cannot remove what dead workers left: %s",
+                        self.config.job.cache_folder, exc)
+            return
+        if removed:
+            log.info("source cache: removed %d file(s) dead workers left half-written",
+                     removed)
 
     def _start_failed(self, slot: Slot, how: Exit) -> None:
         """Tell the slot its worker is gone; report a failed start, a slot gone FATAL."""
@@ -613,9 +630,6 @@ class Master:
             self.guard.contact(now, self.system.monotonic())
             if not self._started_recovery:
                 removed = recovery.clean_stale_dirs(self.config.job.work_dir)
-                if self.config.job.cache_max_bytes:
-                    cache.remove_left(self.config.job.cache_folder,
-                                      dead=lambda pid: not cache.alive(pid))
                 if removed:
                     log.info("removed %d work folder(s) of dead workers", removed)
                 n = recovery.recover_at_start(self.queue, self.config.host_id)
@@ -636,6 +650,10 @@ class Master:
             took = self.system.monotonic() - now
             if took > self.guard.stall_limit:
                 self.guard.lost(f"a recovery scan took {took:.1f} s")
+        if self._started_recovery and not self._cache_swept:
+            # Outside the timed scan: a large cache folder on slow storage is no stall.
+            self._cache_swept = True
+            self._remove_cache_left(lambda pid: not cache.alive(pid))
 
     def hold_claim(self, now: float) -> bool:
         """Claim or refresh our host_id; True while it is ours."""

@@ -79,12 +79,18 @@ def test_cache_files_left_half_written_by_dead_workers_are_removed(env):
     # live process
     dead = subprocess.Popen(["true"])
     dead.wait()
-    plant(f".tmp-{dead.pid}-{key}.data", f".tmp-{os.getpid()}-{key}.json")
+    plant(f".tmp-{dead.pid}-{key}.data", f".tmp-{os.getpid()}-{key}.json",
+          f".tmp-99999999999999999999-{key}.json", f".tmp-\u00b2-{key}.json")
     # When the supervisor starts, then the first is removed, the other kept
     proc = env.start()
     pid, other = env.wait_workers(proc, 2)
-    wait_for(lambda: left() == [f".tmp-{os.getpid()}-{key}.json"], 10,
+    # (and names no pid can have, which any user could plant, are left to the sweep)
+    wait_for(lambda: left() == sorted([f".tmp-{os.getpid()}-{key}.json",
+                                       f".tmp-99999999999999999999-{key}.json",
+                                       f".tmp-\u00b2-{key}.json"]), 10,
              what="the start to remove the file of a dead worker")
+    for name in (f".tmp-99999999999999999999-{key}.json", f".tmp-\u00b2-{key}.json"):
+        os.unlink(os.path.join(cache, name))
     # Given the cache files two workers are writing (a kill between open and rename leaves
     # them), and one of a process whose pid only begins alike
     plant(f".tmp-{pid}-{key}.json", f".tmp-{pid}-{key}.data", f".tmp-{other}-{key}.json",
@@ -92,10 +98,12 @@ def test_cache_files_left_half_written_by_dead_workers_are_removed(env):
     # When one of the workers is SIGKILLed
     os.kill(pid, signal.SIGKILL)
     # Then its files are gone as soon as the master has reaped it, and only its files
-    wait_for(lambda: f".tmp-{pid}-{key}.json" not in left(), 5,
-             what="the dead worker's half-written files to be removed")
-    assert left() == sorted([f".tmp-{os.getpid()}-{key}.json", f".tmp-{other}-{key}.json",
-                             f".tmp-{pid}0-{key}.json"])
+    kept = sorted([f".tmp-{os.getpid()}-{key}.json", f".tmp-{other}-{key}.json",
+                   f".tmp-{pid}0-{key}.json"])
+    wait_for(lambda: left() == kept, 5, what="the dead worker's half-written files to be "
+             "removed, and only those")
+    wait_for(lambda: "removed 2 file(s) dead workers left half-written" in env.log_text(), 5,
+             what="the master's log line")
     assert env.stop(proc) == 0
 
 

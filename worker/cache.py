@@ -385,8 +385,8 @@ class SourceCache:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 age = now - st.st_mtime
                 if name.startswith(".tmp-"):
-                    pid = name.split("-")[1]
-                    if age > 3600 or (pid.isdigit() and not alive(int(pid))):
+                    pid = tmp_owner(name)
+                    if age > 3600 or (pid is not None and not alive(pid)):
                         os.unlink(name, dir_fd=dfd)
                 elif stat.S_ISLNK(st.st_mode):
                     os.unlink(name, dir_fd=dfd)  # planted: removed, never followed
@@ -410,10 +410,11 @@ class SourceCache:
 
 def remove_left(directory: str, dead: Callable[[int], bool]) -> int:
     """Remove the files that workers now dead left on their way in (``.tmp-<pid>-*`` with
-    ``dead(pid)``). The master calls it as it reaps a worker, and at its start for the
-    workers of a master that was killed, so that a kill during a write leaves nothing behind
-    for long (``_prune`` would sweep it only some minutes later). How many were removed; a
-    missing or unsafe folder holds nothing of ours to remove."""
+    ``dead(pid)``). The master calls it when a worker it reaps did not exit cleanly, and at
+    its start for the workers of a master that was killed, so that a kill during a write
+    leaves nothing behind for long (``_prune`` would sweep it only some minutes later). How
+    many were removed; a missing or unsafe folder holds nothing of ours to remove. Raises
+    OSError when the folder cannot be read."""
     try:
         dfd = private_dir(directory, "cache_dir", create=False)
     except OSError:
@@ -421,8 +422,8 @@ def remove_left(directory: str, dead: Callable[[int], bool]) -> int:
     removed = 0
     try:
         for name in os.listdir(dfd):
-            pid = name.split("-")[1] if name.startswith(".tmp-") else ""
-            if pid.isdigit() and dead(int(pid)):
+            pid = tmp_owner(name)
+            if pid is not None and dead(pid):
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dfd)  # a link itself, never its target
                     removed += 1
@@ -431,10 +432,24 @@ def remove_left(directory: str, dead: Callable[[int], bool]) -> int:
     return removed
 
 
+PID_MAX = 1 << 22  # Linux's largest pid_max
+
+
+def tmp_owner(name: str) -> int | None:
+    """The pid in a ``.tmp-<pid>-...`` name, if it is one (a name any user could plant:
+    anything else, "1e100", "²" or a number no pid can be, is None)."""
+    if not name.startswith(".tmp-"):
+        return None
+    pid = name.split("-")[1]
+    if not (pid.isascii() and pid.isdigit() and len(pid) <= 7):
+        return None
+    return int(pid) if 0 < int(pid) <= PID_MAX else None
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

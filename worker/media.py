@@ -282,9 +282,12 @@ class Feed(Protocol):
     def ffmpeg_env(self) -> dict[str, str]: ...
 
 
-# A message of one of ffmpeg's libraries ("[h264 @ 0x55d0c8a3b2c0] error while decoding MB
-# 22 5"), or ffmpeg's note that one was repeated: never a line of the report on the input.
-_LOG_LINE = re.compile(rb"^(?:\[[^\n]*|[ \t]+Last message repeated \d+ times[ \t\r]*)\n", re.M)
+# Messages of ffmpeg's libraries ("[h264 @ 0x55d0c8a3b2c0] error while decoding MB 22 5"),
+# and ffmpeg's notes that one was repeated, one after the other: never lines of the report
+# on the input. A full head keeps "[...]" in their place, which ends the report as the
+# first of them did (InputReport.complete).
+_LOG_LINE = re.compile(rb"^(?:(?:\[[^\n]*|[ \t]+Last message repeated \d+ times[ \t\r]*)\n)+",
+                       re.M)
 _DURATION = re.compile(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
 _VIDEO = re.compile(rb"^\s*Stream #0:\d+.*?: Video: (?!.*attached pic)", re.M)
 _INPUT = re.compile(rb"^Input #0,.*$", re.M)
@@ -427,7 +430,7 @@ class FFmpegRun:
         # an index or seeking over a slow link is progress too, though ffmpeg reports none
         # before its output starts
         self.feed = feed
-        self.head = b""
+        self.head = bytearray()  # grows in place: a flood comes in lines of ~70 bytes
         self.head_full = False  # the head is full of what the report is made of
         self.input: InputReport | None = None
         self.stderr: collections.deque[bytes] = collections.deque(maxlen=64)
@@ -478,7 +481,8 @@ class FFmpegRun:
         for is_stdout, chunk in _pipes(proc, self.ctx, self.feed, progress,
                                        stderr_as_it_comes=self.feed is not None):
             if not is_stdout:
-                if self._err(chunk) and self.input is None and b"Output #0" in self.head:
+                # (only the chunk just kept, and the 8 bytes before it, can hold it now)
+                if self._err(chunk) and b"Output #0" in self.head[-len(chunk) - 8:]:
                     # ffmpeg has read its input's index: clipping proper starts
                     self.input = InputReport.parse(self.head)
                     self.ctx.stage("clip")
@@ -495,10 +499,12 @@ class FFmpegRun:
         comes): only when what is left still fills it is the rest of stderr kept in the
         tail alone."""
         self.stderr.append(chunk)
+        if self.input is not None:  # the report was found: the head has done its work
+            return False
         if len(self.head) >= self.HEAD_LIMIT:
             if self.head_full:
                 return False
-            self.head = _LOG_LINE.sub(b"", self.head)
+            self.head = bytearray(_LOG_LINE.sub(b"[...]\n", self.head))
             if len(self.head) >= self.HEAD_LIMIT // 2:  # too little room made: stop here
                 self.head_full = True
                 return False

@@ -133,10 +133,12 @@ class LocalStore:
         root, names = self._root_of(target)
         try:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if not create:
                 raise
-            os.makedirs(root, exist_ok=True)  # once: it is there for the next put
+            # Once: it is there for the next put. (A file in its place fails here, as the
+            # host's fault: storage_error, not the job's.)
+            os.makedirs(root, exist_ok=True)
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         shown = root
         try:
