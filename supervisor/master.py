@@ -115,7 +115,6 @@ class Master:
         self._pipe: tuple[int, int] | None = None
         self._next_scan = 0.0
         self._started_recovery = False
-        self._cache_swept = False  # the cache's files of a killed master's workers (once)
         sup = self.config.supervisor
         self.claim = recovery.HostClaim(self.config.host_id,
                                         sup.heartbeat_ttl, sup.heartbeat_interval)
@@ -171,6 +170,9 @@ class Master:
                  self.pid, self.target, _safe_url(self.config.redis.url),
                  self.config.redis.prefix, self.config.host_id)
         self._title()  # before the first fork: ps names the master as soon as it has workers
+        # What the workers of a killed master left half-written (no worker of ours runs yet;
+        # a worker of another master on this host is alive, and its files are kept)
+        self._remove_cache_left(lambda pid: not cache.alive(pid))
         while not self.turn():
             self.sleep(self.next_timeout())
         self.finish_pending_recoveries()
@@ -650,10 +652,6 @@ class Master:
             took = self.system.monotonic() - now
             if took > self.guard.stall_limit:
                 self.guard.lost(f"a recovery scan took {took:.1f} s")
-        if self._started_recovery and not self._cache_swept:
-            # Outside the timed scan: a large cache folder on slow storage is no stall.
-            self._cache_swept = True
-            self._remove_cache_left(lambda pid: not cache.alive(pid))
 
     def hold_claim(self, now: float) -> bool:
         """Claim or refresh our host_id; True while it is ours."""

@@ -441,7 +441,7 @@ def tmp_owner(name: str) -> int | None:
     if not name.startswith(".tmp-"):
         return None
     pid = name.split("-")[1]
-    if not (pid.isascii() and pid.isdigit() and len(pid) <= 7):
+    if not (pid.isascii() and pid.isdigit()):
         return None
     return int(pid) if 0 < int(pid) <= PID_MAX else None
 
@@ -449,7 +449,7 @@ def tmp_owner(name: str) -> int | None:
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
+    except ProcessLookupError:
         return False
     except PermissionError:
         return True
