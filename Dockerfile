@@ -58,6 +58,11 @@ ENV PATH=/opt/clip-supervisor/bin:$PATH \
 # environment variable wins over the config file, so change or empty it with -e / env.
 USER 10001:10001
 WORKDIR /var/lib/clip-supervisor
+# ffmpeg's and ffprobe's start plans (worker/preload.py: their libraries preloaded so that
+# the loader searches less), made here once instead of at every container start, where they
+# cost ~2 s of CPU; kept in $HOME/.cache/clip-supervisor, outside the manifests' emptyDir.
+RUN ["/opt/clip-supervisor/bin/python", "-c", \
+     "from worker import preload; preload.prepare(['ffmpeg', 'ffprobe'])"]
 EXPOSE 9187
 # /healthz answers 200 while the master loop turns, Redis answers and no worker is paused by
 # a fault of this host; with metrics off (CLIP_SUPERVISOR_METRICS_LISTEN empty) there is

@@ -78,7 +78,8 @@ def floor_command(src: str, out: str, start: float, mode: str) -> list[str]:
             "-y", out]
 
 
-def run_parallel(commands: list[list[str]], parallel: int) -> float:
+def run_parallel(commands: list[list[str]], parallel: int,
+                 env: dict[str, str] | None = None) -> float:
     """Run ``commands`` ``parallel`` at a time, as ``xargs -P`` does (the next one starts as
     soon as one ends); returns the wall seconds. Waits on pidfds, so that no other child of
     the harness (redis-server, the HTTP server, clip-supervisor) is reaped by mistake."""
@@ -90,7 +91,8 @@ def run_parallel(commands: list[list[str]], parallel: int) -> float:
         while pending or running:
             while pending and len(running) < parallel:
                 proc = subprocess.Popen(pending.pop(), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        env=env)
                 fd = os.pidfd_open(proc.pid)
                 running[fd] = (proc, fd)
                 sel.register(fd, selectors.EVENT_READ)
@@ -107,15 +109,17 @@ def run_parallel(commands: list[list[str]], parallel: int) -> float:
 
 
 def run_floor(src: str, out_dir: str, starts: list[float], mode: str, parallel: int,
-              server: list[psutil.Process] | None = None) -> tuple[float, float]:
+              server: list[psutil.Process] | None = None,
+              env: dict[str, str] | None = None) -> tuple[float, float]:
     """Plain ffmpeg on ``src`` (a local file, or the URL of ``server``) over the clip starts,
-    ``parallel`` at a time; returns (wall, CPU) seconds, the server's CPU included."""
+    ``parallel`` at a time (in ``env``); returns (wall, CPU) seconds, the server's CPU
+    included."""
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     commands = [floor_command(src, os.path.join(out_dir, f"c{i}.mp4"), start, mode)
                 for i, start in enumerate(starts)]
     cpu = h.children_cpu() + h.cpu_total(server or [])
-    elapsed = run_parallel(commands, parallel)
+    elapsed = run_parallel(commands, parallel, env)
     cpu = h.children_cpu() + h.cpu_total(server or []) - cpu
     made = [f for f in os.listdir(out_dir) if os.path.getsize(os.path.join(out_dir, f)) > 0]
     if len(made) != len(starts):
@@ -242,6 +246,10 @@ def main() -> None:
                         help="clips per alternation inside a round (default: all for copy, "
                         "4 for encode)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fast-start", choices=("on", "off"), default="on",
+                        help="clip-supervisor's [job] fast_start (on: its ffmpegs start with "
+                        "the host's plan, worker/preload.py; copy from file:// then also "
+                        "times the floor started with that plan)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="bytes/s of each of the HTTP server's answers, paced like a "
                         "remote link (default: unpaced loopback)")
@@ -273,6 +281,14 @@ def main() -> None:
     job = {"mode": args.mode, "timeout": 900, "stall_timeout": 120}
     if args.source == "file":
         job["allowed_schemes"] = "http,https,gs,file"
+    job["fast_start"] = "true" if args.fast_start == "on" else "false"
+    planned_env = None
+    if args.fast_start == "on" and args.source == "file" and args.mode == "copy":
+        from worker import preload  # the plan the daemon's master makes or reads back
+
+        plans = preload.prepare(["ffmpeg"])
+        program = shutil.which("ffmpeg")
+        planned_env = preload.env_for(program, None) if program in plans else None
     if args.cache != "cold":
         job["cache_max_bytes"] = "0" if args.cache == "off" else "2GiB"
     if args.cache == "warm":
@@ -283,8 +299,10 @@ def main() -> None:
         run_ours(sup, http, redis_server, http.url("src.mp4"), [0.0], args.mode, "warm-up")
     # The sides of a round: the floor, clip-supervisor, and for copy clips over HTTP ffmpeg
     # on the same URL (the HTTP target's floor; an encode is libx264's time either way).
+    # With a start plan, also the floor started with it: against that, clip-supervisor's
+    # own cost per clip, apart from what the plan saves ffmpeg.
     sides = ["floor", "ours"] + (["url"] if args.source == "http" and args.mode == "copy"
-                                 else [])
+                                 else []) + (["planned"] if planned_env else [])
     orders = list(itertools.permutations(sides))
     times: dict[str, list[float]] = {side: [] for side in sides}
     cpus: dict[str, list[float]] = {side: [] for side in sides}
@@ -306,6 +324,9 @@ def main() -> None:
                 if side == "floor":
                     took, cpu = run_floor(local, os.path.join(tmp, "floor"), part, args.mode,
                                           args.workers)
+                elif side == "planned":
+                    took, cpu = run_floor(local, os.path.join(tmp, "planned"), part,
+                                          args.mode, args.workers, env=planned_env)
                 elif side == "url":
                     took, cpu = run_floor(http.url("src.mp4"), os.path.join(tmp, "url"), part,
                                           args.mode, args.workers, h.family(http.proc.pid))
@@ -329,6 +350,8 @@ def main() -> None:
                f"({cpu_sum['floor']:.2f} s CPU), "
                + (f"ffmpeg on the URL {took_sum['url']:.2f} s ({cpu_sum['url']:.2f} s CPU), "
                   if "url" in sides else "")
+               + (f"floor with the plan {took_sum['planned']:.2f} s "
+                  f"({cpu_sum['planned']:.2f} s CPU), " if "planned" in sides else "")
                + f"clip-supervisor {took_sum['ours']:.2f} s ({cpu_sum['ours']:.2f} s CPU; "
                f"{fetched / 1e6:.1f} MB fetched; source read: "
                + ", ".join(f"{n:g} {read}" for read, n in reads.items())
@@ -350,6 +373,8 @@ def main() -> None:
     ratios, cpu_ratios = paired("floor", times), paired("floor", cpus)
     url_ratios = paired("url", times) if "url" in sides else []
     url_cpu_ratios = paired("url", cpus) if "url" in sides else []
+    planned_ratios = paired("planned", times) if "planned" in sides else []
+    planned_cpu_ratios = paired("planned", cpus) if "planned" in sides else []
     ratio, cpu_ratio = h.median(ratios), h.median(cpu_ratios)
     # What the verdict is against: the floor for file:// and encode, ffmpeg on the URL for
     # copy clips over HTTP.
@@ -358,7 +383,8 @@ def main() -> None:
     judged = h.median(url_ratios) if against == "url" else ratio
     name = f"clips-{args.mode}" + ("-file" if args.source == "file" else "") \
         + ("" if args.cache == "cold" else f"-cache-{args.cache}") \
-        + (f"-paced-{args.rate * 8 / 1e6:g}mbit" if args.rate else "")
+        + (f"-paced-{args.rate * 8 / 1e6:g}mbit" if args.rate else "") \
+        + ("-fast-start-off" if args.fast_start == "off" else "")
     floor_s, ours_s = h.median(times["floor"]), h.median(times["ours"])
     where = ("named as a file:// URL" if args.source == "file" else "over loopback HTTP, "
              f"source cache {args.cache}"
@@ -370,6 +396,11 @@ def main() -> None:
             + (f"; ratio {h.median(url_ratios):.2f} vs ffmpeg on the URL ("
                f"{h.median(times['url']):.2f} s; CPU-time ratio {h.median(url_cpu_ratios):.2f}"
                f"; range {min(url_ratios):.2f}-{max(url_ratios):.2f})" if url_ratios else "")
+            + (f"; ratio {h.median(planned_ratios):.2f} vs the floor started with the same "
+               f"plan (CPU-time ratio {h.median(planned_cpu_ratios):.2f}; range "
+               f"{min(planned_ratios):.2f}-{max(planned_ratios):.2f})"
+               if planned_ratios else "")
+            + ("; fast_start off" if args.fast_start == "off" else "")
             + f" ({args.clips} x {CLIP_SECONDS:g} s clips of a {seconds} s "
             f"{size.split('x')[1]}p source {where}, {args.workers} workers, median of "
             f"{rounds} paired round(s))"
@@ -386,6 +417,9 @@ def main() -> None:
         "ours_seconds": times["ours"], "url_seconds": times.get("url", []),
         "url_ratio": h.median(url_ratios) if url_ratios else None,
         "round_url_ratios": url_ratios, "url_cpu_ratios": url_cpu_ratios,
+        "fast_start": args.fast_start, "planned_seconds": times.get("planned", []),
+        "planned_ratio": h.median(planned_ratios) if planned_ratios else None,
+        "round_planned_ratios": planned_ratios, "planned_cpu_ratios": planned_cpu_ratios,
         "target": target, "against": against, "met": judged >= target,
         "source_bytes": os.path.getsize(source), "ours": details,
         "what_if_cpu_ratios": what_if, "what_if_wall_ratios": what_if_wall})

@@ -36,7 +36,7 @@ import redis
 import setproctitle
 from prometheus_client import Counter, Gauge
 
-from worker import cache, logs
+from worker import cache, logs, preload
 from worker import config as config_mod
 from worker.config import Config, ConfigError
 from worker.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
@@ -164,6 +164,7 @@ class Master:
         the host claim is ours, or Redis is unreachable (retried; the claim comes first when
         it answers); ``on_failed`` with one line when another supervisor holds the claim."""
         self.install_signals()  # work_dir was made and checked before (worker.fsafe)
+        self.plan_starts()
         self._on_ready, self._on_failed = on_ready, on_failed
         self._ready_by = self.system.monotonic() + READY_WAIT
         log.info("master started (pid %d, %d workers, redis %s, prefix %s, host_id %s)",
@@ -182,6 +183,15 @@ class Master:
             self.metrics.stop()
         log.info("master stopped")
         return self.exit_code
+
+    def plan_starts(self) -> None:
+        """The start plans of ffmpeg and ffprobe (worker.preload), made or read back before
+        the first worker, which inherits them; again after a reload."""
+        job = self.config.job
+        if job.fast_start and job.pipeline == "ffmpeg":
+            preload.prepare([job.ffmpeg, job.ffprobe])
+        else:
+            preload.use({})
 
     def turn(self) -> bool:
         """One turn of the loop (no waiting in it); True once the master may exit."""
@@ -325,6 +335,7 @@ class Master:
                            logs.log_format())
                 logs.reopen_streams(new.supervisor.logfile)
         self.config = new
+        self.plan_starts()
         self.webhooks.reload(new)
         self.target = new.supervisor.workers
         self.generation += 1

@@ -302,6 +302,17 @@ def ffprobe_duration(path: str) -> float:
     return float(json.loads(out.stdout)["format"]["duration"])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ffmpeg_start_plans() -> None:
+    """The host's start plans of ffmpeg and ffprobe (worker.preload), made once before any
+    test: the first master on a host spends a second or two making them, which a test's
+    wait for its workers is not about. In this process too, so in-process pipelines use
+    them as the workers do."""
+    from worker import preload
+
+    preload.prepare(["ffmpeg", "ffprobe"])
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "settings(dict): config sections for the env fixture")
 

@@ -266,6 +266,9 @@ class JobConfig:
     pipeline: str = _opt(_pipeline, "ffmpeg")
     ffmpeg: str = _opt(_text, "ffmpeg")
     ffprobe: str = _opt(_text, "ffprobe")
+    fast_start: bool = _opt(_bool, "true", "start ffmpeg and ffprobe with the libraries "
+                            "their loader's lookups end in preloaded (the same bindings, "
+                            "checked; worker.preload)")
     encode_preset: str = _opt(_text, "veryfast")
     allowed_schemes: tuple[str, ...] = _opt(_schemes, "http,https,gs")
     allow_private_networks: bool = _opt(_bool, "false")

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import preload
 from .context import JobContext
 from .errors import JobFailed, Permanent, Transient
 
@@ -150,6 +151,15 @@ def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     if not prefix:
         return [program, *cmd[1:]], _die_with_parent
     return [*prefix, program, *cmd[1:]], None
+
+
+def _environment(argv: list[str], base: dict[str, str] | None) -> dict[str, str] | None:
+    """What ``argv`` (from ``_launcher``) starts with: ``base`` (None: ours) with the
+    program's start plan (worker.preload), except through setpriv: a dynamic program, which
+    LD_PRELOAD would load them all into as well."""
+    if argv[0] == _SETPRIV:
+        return base
+    return preload.env_for(argv[1] if argv[0] == _HELPER else argv[0], base)
 
 
 def _tail(data: bytes | str, limit: int = STDERR_TAIL) -> str:
@@ -439,11 +449,11 @@ class FFmpegRun:
 
     def run(self) -> ClipResult:
         argv, preexec = _launcher(self.cmd)
+        env = _environment(argv, None if self.feed is None else self.feed.ffmpeg_env())
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=preexec,
-                                    env=None if self.feed is None else self.feed.ffmpeg_env())
+                                    preexec_fn=preexec, env=env)
         except (FileNotFoundError, PermissionError):
             raise Transient("ffmpeg_missing", f"cannot run {self.cmd[0]!r}") from None
         try:
@@ -649,11 +659,11 @@ def capture(cmd: list[str], ctx: JobContext, feed: Feed | None = None,
     prints more than ``limit`` bytes (the caller falls back to a plain cut, whose own run
     says why the source is bad); with ``quiet``, also when it says anything on stderr."""
     argv, preexec = _launcher(cmd)
+    env = _environment(argv, None if feed is None else feed.ffmpeg_env())
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=preexec,
-                                env=None if feed is None else feed.ffmpeg_env())
+                                preexec_fn=preexec, env=env)
     except (FileNotFoundError, PermissionError):
         raise Transient("ffmpeg_missing", f"cannot run {cmd[0]!r}") from None
     out = bytearray()
