@@ -2,45 +2,72 @@
 
 Most of a copy clip's CPU is ffmpeg starting, and most of that is the dynamic loader.
 Debian's ffmpeg needs 215 shared libraries and is linked with BIND_NOW, so before ``main``
-the loader resolves every symbol reference of every library (~43,000 lookups). Each lookup
-walks the global search list (the program, then its libraries breadth first) until one
-defines the symbol: ~90 libraries a lookup on average, because many references end deep in
-the list (libcrypto's and libepoxy's references to their own exported symbols walk ~150
-each). ``perf`` puts half of ``ffmpeg -version``'s CPU in that walk (``do_lookup_x``).
+the loader resolves ~43,000 symbol references. Each lookup walks the global search list
+(the program, then its libraries breadth first) until one defines the symbol: ~90
+libraries a lookup on average, because many references end deep in the list (libcrypto's
+and libepoxy's references to their own exported symbols walk ~150 each). ``perf`` puts half
+of ``ffmpeg -version``'s CPU in that walk (``do_lookup_x``).
 
-``LD_PRELOAD`` puts libraries at the front of the list, right after the program. Preloading
-the libraries where many lookups end makes those walks short and every other one a step
-longer; a greedy choice on the loader's own counts (``choose``) takes the libraries that
-gain the most. On Debian 12's ffmpeg 5.1 that cuts the loader's walks to about a quarter
-and a copy clip's CPU by about a quarter (105 to 78 ms; docs/PERFORMANCE.md 4.1).
+``LD_PRELOAD`` puts libraries at the front of the list, right after the program, in the
+order given. Preloading the libraries where many lookups end makes those walks short and
+every other one a step longer; a greedy choice on the loader's own counts (``choose``)
+takes the libraries that gain the most. On Debian 12's ffmpeg 5.1 a copy clip then costs
+about a fifth less CPU (docs/PERFORMANCE.md 4.1).
 
-What must not change is which definition a reference binds to: a library moved to the
-front wins every symbol it shares with a library that was ahead of it (two libraries of
-PulseAudio define the same functions; C++ libraries carry their own copies of templates).
-So a plan is kept only when the loader's record of its bindings (``LD_DEBUG=bindings``)
-with the preload is the same as without it, reference by reference. A library whose move
-changes one is dropped and the check runs again; a plan that does not settle is no plan.
-Among themselves the preloaded libraries keep their order of the search list.
+What must not change is which definition any lookup finds: a library moved to the front
+wins every symbol it shares with a library that was ahead of it (libresolv and libc both
+define ``inet_net_pton``; C++ libraries carry their own copies of templates), for the
+references bound at start, for those bound lazily later, and for ``dlsym`` and modules
+opened later (drivers, iconv modules), which search the same list. So:
 
-The plan is made once per host and program, in the master before the first worker (about a
-second: two runs of ``ffmpeg -version`` with the loader's debug output), and kept in
-``plan_path()`` with the size and modification time of the program, of every library in
-its search list and of ``/etc/ld.so.cache``: an upgrade of any of them makes it anew at the
-next start (not device and inode, which an image's layers change from run to run). A
-program that is a script is not planned (its loader is its interpreter's). Workers inherit the plans through fork and add ``LD_PRELOAD`` to the
-environment of the program's runs (``env_for``); a program without a plan, or a process
-whose environment already sets ``LD_PRELOAD`` or ``LD_LIBRARY_PATH`` differently, starts as
-it is. ``[job] fast_start = false`` turns it off.
+- **No two libraries that define the same name change their order** (``earlier``, read from
+  each library's table of exported symbols, ``exported``): a library is preloaded only
+  with every library ahead of it that defines one of its names (which then stays ahead of
+  it), and not at all when one of those cannot be preloaded. The order of the preloaded
+  libraries among themselves is their order in the list.
+- **The loader's own record agrees**: with ``LD_BIND_NOW`` (every reference bound at start,
+  lazy ones included) the bindings it reports (``LD_DEBUG=bindings``) with the preload are
+  those without it, reference by reference, or the plan is changed and checked again, and
+  dropped when it does not settle.
+
+The order of library constructors between libraries that do not depend on each other can
+change (the loader sorts them by dependencies only); no library of ffmpeg's relies on
+that.
+
+A plan is made once per host and program, by a child process of the master before the first
+worker (about two seconds: two runs of ``ffmpeg -version`` with the loader's debug output,
+parsed away from the master's memory), and kept in ``plan_path()``. At each start the master
+checks it against the files: the size and modification time (whole seconds, as image layers
+keep them) of the program and of every library in its list, the list itself as the loader
+resolves it now (``LD_TRACE_LOADED_OBJECTS``: a library found elsewhere through
+``LD_LIBRARY_PATH``, a new ``/etc/ld.so.cache`` or another CPU level shows there), and the
+environment variables that steer the loader; on any difference it is made again. Only
+libraries owned by root in root's folders, which the daemon's user (and ffmpeg, which runs
+as that user) cannot change, are ever preloaded, so a plan file written by someone with the
+daemon's user id names nothing but the system's own libraries of that program. A program
+that is a script is not planned (its loader would be its interpreter's).
+
+Workers inherit the plans through fork and add ``LD_PRELOAD`` to the environment of the
+program's runs (``env_for``); every ``RECHECK`` seconds a worker checks that the files are
+unchanged (an upgrade under a running daemon) and starts the program as it is from then on
+if not. A program without a plan, or any program when ``LD_PRELOAD`` is already set, starts
+as it is. ``[job] fast_start = false`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import stat
+import struct
 import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterable
 
@@ -48,24 +75,36 @@ from . import fsafe
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of the plan file
+FORMAT = 2  # of the plan file
 PLAN_FILE = "ffmpeg-start.json"
 RUN_TIMEOUT = 30.0  # seconds for one run of ``<program> -version`` with the loader's output
+MAKE_TIMEOUT = 60.0  # for the child process that makes a plan
+TRACE_TIMEOUT = 10.0  # for the loader's list of a program's libraries
+RECHECK = 10.0  # seconds between a worker's checks that the planned files are unchanged
 MAX_ROUNDS = 6  # checks of the bindings before a plan that keeps changing them is dropped
 MIN_GAIN = 0.001  # a library is preloaded only if it saves this share of the walks
-LD_CACHE = "/etc/ld.so.cache"
+# Names that older linkers put in every library's table (section ends, init and fini):
+# each library's own, never looked up across libraries.
+LINKER_NAMES = frozenset({b"_init", b"_fini", b"_edata", b"_end", b"__bss_start", b"_etext",
+                          b"etext", b"edata", b"end", b"__end__"})
 
 # "binding file /lib/x/libavdevice.so.59 [0] to /lib/x/libc.so.6 [0]: normal symbol `strlen'
 # [GLIBC_2.2.5]" (glibc's rtld, LD_DEBUG=bindings)
 _BINDING = re.compile(r"binding file (\S+) \[\d+\] to (\S+) \[\d+\]: (\w+) symbol `([^']*)'"
                       r"(?: \[([^\]]*)\])?")
+_TRACED = re.compile(r"^\s*\S+ => (\S+) \(0x[0-9a-f]+\)$", re.M)
 
 Binding = tuple[str, str, str, str, str]  # referrer, definer, kind, symbol, version
-Identity = list[int]  # st_size, st_mtime_ns (an image's layers change device and inode)
+Identity = list[int]  # st_size, st_mtime in whole seconds (image layers drop the rest)
 
-# program path -> the libraries to preload (set in the master, inherited by the workers)
+# program path -> the libraries to preload; and what to check them against (set in the
+# master, inherited by the workers)
 _plans: dict[str, tuple[str, ...]] = {}
-_envs: dict[str, dict[str, str]] = {}
+_files: dict[str, dict[str, Identity]] = {}
+_checked = {"at": 0.0}
+
+
+# --- the loader's account, and the libraries' own tables ------------------------------------
 
 
 def parse_scope(text: str) -> list[str]:
@@ -77,53 +116,152 @@ def parse_scope(text: str) -> list[str]:
     return []
 
 
-def parse_bindings(text: str) -> set[Binding]:
-    return {(m[1], m[2], m[3], m[4], m[5] or "") for m in _BINDING.finditer(text)}
+def parse_bindings(text: str) -> set[Binding] | None:
+    """The bindings the loader reported; None when a line of them does not parse (a path
+    with a space in it): what is not read cannot be compared."""
+    found = {(m[1], m[2], m[3], m[4], m[5] or "") for m in _BINDING.finditer(text)}
+    lines = sum(1 for line in text.splitlines() if "binding file " in line)
+    parsed = sum(1 for _ in _BINDING.finditer(text))
+    return found if lines == parsed else None
+
+
+def exported(path: str) -> frozenset[bytes] | None:
+    """The names a shared library exports (defined, global, weak or unique, default or
+    protected visibility; not absolute symbols such as version names, nor LINKER_NAMES),
+    from its ELF dynamic symbol table; None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
+            if m[:4] != b"\x7fELF" or m[5] not in (1, 2):
+                return None
+            e = "<" if m[5] == 1 else ">"
+            if m[4] == 2:
+                (shoff,) = struct.unpack_from(e + "Q", m, 0x28)
+                shentsize, shnum = struct.unpack_from(e + "HH", m, 0x3A)
+                section, symbol = e + "IIQQQQIIQQ", e + "IBBHQQ"
+            elif m[4] == 1:
+                (shoff,) = struct.unpack_from(e + "I", m, 0x20)
+                shentsize, shnum = struct.unpack_from(e + "HH", m, 0x2E)
+                section, symbol = e + "IIIIIIIIII", e + "IIIBBH"
+            else:
+                return None
+            sections = [struct.unpack_from(section, m, shoff + i * shentsize)
+                        for i in range(shnum)]
+            dynsym = next((s for s in sections if s[1] == 11), None)  # SHT_DYNSYM
+            if dynsym is None or dynsym[6] >= len(sections):
+                return None
+            strtab = sections[dynsym[6]]
+            strings = m[strtab[4]:strtab[4] + strtab[5]]
+            table = m[dynsym[4]:dynsym[4] + dynsym[5]]
+    except (OSError, ValueError, struct.error):
+        return None
+    names: set[bytes] = set()
+    wide = symbol.endswith("HQQ")
+    for entry in struct.iter_unpack(symbol, table):
+        if wide:
+            name, info, other, shndx = entry[0], entry[1], entry[2], entry[3]
+        else:
+            name, info, other, shndx = entry[0], entry[3], entry[4], entry[5]
+        if shndx in (0, 0xFFF1):  # undefined, absolute
+            continue
+        if info >> 4 not in (1, 2, 10) or other & 3 not in (0, 3) or info & 15 in (3, 4):
+            continue
+        end = strings.find(b"\0", name)
+        text = strings[name:end if end >= 0 else len(strings)]
+        if text not in LINKER_NAMES:
+            names.add(text)
+    return frozenset(names)
+
+
+def earlier(scope: list[str], exports: dict[str, frozenset[bytes]]) -> dict[str, set[str]]:
+    """For each library, the libraries ahead of it in ``scope`` (not the program) that define
+    a name it defines too."""
+    definers: dict[bytes, list[str]] = {}
+    for path in scope[1:]:
+        for name in exports.get(path, ()):
+            definers.setdefault(name, []).append(path)
+    ahead: dict[str, set[str]] = {path: set() for path in scope}
+    for paths in definers.values():
+        for i in range(1, len(paths)):
+            ahead[paths[i]].update(paths[:i])
+    return ahead
 
 
 def _candidate(path: str) -> bool:
-    """A library that may be preloaded: a file by absolute path, not the loader itself."""
+    """A library that may be preloaded: a file by absolute path, not the loader itself, no
+    separator of LD_PRELOAD in its name, and owned by root in root's folders."""
     name = os.path.basename(path)
-    return os.path.isabs(path) and not name.startswith(("ld-linux", "ld64.so", "ld.so"))
+    if not os.path.isabs(path) or name.startswith(("ld-linux", "ld64.so", "ld.so")) or \
+            any(c in path for c in ": \t\n"):
+        return False
+    try:
+        for where in (path, os.path.dirname(path)):
+            st = os.stat(where)
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
 
 
-def choose(scope: list[str], bindings: Iterable[Binding], exclude: frozenset[str] = frozenset(),
+def _closure(lib: str, ahead: dict[str, set[str]]) -> set[str] | None:
+    """``lib`` and every library that must be preloaded with it (see ``earlier``); None when
+    one of them cannot be."""
+    unit, todo = set(), [lib]
+    while todo:
+        path = todo.pop()
+        if path in unit:
+            continue
+        if not _candidate(path):
+            return None
+        unit.add(path)
+        todo.extend(ahead.get(path, ()))
+    return unit
+
+
+def choose(scope: list[str], bindings: Iterable[Binding],
+           ahead: dict[str, set[str]] | None = None, exclude: frozenset[str] = frozenset(),
            include: frozenset[str] = frozenset(), min_gain: float = MIN_GAIN) -> list[str]:
-    """The libraries to preload, in their order of ``scope``: greedily, the one whose move
-    to the front saves the most steps of the loader's walks, while one saves ``min_gain``
-    of them. A lookup that ends at position p of the list takes p + 1 steps; a preloaded
-    library sits after the program, so each one preloaded is a step more for every lookup
-    that ends after the program but ahead of it, and one less for those that end behind
-    its old place."""
+    """The libraries to preload, in their order of ``scope``: greedily, the library (with
+    those it needs ahead of it, ``ahead``) whose move to the front saves the most steps of
+    the loader's walks, while one saves ``min_gain`` of them. A lookup that ends at
+    position p of the list takes p + 1 steps."""
+    ahead = ahead if ahead is not None else {}
     position = {path: i for i, path in enumerate(scope)}
     ends: Counter[str] = Counter()
     for _, definer, *_ in bindings:
         if definer in position:
             ends[definer] += 1
-    total = sum(ends[d] * (position[d] + 1) for d in ends)
-    chosen = {p for p in include if p in position and position[p] > 0 and _candidate(p)}
+
+    def steps(chosen: set[str]) -> int:
+        order = [p for p in scope[1:] if p in chosen] + [p for p in scope[1:]
+                                                         if p not in chosen]
+        return sum(ends[p] * (i + 2) for i, p in enumerate(order) if p in ends) + ends[scope[0]]
+
+    chosen: set[str] = set()
+    for path in include:
+        unit = _closure(path, ahead) if path in position and position[path] > 0 else None
+        if unit is not None:
+            chosen |= unit
+    now = steps(chosen)
+    total = steps(set())
+    units: dict[str, set[str] | None] = {}
     while True:
-        # where each library now sits: the program, the chosen ones in their order, the rest
-        order = [scope[0]] + [p for p in scope[1:] if p in chosen] + \
-            [p for p in scope[1:] if p not in chosen]
-        now = {path: i for i, path in enumerate(order)}
-        ahead = [0]  # ahead[i]: lookups that end before position i
-        for path in order:
-            ahead.append(ahead[-1] + ends[path])
-        best, best_gain = None, min_gain * total
+        best, best_steps = None, now - min_gain * total
         for lib in ends:
-            if lib in chosen or lib in exclude or position[lib] == 0 or not _candidate(lib):
+            if lib in chosen or lib in exclude or position[lib] == 0:
                 continue
-            # moved to just after the chosen ones ahead of it in the list: what ends between
-            # there and its old place moves one step back; it moves to the front
-            new = 1 + sum(1 for p in chosen if position[p] < position[lib])
-            behind = ahead[now[lib]] - ahead[new]
-            gain = ends[lib] * (now[lib] - new) - behind
-            if gain > best_gain:
-                best, best_gain = lib, gain
+            if lib not in units:
+                units[lib] = _closure(lib, ahead)
+            unit = units[lib]
+            if unit is None or unit & exclude:
+                continue
+            after = steps(chosen | unit)
+            if after < best_steps:
+                best, best_steps = unit, after
         if best is None:
             return [p for p in scope if p in chosen]
-        chosen.add(best)
+        chosen |= best
+        now = best_steps
 
 
 def _changes(base: set[Binding], new: set[Binding]) -> tuple[list[str], list[str | None]]:
@@ -145,13 +283,19 @@ def _identity(path: str) -> Identity | None:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, int(st.st_mtime)]
+
+
+def _loader_env() -> dict[str, str]:
+    """Our environment without the loader's debug and preload variables."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LD_DEBUG", "LD_DEBUG_OUTPUT", "LD_PRELOAD", "LD_TRACE_LOADED_OBJECTS")}
 
 
 def _run(program: str, debug: str, preload: list[str] | None = None) -> tuple[str, str]:
-    """``program -version`` with the loader's ``debug`` output: (stdout, the loader's text)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_DEBUG", "LD_DEBUG_OUTPUT")}
-    env["LD_DEBUG"] = debug
+    """``program -version`` with the loader's ``debug`` output, every reference bound at
+    start: (stdout, the loader's lines of the program's own process)."""
+    env = {**_loader_env(), "LD_DEBUG": debug, "LD_BIND_NOW": "1"}
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     with subprocess.Popen([program, "-hide_banner", "-version"], env=env,
@@ -164,62 +308,94 @@ def _run(program: str, debug: str, preload: list[str] | None = None) -> tuple[st
             raise
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, program)
-    # the loader's lines start with the pid: only the program's own (not a child's)
-    own = f"{proc.pid}:"
+    own = f"{proc.pid}:"  # each line starts with the pid: not a child's, if it has any
     text = "\n".join(line for line in err.decode("utf-8", "replace").splitlines()
                      if line.lstrip().startswith(own))
     return out.decode("utf-8", "replace"), text
 
 
-def make(program: str) -> dict | None:
-    """A plan for ``program`` (an absolute path): {"preload": [...], "scope": {path: identity}}
-    with an empty preload when nothing gains or nothing is sure; None when the loader gives
-    no account of itself (not glibc, a static program, a run that fails)."""
+def trace(program: str) -> list[str] | None:
+    """The paths of ``program``'s libraries in the loader's order, as it resolves them now
+    (``ldd``'s way: the loader lists them and stops before the program runs); None if it
+    cannot tell."""
+    try:
+        done = subprocess.run([program], env={**_loader_env(), "LD_TRACE_LOADED_OBJECTS": "1"},
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=TRACE_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return _TRACED.findall(done.stdout.decode("utf-8", "replace"))
+
+
+def _is_elf(program: str) -> bool:
     try:
         with open(program, "rb") as fh:
-            if fh.read(4) != b"\x7fELF":  # a script: its loader would be its interpreter's
-                return None
+            return fh.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def make(program: str) -> dict | None:
+    """A plan for ``program`` (an absolute path): {"preload": [...], "scope": [[path, size,
+    mtime], ...]}, with an empty preload when nothing gains or nothing is sure; None when
+    the loader gives no account of itself (a script, not glibc, a static program, a run
+    that fails)."""
+    if not _is_elf(program):
+        return None
+    try:
         out, text = _run(program, "scopes,bindings")
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("ffmpeg start plan: cannot run %s -version (%s)", program, exc)
         return None
     scope = parse_scope(text)
     bindings = parse_bindings(text)
-    if not scope or not bindings:
+    if not scope or not bindings or text.count("Initial object scopes") != 1:
+        return None  # (twice: an exec into another program)
+    files = [[p, *i] for p in scope[1:] if os.path.isabs(p) and (i := _identity(p))]
+    if len(files) != sum(1 for p in scope[1:] if os.path.isabs(p)):
         return None
-    identities = {p: _identity(p) for p in scope if os.path.isabs(p)}
-    if any(i is None for i in identities.values()):
-        return None
+    exports = {p: exported(p) for p, *_ in files}
+    ahead = earlier(scope, {p: e for p, e in exports.items() if e is not None})
+    for p, names in exports.items():
+        if names is None:  # unreadable table: it may define anything, so it never moves,
+            ahead[p].add(scope[0])  # (the program is never a candidate)
+            for q in scope[scope.index(p) + 1:]:
+                ahead[q].add(p)  # and nothing behind it moves ahead of it
+    plan: dict = {"preload": [], "scope": files}
     excluded: frozenset[str] = frozenset()
     included: frozenset[str] = frozenset()
     for _ in range(MAX_ROUNDS):
-        preload = choose(scope, bindings, excluded, included)
+        preload = choose(scope, bindings, ahead, excluded, included)
         if not preload:
-            break
+            return plan
         try:
             out2, text2 = _run(program, "bindings", preload)
         except (OSError, subprocess.SubprocessError) as exc:
             log.info("ffmpeg start plan: %s does not run with its libraries preloaded (%s)",
                      program, exc)
-            preload = []
-            break
-        changed = parse_bindings(text2) ^ bindings
-        if not changed and out2 == out:
-            break
+            return plan
+        new = parse_bindings(text2)
+        if new is None:
+            return plan
+        if new == bindings and out2 == out:
+            plan["preload"] = preload
+            return plan
         # A library that took a binding from one ahead of it in the list: that one is
         # preloaded too (so it stays ahead), or, when it cannot be (the program), the thief
         # stays in its place. The choice is then made again.
-        took, lost = _changes(bindings, parse_bindings(text2) - bindings)
+        took, lost = _changes(bindings, new - bindings)
         if not took:
-            preload = []
-            break
+            return plan
         excluded |= {t for t, owner in zip(took, lost, strict=True)
                      if owner is None or not _candidate(owner)}
         included |= {o for o in lost if o is not None and _candidate(o)}
         included -= excluded
-    else:
-        preload = []
-    return {"preload": preload, "scope": identities}
+    return plan
+
+
+# --- the host's plans ---------------------------------------------------------------------
 
 
 def plan_path(environ: dict[str, str] | None = None, euid: int | None = None) -> str:
@@ -241,39 +417,45 @@ def plan_path(environ: dict[str, str] | None = None, euid: int | None = None) ->
 
 def _key(program: str) -> str:
     """What a plan is kept under: the program, and the environment that steers its loader."""
-    return f"{program}\0{os.environ.get('LD_LIBRARY_PATH', '')}"
+    steer = sorted((k, v) for k, v in _loader_env().items()
+                   if k.startswith("LD_") or k == "GLIBC_TUNABLES")
+    return json.dumps([program, steer])
 
 
 def _still_good(plan: dict, program: str) -> bool:
-    """The program, its libraries and the loader's cache are the files the plan was made
-    for (an upgrade of any of them changes its identity)."""
+    """The plan was made for these files, as the loader finds them now."""
     try:
-        scope = plan["scope"]
-        if plan.get("program") != _identity(program) or plan.get("ld_cache") != \
-                _identity(LD_CACHE):
+        if plan.get("program") != _identity(program):
             return False
-        if not all(isinstance(p, str) and os.path.isabs(p) and p in scope
-                   for p in plan["preload"]):
+        files = plan["scope"]
+        paths = [path for path, *_ in files]
+        preload = plan["preload"]
+        if not all(isinstance(p, str) and p in paths and _candidate(p) for p in preload):
             return False
-        return all(_identity(path) == identity for path, identity in scope.items())
-    except (KeyError, TypeError, AttributeError):
+        if any(_identity(path) != identity for path, *identity in files):
+            return False
+        return trace(program) == [p for p in paths if not os.path.basename(p).startswith(
+            ("ld-linux", "ld64.so", "ld.so"))]
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
 
 def _read(path: str) -> dict:
-    """The kept plans; {} when there are none, or the file is not ours alone."""
+    """The kept plans; {} when there are none, or the file is not a file of ours alone."""
     try:
-        fd = fsafe.open_nofollow(path, os.O_RDONLY, what="ffmpeg start plan")
+        fd = fsafe.open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK, what="ffmpeg start plan")
     except OSError:
         return {}
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 or \
+            st.st_size > 16 << 20:
+        os.close(fd)
+        log.warning("ffmpeg start plan %s is not a file of ours alone: not used", path)
+        return {}
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_size > 16 << 20:
-            log.warning("ffmpeg start plan %s is not ours alone: not used", path)
-            return {}
         try:
             kept = json.loads(fh.read())
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
     if not isinstance(kept, dict) or kept.get("format") != FORMAT or \
             not isinstance(kept.get("plans"), dict):
@@ -282,73 +464,117 @@ def _read(path: str) -> dict:
 
 
 def _write(path: str, plans: dict) -> None:
-    folder = os.path.dirname(path)
-    fd = fsafe.private_dir(folder, "cache folder")
+    fd = fsafe.private_dir(os.path.dirname(path), "cache folder")
+    tmp = f".tmp-{os.getpid()}-{PLAN_FILE}"
     try:
-        tmp = f".tmp-{os.getpid()}-{PLAN_FILE}"
         out = fsafe.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600,
                                   dir_fd=fd)
         with os.fdopen(out, "w") as fh:
             json.dump({"format": FORMAT, "plans": plans}, fh)
         os.rename(tmp, PLAN_FILE, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=fd)
+        raise
     finally:
         os.close(fd)
+
+
+def _make_apart(program: str) -> dict | None:
+    """``make(program)`` in a child process: the loader's 8 MB of text are parsed away from
+    the master's memory, which its workers would inherit."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "worker.preload", program],
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=MAKE_TIMEOUT, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__))))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("ffmpeg start plan for %s not made: %s", program, exc)
+        return None
+    if done.returncode != 0:
+        log.warning("ffmpeg start plan for %s not made: %s", program,
+                    done.stderr.decode("utf-8", "replace").strip()[-500:])
+        return None
+    plan = json.loads(done.stdout)
+    return plan if isinstance(plan, dict) else None
 
 
 def prepare(programs: Iterable[str], path: str | None = None) -> dict[str, tuple[str, ...]]:
     """Make (or read back) the plans of ``programs`` (names on PATH or paths) and use them
     in this process and the workers it forks. Never raises: a program without a plan starts
     as it is."""
-    _plans.clear()
-    _envs.clear()
+    use({})
     if "LD_PRELOAD" in os.environ:
         log.info("ffmpeg is started as it is: LD_PRELOAD is set (%s)", os.environ["LD_PRELOAD"])
         return {}
-    path = path or plan_path()
-    kept = _read(path)
-    changed = False
-    for name in programs:
-        found = shutil.which(name)
-        if found is None:
-            continue
-        program = os.path.realpath(found)
-        key = _key(program)
-        plan = kept.get(key)
-        if not isinstance(plan, dict) or not _still_good(plan, program):
-            made = make(program)
-            if made is None:
+    try:
+        path = path or plan_path()
+        kept = _read(path)
+        changed = False
+        for name in programs:
+            found = shutil.which(name)
+            if found is None:
                 continue
-            plan = {"program": _identity(program), "ld_cache": _identity(LD_CACHE), **made}
-            kept[key] = plan
-            changed = True
-            log.info("ffmpeg start plan for %s: %d of its %d libraries preloaded", program,
-                     len(plan["preload"]), len(plan["scope"]))
-        if plan["preload"]:  # by the name the worker finds it by (shutil.which) too
-            _plans[program] = _plans[found] = tuple(plan["preload"])
-    if changed:
-        try:
-            _write(path, kept)
-        except OSError as exc:  # UnsafePath included: made again at the next start
-            log.warning("cannot keep the ffmpeg start plan in %s: %s", path, exc)
+            program = os.path.realpath(found)
+            key = _key(program)
+            plan = kept.get(key)
+            if not isinstance(plan, dict) or not _still_good(plan, program):
+                identity = _identity(program)
+                made = _make_apart(program) if _is_elf(program) else None
+                if made is None:
+                    continue
+                plan = {"program": identity, **made}
+                kept[key] = plan
+                changed = True
+                log.info("ffmpeg start plan for %s: %d of its %d libraries preloaded",
+                         program, len(plan["preload"]), len(plan["scope"]))
+            if plan["preload"]:  # by the name the worker finds it by (shutil.which) too
+                _plans[program] = _plans[found] = tuple(plan["preload"])
+                _files[program] = _files[found] = {p: i for p, *i in plan["scope"]}
+        if changed:
+            try:
+                _write(path, kept)
+            except OSError as exc:  # UnsafePath included: made again at the next start
+                log.warning("cannot keep the ffmpeg start plan in %s: %s", path, exc)
+    except Exception:  # a plan is never worth a master that does not start
+        log.exception("ffmpeg start plan: failed; ffmpeg is started as it is")
+        use({})
+    _checked["at"] = time.monotonic()
     return dict(_plans)
+
+
+def _unchanged() -> bool:
+    """Whether the planned files are still those the plans were made for (checked at most
+    every RECHECK seconds); if not, the plans are dropped in this process."""
+    now = time.monotonic()
+    if now - _checked["at"] < RECHECK:
+        return True
+    _checked["at"] = now
+    for program, files in list(_files.items()):
+        if any(_identity(path) != identity for path, identity in files.items()):
+            log.warning("%s or its libraries changed since its start plan was made: started "
+                        "as it is until the next start or HUP", program)
+            for name in [n for n, f in _files.items() if f is files]:
+                _plans.pop(name, None)
+                _files.pop(name, None)
+    return True
 
 
 def env_for(program: str, base: dict[str, str] | None) -> dict[str, str] | None:
     """The environment to start ``program`` (a resolved path) with: ``base`` (None: ours)
     with its plan's LD_PRELOAD; ``base`` itself when it has no plan."""
-    preload = _plans.get(program)
-    if preload is None:
+    if program not in _plans or not _unchanged() or program not in _plans:
         return base
-    if base is None:
-        env = _envs.get(program)
-        if env is None:
-            env = _envs[program] = {**os.environ, "LD_PRELOAD": ":".join(preload)}
-        return env
-    return {**base, "LD_PRELOAD": ":".join(preload)}
+    return {**(os.environ if base is None else base), "LD_PRELOAD": ":".join(_plans[program])}
 
 
 def use(plans: dict[str, tuple[str, ...]]) -> None:
-    """Use ``plans`` (as ``prepare`` returns them) in this process: for tests and tools."""
+    """Use ``plans`` (as ``prepare`` returns them) in this process, unchecked: for tests."""
     _plans.clear()
-    _envs.clear()
+    _files.clear()
     _plans.update(plans)
+
+
+if __name__ == "__main__":  # the master's child: python -m worker.preload PROGRAM
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    print(json.dumps(make(sys.argv[1])))
