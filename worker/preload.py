@@ -186,11 +186,15 @@ def earlier(scope: list[str], exports: dict[str, frozenset[bytes]]) -> dict[str,
     return ahead
 
 
+def _is_loader(path: str) -> bool:
+    """The dynamic loader itself (in the search list, never in ldd's ``=>`` lines)."""
+    return os.path.basename(path).startswith(("ld-linux", "ld64.so", "ld.so"))
+
+
 def _candidate(path: str) -> bool:
     """A library that may be preloaded: a file by absolute path, not the loader itself, no
     separator of LD_PRELOAD in its name, and owned by root in root's folders."""
-    name = os.path.basename(path)
-    if not os.path.isabs(path) or name.startswith(("ld-linux", "ld64.so", "ld.so")) or \
+    if not os.path.isabs(path) or _is_loader(path) or \
             any(c in path for c in ": \t\n"):
         return False
     try:
@@ -434,8 +438,7 @@ def _still_good(plan: dict, program: str) -> bool:
             return False
         if any(_identity(path) != identity for path, *identity in files):
             return False
-        return trace(program) == [p for p in paths if not os.path.basename(p).startswith(
-            ("ld-linux", "ld64.so", "ld.so"))]
+        return trace(program) == [p for p in paths if not _is_loader(p)]
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
