@@ -52,6 +52,7 @@ log = logging.getLogger("clip-supervisor.master")
 
 HANDLED = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD]
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 WORKER_EXITS = Counter("clip_worker_exits_total", "Worker processes that exited, by cause "
                        "(stopped, recycled, aborted, parent_gone, boot_error, exit_N, "
                        "sigkill, ..., killed_by_us, wedged).", ["cause"])
@@ -189,7 +190,9 @@ class Master:
         the first worker, which inherits them; again after a reload."""
         job = self.config.job
         if job.fast_start and job.pipeline == "ffmpeg":
-            preload.prepare([job.ffmpeg, job.ffprobe])
+            # A stop asked for meanwhile ends the making (the signal waits in self.signals)
+            preload.prepare([job.ffmpeg, job.ffprobe],
+                            stop=lambda: any(s in STOPS for s in self.signals))
         else:
             preload.use({})
 

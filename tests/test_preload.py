@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -395,3 +397,67 @@ def test_fast_start_false_starts_ffmpeg_as_it_is(env):
     assert "LD_PRELOAD" not in child.environ()
     wait_for(lambda: env.done_events(), 60, what="the clip")
     assert env.stop(proc) == 0
+
+
+def _hanging_ffmpeg(folder: str) -> str:
+    """An ELF program that is ffmpeg (it execs it), except under the loader's debug output,
+    where it never ends: the making of its start plan hangs, as on a program wedged at start."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")  # scripts/setup.sh installs gcc
+    source = os.path.join(folder, "hang.c")
+    with open(source, "w") as fh:
+        fh.write(textwrap.dedent(f"""\
+            #include <stdlib.h>
+            #include <unistd.h>
+            int main(int argc, char **argv) {{
+                (void)argc;
+                if (getenv("LD_DEBUG")) for (;;) pause();
+                execv("{FFMPEG}", argv);
+                return 127;
+            }}
+            """))
+    program = os.path.join(folder, "ffmpeg-hangs-under-ld-debug")
+    subprocess.run([cc, "-O0", "-o", program, source], check=True, timeout=120)
+    return program
+
+
+# TERM as a service manager sends it; INT to the whole process group, as a Ctrl-C at the
+# terminal does (the child making the plan is in a session of its own: no traceback of its)
+@pytest.mark.parametrize("ask", ["term", "ctrl-c"])
+def test_a_stop_while_the_start_plan_is_made_ends_it_at_once(env, ask):
+    # Given a master making the start plan of an ffmpeg that hangs while it is planned
+    program = _hanging_ffmpeg(env.tmp)
+    env.settings["job"]["ffmpeg"] = program
+    env.settings["supervisor"]["workers"] = 1
+    proc = env.start()
+
+    def hung() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if (p.info["cmdline"] or [""])[0] == program and "-version" in p.info["cmdline"]:
+                found.append(p)
+        return found
+
+    (stuck,) = wait_for(hung, 30, what="the planned program, hanging")
+    assert f"making the start plan of {program}" in env.log_text()
+    assert not env.r.hlen(env.keys.workers), "no worker before the plans"
+
+    # When the operator stops it
+    began = time.monotonic()
+    if ask == "term":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+
+    # Then it stops at once (not after the plan's 30 s run timeout), cleanly, and the
+    # program being planned dies with the making
+    assert proc.wait(15) == 0
+    took = time.monotonic() - began
+    assert took < preload.RUN_TIMEOUT / 2, f"stopped after {took:.1f} s"
+    wait_for(lambda: not stuck.is_running() or stuck.status() == psutil.STATUS_ZOMBIE, 5,
+             what="the planned program to die")
+    log = env.log_text()
+    assert f"ffmpeg start plan for {program} not made: stopping" in log
+    assert "master stopped" in log and "Traceback" not in log
+    assert "Traceback" not in proc.stderr.read().decode()

@@ -36,7 +36,9 @@ that.
 
 A plan is made once per host and program, by a child process of the master before the first
 worker (about two seconds: two runs of ``ffmpeg -version`` with the loader's debug output,
-parsed away from the master's memory), and kept in ``plan_path()``. At each start the master
+parsed away from the master's memory), and kept in ``plan_path()``. A stop asked for
+meanwhile kills that child and the program it runs; a program that hangs under the
+loader's debug output delays a start by MAKE_TIMEOUT at most. At each start the master
 checks it against the files: the size and modification time (whole seconds, as image layers
 keep them) of the program and of every library in its list, the list itself as the loader
 resolves it now (``LD_TRACE_LOADED_OBJECTS``: a library found elsewhere through
@@ -63,13 +65,14 @@ import mmap
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from . import fsafe
 
@@ -79,6 +82,7 @@ FORMAT = 2  # of the plan file
 PLAN_FILE = "ffmpeg-start.json"
 RUN_TIMEOUT = 30.0  # seconds for one run of ``<program> -version`` with the loader's output
 MAKE_TIMEOUT = 60.0  # for the child process that makes a plan
+MAKE_POLL = 0.1  # seconds between the master's checks, while it waits, that it may go on
 TRACE_TIMEOUT = 10.0  # for the loader's list of a program's libraries
 RECHECK = 10.0  # seconds between a worker's checks that the planned files are unchanged
 MAX_ROUNDS = 6  # checks of the bindings before a plan that keeps changing them is dropped
@@ -302,9 +306,12 @@ def _run(program: str, debug: str, preload: list[str] | None = None) -> tuple[st
     env = {**_loader_env(), "LD_DEBUG": debug, "LD_BIND_NOW": "1"}
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
+    from .media import set_parent_death_signal  # (media imports this module)
+
     with subprocess.Popen([program, "-hide_banner", "-version"], env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc:
+                          stderr=subprocess.PIPE,
+                          preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL)) as proc:
         try:
             out, err = proc.communicate(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -483,29 +490,58 @@ def _write(path: str, plans: dict) -> None:
         os.close(fd)
 
 
-def _make_apart(program: str) -> dict | None:
+def _make_apart(program: str, stop: Callable[[], bool]) -> dict | None:
     """``make(program)`` in a child process: the loader's 8 MB of text are parsed away from
-    the master's memory, which its workers would inherit."""
+    the master's memory, which its workers would inherit. The child runs in a session of
+    its own (a Ctrl-C meant for the master does not reach it, with a traceback) and is
+    killed with the program it runs once ``stop()`` (the master was asked to stop) or
+    MAKE_TIMEOUT passes: a program that hangs under the loader's debug output costs a start
+    at most that long, and a stop nothing."""
+    log.info("making the start plan of %s (once per host and version of it)", program)
     try:
-        done = subprocess.run([sys.executable, "-m", "worker.preload", program],
-                              stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=MAKE_TIMEOUT, cwd=os.path.dirname(os.path.dirname(
-                                  os.path.abspath(__file__))))
-    except (OSError, subprocess.SubprocessError) as exc:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.preload", program],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except OSError as exc:
         log.warning("ffmpeg start plan for %s not made: %s", program, exc)
         return None
-    if done.returncode != 0:
+    deadline = time.monotonic() + MAKE_TIMEOUT
+    with proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=MAKE_POLL)
+                break
+            except subprocess.TimeoutExpired:
+                stopping = stop()
+                if not stopping and time.monotonic() < deadline:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # and the program it runs
+                proc.communicate()
+                if stopping:
+                    log.info("ffmpeg start plan for %s not made: stopping", program)
+                else:
+                    log.warning("ffmpeg start plan for %s not made in %.0f s", program,
+                                MAKE_TIMEOUT)
+                return None
+    if proc.returncode != 0:
         log.warning("ffmpeg start plan for %s not made: %s", program,
-                    done.stderr.decode("utf-8", "replace").strip()[-500:])
+                    err.decode("utf-8", "replace").strip()[-500:])
         return None
-    plan = json.loads(done.stdout)
+    try:
+        plan = json.loads(out)
+    except ValueError:
+        log.warning("ffmpeg start plan for %s not made: the child's answer is not JSON", program)
+        return None
     return plan if isinstance(plan, dict) else None
 
 
-def prepare(programs: Iterable[str], path: str | None = None) -> dict[str, tuple[str, ...]]:
+def prepare(programs: Iterable[str], path: str | None = None,
+            stop: Callable[[], bool] = lambda: False) -> dict[str, tuple[str, ...]]:
     """Make (or read back) the plans of ``programs`` (names on PATH or paths) and use them
     in this process and the workers it forks. Never raises: a program without a plan starts
-    as it is."""
+    as it is. Once ``stop()`` is true, no more plans are made."""
     use({})
     if "LD_PRELOAD" in os.environ:
         log.info("ffmpeg is started as it is: LD_PRELOAD is set (%s)", os.environ["LD_PRELOAD"])
@@ -522,8 +558,10 @@ def prepare(programs: Iterable[str], path: str | None = None) -> dict[str, tuple
             key = _key(program)
             plan = kept.get(key)
             if not isinstance(plan, dict) or not _still_good(plan, program):
+                if stop():
+                    break
                 identity = _identity(program)
-                made = _make_apart(program) if _is_elf(program) else None
+                made = _make_apart(program, stop) if _is_elf(program) else None
                 if made is None:
                     continue
                 plan = {"program": identity, **made}
@@ -579,5 +617,8 @@ def use(plans: dict[str, tuple[str, ...]]) -> None:
 
 
 if __name__ == "__main__":  # the master's child: python -m worker.preload PROGRAM
+    from worker.media import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)  # with the master, whatever kills it
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     print(json.dumps(make(sys.argv[1])))
