@@ -13,7 +13,7 @@ from clip_supervisor import Client, JobCancelled
 from clip_supervisor.client import message
 from tests.conftest import child_named, free_port, gone, wait_for
 from worker.protocol import JobState
-from worker.queue import now_iso
+from worker.queue import Held, now_iso
 
 TOKEN = "cancel-test-token-0c4e1f9a"
 
@@ -38,7 +38,7 @@ def test_a_queued_job_is_taken_out_and_never_runs(env):
     env.r.lpush(env.keys.retry, due)
     later = message(env.url("ten.mp4"), duration=1, id="later")
     env.r.lpush(env.keys.processing("w"), later)
-    client.queue.retry("w", later, "later", {"id": "later", "reason": "fetch_failed",
+    client.queue.retry(Held("w", later, "later"), {"id": "later", "reason": "fetch_failed",
                                              "error": "reset", "time": now_iso()}, {})
     assert env.r.zcard(env.keys.delayed) == 1
 

@@ -6,7 +6,7 @@ import json
 import re
 
 from worker.config import load
-from worker.queue import JobQueue
+from worker.queue import Held, JobQueue
 
 
 def _queue(redis_server) -> JobQueue:
@@ -120,13 +120,13 @@ def test_each_script_appends_its_state_change_in_the_same_step(redis_server):
     r.lpush(queue.keys.processing("w"), raw)
     assert queue.start("j", "sha", {"state": "running", "worker": "w"}) == 0
     assert last()["type"] == "started" and last()["event"]["attempt"] == 1
-    attempts, delay = queue.retry("w", raw, "j", letter, {}, callback="https://x/h")
+    attempts, delay = queue.retry(Held("w", raw, "j", "https://x/h"), letter, {})
     retry = last()
     assert retry["type"] == "retry" and "callback" not in retry
     assert retry["event"] == {"attempts": 1, "delay_ms": int(delay * 1000),
                               "reason": "fetch_failed", "error": "reset"}
     r.lpush(queue.keys.processing("w"), raw)
-    assert queue.retry("w", raw, "j", letter, {}, callback="https://x/h")[1] is None
+    assert queue.retry(Held("w", raw, "j", "https://x/h"), letter, {})[1] is None
     dead = last()
     assert dead["type"] == "dead" and dead["callback"] == "https://x/h"
     # its event is the dead letter without its message
@@ -140,7 +140,7 @@ def test_each_script_appends_its_state_change_in_the_same_step(redis_server):
     assert r.hget(queue.keys.job("k"), "state") is None and last()["type"] == "dead"
     # and a done job is not marked at all
     r.lpush(queue.keys.processing("w"), b"m")
-    queue.done("w", b"m", "d", {"id": "d", "time": "T"}, {})
+    queue.done(Held("w", b"m", "d"), {"id": "d", "time": "T"}, {})
     assert last()["type"] == "done" and last()["event"] == {"id": "d", "time": "T"}
     outcome = queue.cancel("d")
     assert not outcome.cancelled and outcome.state == "done"

@@ -172,7 +172,7 @@ def test_intake_never_raises_and_names_one_id():
 def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
     # A connection that drops after Redis ran a script makes the worker run it again.
     from worker.keys import Keys
-    from worker.queue import JobQueue, connect, sha1
+    from worker.queue import Held, JobQueue, connect, sha1
 
     cfg = config_mod.load(None, env={"CLIP_SUPERVISOR_REDIS_URL": redis_server.url})
     queue, keys, r = JobQueue(connect(cfg), cfg), Keys("clips"), redis_server.client()
@@ -180,33 +180,33 @@ def test_scripts_are_safe_to_run_twice_when_a_reply_is_lost(redis_server):
     first, again = queue.fetch_nowait("w"), queue.fetch_nowait("w")
     assert first == again == b"m1"
     assert r.lrange(keys.processing("w"), 0, -1) == [b"m1"]
-    ack = ("w", b"m1", "j1", {"id": "j1"}, {"output": "x"})
+    ack = (Held("w", b"m1", "j1"), {"id": "j1"}, {"output": "x"})
     acked, nxt = queue.done(*ack, take_next=True, token="t1")
     # run again (its reply was lost): the same answer, nothing recorded twice
     assert queue.done(*ack, take_next=True, token="t1") == (acked, nxt)
     # the same message acked by another worker whose copy was recovered: fenced
-    assert queue.done("w2", b"m1", "j1", {"id": "j1"}, {}, token="t2") == (False, None)
+    assert queue.done(Held("w2", b"m1", "j1"), {"id": "j1"}, {}, token="t2") == (False, None)
     assert acked and nxt == b"m2" and r.lrange(keys.processing("w"), 0, -1) == [b"m2"]
     assert r.llen(keys.done) == 1
     letter = {"id": "j2", "reason": "bad_range"}
-    assert queue.dead("w", b"m2", "j2", letter, {}, token="d1") == 1
-    assert queue.dead("w", b"m2", "j2", letter, {}, token="d1") == 1  # its lost reply
-    assert queue.dead("w", b"m2", "j2", letter, {}, token="d2") == 0  # fenced
+    assert queue.dead(Held("w", b"m2", "j2"), letter, {}, token="d1") == 1
+    assert queue.dead(Held("w", b"m2", "j2"), letter, {}, token="d1") == 1  # its lost reply
+    assert queue.dead(Held("w", b"m2", "j2"), letter, {}, token="d2") == 0  # fenced
     assert r.llen(keys.dead) == 1 and r.lrange(keys.queue, 0, -1) == [b"m3"]
     # A processing list that holds another message beside the acked one (never made by a
     # worker; a hand-made repair, say): that one is handed on, no new one is taken
     r.rpush(keys.processing("w"), b"extra", b"m4")
-    assert queue.done("w", b"m4", "j4", {"id": "j4"}, {}, take_next=True,
+    assert queue.done(Held("w", b"m4", "j4"), {"id": "j4"}, {}, take_next=True,
                       token="t4") == (True, b"extra")
     assert r.lrange(keys.queue, 0, -1) == [b"m3"]
     r.delete(keys.processing("w"))
     # a retry whose reply is lost answers from what it recorded: its attempt and delay
     assert queue.fetch_nowait("w") == b"m3"
-    attempts, delay = queue.retry("w", b"m3", "j3", {"id": "j3"}, {}, token="r1")
-    assert queue.retry("w", b"m3", "j3", {"id": "j3"}, {}, token="r1")[0] == attempts == 1
+    attempts, delay = queue.retry(Held("w", b"m3", "j3"), {"id": "j3"}, {}, token="r1")
+    assert queue.retry(Held("w", b"m3", "j3"), {"id": "j3"}, {}, token="r1")[0] == attempts == 1
     assert delay is not None and r.zcard(keys.delayed) == 1 and r.hget(keys.attempts,
                                                                        sha1(b"m3")) == b"1"
-    assert queue.retry("w", b"m3", "j3", {"id": "j3"}, {}, token="r2") == (-1, None)
+    assert queue.retry(Held("w", b"m3", "j3"), {"id": "j3"}, {}, token="r2") == (-1, None)
 
 
 # --- the closed protocol: Redis is spoken in worker/queue.py only ------------------------------

@@ -304,7 +304,7 @@ def test_the_default_clip_id_stays_an_id_for_the_longest_job_id():
 
 def test_a_clip_ends_once_and_only_while_its_worker_holds_the_message(redis_server):
     from worker.config import load
-    from worker.queue import JobQueue
+    from worker.queue import Held, JobQueue
 
     config = load(None, env={}, overrides={"redis.url": redis_server.url})
     queue = JobQueue(redis_server.client(), config)
@@ -316,37 +316,37 @@ def test_a_clip_ends_once_and_only_while_its_worker_holds_the_message(redis_serv
     assert queue.start("j", "sha", {"state": "running"}) == 0
 
     # When a clip's end is recorded, and the same call is made again (a lost reply)
-    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 1
-    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 2
+    assert queue.clip_end(Held("w", b"m", "j"), "j-1", "done", {"id": "j-1"}) == 1
+    assert queue.clip_end(Held("w", b"m", "j"), "j-1", "done", {"id": "j-1"}) == 2
     # Then it is on the done list and the stream once
     assert r.llen(k.done) == 1 and r.xlen(k.events) == 2  # started, done
     # and a dead clip goes to the dead list, its stream entry without the message
-    assert queue.clip_end("w", b"m", "j", "j-2", "dead", {"id": "j-2", "message": "x"}) == 1
+    assert queue.clip_end(Held("w", b"m", "j"), "j-2", "dead", {"id": "j-2", "message": "x"}) == 1
     entry = r.xrange(k.events)[-1][1]
     assert entry[b"type"] == b"dead" and entry[b"job"] == b"j"
     assert b"message" not in json.loads(entry[b"event"])
     assert queue.clips_ended("j") == {"j-1": "done", "j-2": "dead"}
 
     # When the message is acknowledged (twice: a lost reply), it is gone, the job done
-    assert queue.clips_ack("w", b"m", "j", {}, token="t") == (True, None)
-    assert queue.clips_ack("w", b"m", "j", {}, token="t") == (True, None)
+    assert queue.clips_ack(Held("w", b"m", "j"), {}, token="t") == (True, None)
+    assert queue.clips_ack(Held("w", b"m", "j"), {}, token="t") == (True, None)
     assert r.hget(k.job("j"), "state") == b"done" and r.llen(k.processing("w")) == 0
 
     # And a worker that no longer holds the message records nothing (fenced)
     r.lpush(k.queue, b"m2")
     assert queue.fetch_nowait("w2") == b"m2"
     r.delete(k.processing("w2"))  # recovered meanwhile
-    assert queue.clip_end("w2", b"m2", "j2", "j2-1", "done", {"id": "j2-1"}) == 0
-    assert queue.clips_ack("w2", b"m2", "j2", {}, token="u") == (False, None)
+    assert queue.clip_end(Held("w2", b"m2", "j2"), "j2-1", "done", {"id": "j2-1"}) == 0
+    assert queue.clips_ack(Held("w2", b"m2", "j2"), {}, token="u") == (False, None)
     assert r.llen(k.done) == 1 and not r.exists(k.clips("j2"))
 
     # And a new submission of the ended job starts its clips afresh; a copy that is run
     # again before the job ended keeps them
     assert queue.start("j", "sha", {"state": "running"}) == 0
     assert queue.clips_ended("j") == {}
-    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 0  # not held
+    assert queue.clip_end(Held("w", b"m", "j"), "j-1", "done", {"id": "j-1"}) == 0  # not held
     r.lpush(k.processing("w"), b"m")
-    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 1
+    assert queue.clip_end(Held("w", b"m", "j"), "j-1", "done", {"id": "j-1"}) == 1
     assert queue.start("j", "sha", {"state": "running"}) == 0  # given back, taken again
     assert queue.clips_ended("j") == {"j-1": "done"}
 
@@ -533,7 +533,7 @@ def test_a_job_whose_id_a_clip_of_another_job_reuses_waits_for_its_own_end(env):
 
 def test_a_clip_end_from_a_worker_that_no_longer_holds_the_message_is_fenced(redis_server):
     from worker.config import load
-    from worker.queue import JobQueue
+    from worker.queue import Held, JobQueue
 
     config = load(None, env={}, overrides={"redis.url": redis_server.url})
     queue = JobQueue(redis_server.client(), config)
@@ -543,13 +543,13 @@ def test_a_clip_end_from_a_worker_that_no_longer_holds_the_message_is_fenced(red
     # for dead during a partition: another worker now runs the copy)
     r.lpush(k.queue, b"m")
     assert queue.fetch_nowait("w") == b"m"
-    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 1
+    assert queue.clip_end(Held("w", b"m", "j"), "j-1", "done", {"id": "j-1"}) == 1
     r.delete(k.processing("w"))
 
     # When it makes that call again (its reply was lost)
     # Then it is told it is fenced, not that its clip is recorded: it must stop cutting
     # the clips of a message that is no longer its own
-    assert queue.clip_end("w", b"m", "j", "j-1", "done", {"id": "j-1"}) == 0
+    assert queue.clip_end(Held("w", b"m", "j"), "j-1", "done", {"id": "j-1"}) == 0
     assert r.llen(k.done) == 1
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from worker import config as config_mod
 from worker.keys import Keys
-from worker.queue import JobQueue, connect, sha1
+from worker.queue import Held, JobQueue, connect, sha1
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def _one_job(queue: JobQueue, r, keys: Keys, message: bytes, job_id: str) -> Non
     r.lpush(keys.queue, message)
     assert queue.fetch_nowait("w") == message
     assert queue.start(job_id, sha1(message), {"state": "running", "worker": "w"}) == 0
-    assert queue.done("w", message, job_id, {"id": job_id}, {"output": f"file:///{job_id}"},
+    assert queue.done(Held("w", message, job_id), {"id": job_id}, {"output": f"file:///{job_id}"},
                       token=f"t-{job_id}") == (True, None)
     assert r.hget(keys.job(job_id), "state") == b"done"
     assert r.hget(keys.job(job_id), "output") == f"file:///{job_id}".encode()

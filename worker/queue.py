@@ -166,6 +166,19 @@ def _event_encoder() -> Callable[[dict], str]:
 _event_json = _event_encoder()
 
 
+@dataclass(frozen=True)
+class Held:
+    """The message a worker holds in its processing list, as the outcome scripts (DONE,
+    DEAD, RETRY, CLIP_END, CLIPS_ACK) act on it: the worker, the message's bytes (its
+    SHA-1 finds it there; a message no longer there fences the call), the job it is, and
+    the job's webhook URL, which its outcome events carry ("" = none)."""
+
+    worker_id: str
+    message: bytes
+    job_id: str
+    callback: str = ""
+
+
 class JobQueue:
     def __init__(self, client: redis.Redis, config: Config) -> None:
         self.client = client
@@ -338,23 +351,22 @@ class JobQueue:
         self._add_event(pipe, EventType.PROGRESS, job_id, _json(event))
         pipe.execute()
 
-    def done(self, worker_id: str, message: bytes, job_id: str, event: dict,
-             fields: dict[str, str | int | float], take_next: bool = False,
-             token: str = "", callback: str = "") -> tuple[bool, bytes | None]:
+    def done(self, held: Held, event: dict, fields: dict[str, str | int | float],
+             take_next: bool = False, token: str = "") -> tuple[bool, bytes | None]:
         """Ack a finished job: (acked, next message). ``acked`` is False when the message
         was no longer in this worker's processing list (recovered and requeued while this
         worker was taken for dead): then nothing was recorded, and the requeued copy
         decides. With ``take_next``, the next queued message (or None) is already in this
         worker's processing list when this returns. ``token`` names this ack: a call made
         again with the same token after a lost reply answers as the first run did. The
-        ``done`` event (``event`` itself, with ``callback``) is appended to the stream."""
+        ``done`` event (``event`` itself, with the callback) is appended to the stream."""
         k = self.keys
         reply = self._script(
-            self._done, [k.processing(worker_id), k.job(job_id), k.done, k.attempts, k.queue,
-                         k.events],
-            [sha1(message), _event_json(event), int(self.config.job.job_ttl),
+            self._done, [k.processing(held.worker_id), k.job(held.job_id), k.done, k.attempts,
+                         k.queue, k.events],
+            [sha1(held.message), _event_json(event), int(self.config.job.job_ttl),
              self.config.job.done_max - 1, "1" if take_next else "0", token or uuid.uuid4().hex,
-             job_id, str(event.get("time") or now_iso()), callback, self.events_max,
+             held.job_id, str(event.get("time") or now_iso()), held.callback, self.events_max,
              *_pairs(fields)])
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
 
@@ -391,9 +403,8 @@ class JobQueue:
         except Exception:  # its own failure must not cost the call's answer
             log.exception("while waiting for Redis")
 
-    def dead(self, worker_id: str, message: bytes, job_id: str, letter: dict,
-             fields: dict[str, str | int | float], token: str = "", callback: str = "",
-             cancelled: bool = False) -> int:
+    def dead(self, held: Held, letter: dict, fields: dict[str, str | int | float],
+             token: str = "", cancelled: bool = False) -> int:
         """Dead-letter the message; 0 when it was no longer ours (fenced). ``token`` as for
         ``done``: a call made again after a lost reply answers as the first run did. The
         stream gets a ``dead`` entry (``cancelled`` with ``cancelled``) holding the letter
@@ -401,15 +412,15 @@ class JobQueue:
         k = self.keys
         kind = EventType.CANCELLED if cancelled else EventType.DEAD
         return int(self._dead(
-            keys=[k.processing(worker_id), k.job(job_id), k.dead, k.attempts, k.events],
-            args=[sha1(message), _letter_json(letter), int(self.config.job.job_ttl),
-                  self.config.job.dead_max, token or uuid.uuid4().hex, str(kind), job_id,
+            keys=[k.processing(held.worker_id), k.job(held.job_id), k.dead, k.attempts,
+                  k.events],
+            args=[sha1(held.message), _letter_json(letter), int(self.config.job.job_ttl),
+                  self.config.job.dead_max, token or uuid.uuid4().hex, str(kind), held.job_id,
                   str(letter.get("time") or now_iso()), _letter_json(_unsent(letter)),
-                  callback, self.events_max, *_pairs(fields)]))
+                  held.callback, self.events_max, *_pairs(fields)]))
 
-    def retry(self, worker_id: str, message: bytes, job_id: str, letter: dict,
-              fields: dict[str, str | int | float], token: str = "", callback: str = "",
-              ) -> tuple[int, float | None]:
+    def retry(self, held: Held, letter: dict, fields: dict[str, str | int | float],
+              token: str = "") -> tuple[int, float | None]:
         """Count a failed attempt; delay the message, or dead-letter it at max_attempts.
 
         Returns (attempts, seconds until the retry is due, or None when dead-lettered);
@@ -423,13 +434,13 @@ class JobQueue:
         retry_event = {"reason": letter.get("reason", ""),
                        "error": str(letter.get("error", ""))[-500:]}
         attempts, delay = self._retry(
-            keys=[k.processing(worker_id), k.delayed, k.attempts, k.job(job_id), k.dead,
-                  k.events],
-            args=[sha1(message), cfg.max_attempts, int(cfg.retry_backoff * 1000),
+            keys=[k.processing(held.worker_id), k.delayed, k.attempts, k.job(held.job_id),
+                  k.dead, k.events],
+            args=[sha1(held.message), cfg.max_attempts, int(cfg.retry_backoff * 1000),
                   int(cfg.retry_backoff_max * 1000), token or uuid.uuid4().hex,
-                  _letter_json(without), int(cfg.job_ttl), cfg.dead_max, job_id,
+                  _letter_json(without), int(cfg.job_ttl), cfg.dead_max, held.job_id,
                   str(letter.get("time") or now_iso()), _letter_json(retry_event),
-                  _letter_json(_unsent(without)), callback, self.events_max,
+                  _letter_json(_unsent(without)), held.callback, self.events_max,
                   *_pairs(fields)])
         return int(attempts), (None if delay < 0 else delay / 1000.0)
 
@@ -440,8 +451,7 @@ class JobQueue:
         return {_str(clip): _str(outcome)
                 for clip, outcome in self.client.hgetall(self.keys.clips(job_id)).items()}
 
-    def clip_end(self, worker_id: str, message: bytes, job_id: str, clip_id: str, kind: str,
-                 entry: dict, callback: str = "") -> int:
+    def clip_end(self, held: Held, clip_id: str, kind: str, entry: dict) -> int:
         """Record that clip ``clip_id`` of the job whose message this worker holds ended:
         ``kind`` done (``entry``, its completion event, goes onto the done list and the
         stream), dead or cancelled (``entry`` is its dead letter, onto the dead list; the
@@ -453,23 +463,22 @@ class JobQueue:
         done = kind == EventType.DONE
         event = entry if done else _unsent(entry)
         return int(self._clip_end(
-            keys=[k.processing(worker_id), k.clips(job_id), k.job(job_id),
+            keys=[k.processing(held.worker_id), k.clips(held.job_id), k.job(held.job_id),
                   k.done if done else k.dead, k.events],
-            args=[sha1(message), clip_id, str(kind), _letter_json(entry),
-                  cfg.done_max if done else cfg.dead_max, _letter_json(event), job_id,
-                  str(entry.get("time") or now_iso()), callback, self.events_max,
+            args=[sha1(held.message), clip_id, str(kind), _letter_json(entry),
+                  cfg.done_max if done else cfg.dead_max, _letter_json(event), held.job_id,
+                  str(entry.get("time") or now_iso()), held.callback, self.events_max,
                   int(cfg.job_ttl)]))
 
-    def clips_ack(self, worker_id: str, message: bytes, job_id: str,
-                  fields: dict[str, str | int | float], take_next: bool = False,
-                  token: str = "") -> tuple[bool, bytes | None]:
+    def clips_ack(self, held: Held, fields: dict[str, str | int | float],
+                  take_next: bool = False, token: str = "") -> tuple[bool, bytes | None]:
         """Acknowledge a multi-clip job whose every clip has ended: (acked, next message), as
         ``done`` answers; its hash's state becomes done (a clip was stored) or dead."""
         k = self.keys
         reply = self._clips_ack(
-            keys=[k.processing(worker_id), k.job(job_id), k.clips(job_id), k.attempts,
-                  k.queue],
-            args=[sha1(message), token or uuid.uuid4().hex, int(self.config.job.job_ttl),
+            keys=[k.processing(held.worker_id), k.job(held.job_id), k.clips(held.job_id),
+                  k.attempts, k.queue],
+            args=[sha1(held.message), token or uuid.uuid4().hex, int(self.config.job.job_ttl),
                   "1" if take_next else "0", *_pairs(fields)])
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
 

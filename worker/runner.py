@@ -52,7 +52,7 @@ from .protocol import (
     worker_dir_name,
     worker_id_for,
 )
-from .queue import CANCELLED, REDIS_ERRORS, JobQueue, connect, now_iso, outage, sha1
+from .queue import CANCELLED, REDIS_ERRORS, Held, JobQueue, connect, now_iso, outage, sha1
 from .wake import Waker
 
 log = logging.getLogger("clip-supervisor.worker")
@@ -502,16 +502,14 @@ class Worker:
                 for n, clip in enumerate(todo):
                     self._clip_share = (total - len(todo) + n, total)
                     if isinstance(clip, BadClip):
-                        self._clip_end(raw, job, clip.id, clip.raw, error=clip.error,
-                                       attempts=0)
+                        self._clip_dead(raw, job, clip, clip.error, attempts=0)
                         continue
                     failed = self._run_clip(raw, job, clip, session, pipeline, attempts)
                     if failed is not None and failed.reason in SOURCE_REASONS:
                         # The source itself: the clips left would fail alike, reading it again.
                         for rest in todo[n + 1:]:
-                            self._clip_end(raw, job, rest.id, rest.raw, attempts=attempts + 1,
-                                           error=rest.error if isinstance(rest, BadClip)
-                                           else failed)
+                            self._clip_dead(raw, job, rest, rest.error if isinstance(
+                                rest, BadClip) else failed, attempts + 1)
                         break
                 clip = None
         except _Fenced:
@@ -565,8 +563,7 @@ class Worker:
                     continue
                 own = clip.error if isinstance(clip, BadClip) and kind == EventType.DEAD \
                     else error
-                self._clip_end(raw, job, clip.id, clip.raw, error=own, attempts=attempts,
-                               kind=kind)
+                self._clip_dead(raw, job, clip, own, attempts, kind)
         except _Fenced:
             return
         self._clips_ack(raw, job)
@@ -580,60 +577,61 @@ class Worker:
             if attempts > 0 and self._already_stored(pipeline, clip):
                 log.info("job %s clip %s: output %s already stored by an earlier attempt",
                          job.id, clip.id, clip.output)
-                self._clip_end(raw, job, clip.id, clip.raw, clip=clip, started=started,
-                               result=Result(output=clip.output), reused=True)
+                self._clip_done(raw, job, clip, Result(output=clip.output), started,
+                                reused=True)
                 return None
             try:
                 result = session.run(clip, started + self.config.job.timeout)
             except Permanent as exc:
-                self._clip_end(raw, job, clip.id, clip.raw, error=exc, attempts=attempts + 1)
+                self._clip_dead(raw, job, clip, exc, attempts + 1)
                 return exc
-            self._clip_end(raw, job, clip.id, clip.raw, clip=clip, started=started,
-                           result=result)
+            self._clip_done(raw, job, clip, result, started)
             return None
         finally:
             logs.bind(job_id=job.id)
 
-    def _clip_end(self, raw: bytes, job: Job, clip_id: str, clip_raw: bytes, *,
-                  error: JobFailed | None = None, attempts: int = 0,
-                  kind: EventType = EventType.DEAD, clip: Job | None = None,
-                  started: float = 0.0, result: Result | None = None,
-                  reused: bool = False) -> None:
-        """Record one clip's end: done (``clip``, ``result``) or dead (``error``; ``kind``
-        cancelled for a cancel). Raises _Fenced when the message is no longer ours."""
+    def _clip_done(self, raw: bytes, job: Job, clip: Job, result: Result, started: float,
+                   reused: bool = False) -> None:
+        """Record that a clip was stored (``reused``: by an earlier attempt). Raises _Fenced
+        when the message is no longer ours."""
+        entry = self._completion(clip, result, started, reused)
+        self._clip_record(raw, job, clip.id, EventType.DONE, entry)
+        metrics.JOBS.labels("done").inc()
+        metrics.JOB_SECONDS.observe(float(entry["elapsed"]))
+        metrics.BYTES_IN.inc(result.bytes_in)
+        metrics.BYTES_OUT.inc(result.size)
+        if result.cut:
+            metrics.CUTS.labels(result.cut).inc()
+            metrics.REENCODED_SECONDS.inc(result.reencoded)
+        log.info("job %s clip %s done in %.2f s -> %s%s", job.id, clip.id,
+                 entry["elapsed"], entry["output"], " (already stored)" if reused else
+                 f" ({entry['source_read']}, {entry['source_bytes']} source bytes)"
+                 if "source_read" in entry else "")
+
+    def _clip_dead(self, raw: bytes, job: Job, clip: Job | BadClip, error: JobFailed,
+                   attempts: int, kind: EventType = EventType.DEAD) -> None:
+        """Record a clip's dead letter (``kind`` cancelled for a cancel). Raises _Fenced when
+        the message is no longer ours."""
+        entry = self._letter(clip.raw, clip.id, error, attempts)
+        self._clip_record(raw, job, clip.id, kind, entry)
+        metrics.JOBS.labels("dead").inc()
+        metrics.DEAD.labels(error.reason).inc()
+        log.warning("job %s clip %s dead (%s): %s", job.id, clip.id, error.reason,
+                    _one_line(error.error), extra={"reason": error.reason})
+
+    def _clip_record(self, raw: bytes, job: Job, clip_id: str, kind: EventType,
+                     entry: dict) -> None:
+        """CLIP_END: one clip's end, ``entry`` its completion or its letter."""
         assert self.queue is not None
-        if result is not None and clip is not None:
-            kind = EventType.DONE
-            entry = self._completion(clip, result, started, reused)
-        else:
-            assert error is not None
-            entry = self._letter(clip_raw, clip_id, error, attempts)
         entry["job"] = job.id
-        recorded = self._persist(lambda: self.queue.clip_end(
-            self.worker_id, raw, job.id, clip_id, kind, entry, job.callback), "clip end")
+        held = Held(self.worker_id, raw, job.id, job.callback)
+        recorded = self._persist(lambda: self.queue.clip_end(held, clip_id, kind, entry),
+                                 "clip end")
         if not recorded:
             self._fenced(job.id, f"end of clip {clip_id}")
             raise _Fenced()
         if self._clip_share is not None:
             self._clip_share = (self._clip_share[0] + 1, self._clip_share[1])
-        if kind == EventType.DONE:
-            metrics.JOBS.labels("done").inc()
-            metrics.JOB_SECONDS.observe(float(entry["elapsed"]))
-            metrics.BYTES_IN.inc(result.bytes_in if result else 0)
-            metrics.BYTES_OUT.inc(result.size if result else 0)
-            if result is not None and result.cut:
-                metrics.CUTS.labels(result.cut).inc()
-                metrics.REENCODED_SECONDS.inc(result.reencoded)
-            log.info("job %s clip %s done in %.2f s -> %s%s", job.id, clip_id,
-                     entry["elapsed"], entry["output"], " (already stored)" if reused else
-                     f" ({entry['source_read']}, {entry['source_bytes']} source bytes)"
-                     if "source_read" in entry else "")
-        else:
-            assert error is not None
-            metrics.JOBS.labels("dead").inc()
-            metrics.DEAD.labels(error.reason).inc()
-            log.warning("job %s clip %s dead (%s): %s", job.id, clip_id, error.reason,
-                        _one_line(error.error), extra={"reason": error.reason})
 
     def _clips_ack(self, raw: bytes, job: Job) -> None:
         """Every clip has ended: acknowledge the message (and take the next one)."""
@@ -644,8 +642,9 @@ class Worker:
                          or (max_jobs and self.jobs_done >= max_jobs))
         token = self._token()
         fields = {"progress": 100, "finished": now_iso(), "error": "", "reason": ""}
+        held = Held(self.worker_id, raw, job.id)
         acked, self._next = self._persist(lambda: self.queue.clips_ack(
-            self.worker_id, raw, job.id, fields, take_next=take_next, token=token), "ack")
+            held, fields, take_next=take_next, token=token), "ack")
         if not acked:
             self._fenced(job.id, "acknowledgement")
             return
@@ -681,9 +680,9 @@ class Worker:
         take_next = not (self.stopping or self.aborting
                          or (max_jobs and self.jobs_done >= max_jobs))
         token = self._token()  # one per ack, so a retry after a lost reply is recognised
+        held = Held(self.worker_id, job.raw, job.id, job.callback)
         acked, self._next = self._persist(lambda: self.queue.done(
-            self.worker_id, job.raw, job.id, event, fields, take_next=take_next, token=token,
-            callback=job.callback), "ack")
+            held, event, fields, take_next=take_next, token=token), "ack")
         if not acked:
             self._fenced(job.id, "done")
             return
@@ -753,10 +752,10 @@ class Worker:
         fields = {"stage": "dead", "reason": exc.reason, "error": exc.error[-500:],
                   "finished": str(letter["time"]), "attempts": attempts}
         token = self._token()  # one per outcome: a retry after a lost reply is known
-        callback = self.current.callback if self.current is not None else ""
+        held = Held(self.worker_id, raw, job_id,
+                    self.current.callback if self.current is not None else "")
         removed = self._persist(
-            lambda: self.queue.dead(self.worker_id, raw, job_id, letter, fields, token,
-                                    callback=callback, cancelled=cancelled),
+            lambda: self.queue.dead(held, letter, fields, token, cancelled=cancelled),
             "dead-letter")
         if not removed:
             self._fenced(job_id, f"dead letter ({exc.reason})")
@@ -771,11 +770,10 @@ class Worker:
         letter = self._letter(raw, job_id, exc, attempts=0)
         fields = {"reason": exc.reason, "error": exc.error[-500:], "stage": "waiting"}
         token = self._token()
-        callback = self.current.callback if self.current is not None else ""
+        held = Held(self.worker_id, raw, job_id,
+                    self.current.callback if self.current is not None else "")
         attempts, delay = self._persist(
-            lambda: self.queue.retry(self.worker_id, raw, job_id, letter, fields, token,
-                                     callback=callback),
-            "retry")
+            lambda: self.queue.retry(held, letter, fields, token), "retry")
         if attempts < 0:
             self._fenced(job_id, f"retry ({exc.reason})")
             return
