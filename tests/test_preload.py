@@ -422,11 +422,16 @@ def _hanging_ffmpeg(folder: str) -> str:
     return program
 
 
-# TERM as a service manager sends it; INT to the whole process group, as a Ctrl-C at the
-# terminal does (the child making the plan is in a session of its own: no traceback of its)
-@pytest.mark.parametrize("ask", ["term", "ctrl-c"])
-def test_a_stop_while_the_start_plan_is_made_ends_it_at_once(env, ask):
-    # Given a master making the start plan of an ffmpeg that hangs while it is planned
+def _dead(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _making_a_plan(env) -> tuple[subprocess.Popen, str, psutil.Process]:
+    """A master making the start plan of an ffmpeg that hangs while it is planned: (the
+    master, that program, its hanging run)."""
     program = _hanging_ffmpeg(env.tmp)
     env.settings["job"]["ffmpeg"] = program
     env.settings["supervisor"]["workers"] = 1
@@ -442,6 +447,15 @@ def test_a_stop_while_the_start_plan_is_made_ends_it_at_once(env, ask):
     (stuck,) = wait_for(hung, 30, what="the planned program, hanging")
     assert f"making the start plan of {program}" in env.log_text()
     assert not env.r.hlen(env.keys.workers), "no worker before the plans"
+    return proc, program, stuck
+
+
+# TERM as a service manager sends it; INT to the whole process group, as a Ctrl-C at the
+# terminal does (the child making the plan is in a session of its own: no traceback of its)
+@pytest.mark.parametrize("ask", ["term", "ctrl-c"])
+def test_a_stop_while_the_start_plan_is_made_ends_it_at_once(env, ask):
+    # Given a master making the start plan of an ffmpeg that hangs while it is planned
+    proc, program, stuck = _making_a_plan(env)
 
     # When the operator stops it
     began = time.monotonic()
@@ -455,9 +469,22 @@ def test_a_stop_while_the_start_plan_is_made_ends_it_at_once(env, ask):
     assert proc.wait(15) == 0
     took = time.monotonic() - began
     assert took < preload.RUN_TIMEOUT / 2, f"stopped after {took:.1f} s"
-    wait_for(lambda: not stuck.is_running() or stuck.status() == psutil.STATUS_ZOMBIE, 5,
-             what="the planned program to die")
+    wait_for(lambda: _dead(stuck), 5, what="the planned program to die")
     log = env.log_text()
     assert f"ffmpeg start plan for {program} not made: stopping" in log
     assert "master stopped" in log and "Traceback" not in log
     assert "Traceback" not in proc.stderr.read().decode()
+
+
+def test_the_making_of_a_plan_dies_with_a_killed_master(env):
+    # Given a master making the start plan of an ffmpeg that hangs while it is planned
+    proc, _, stuck = _making_a_plan(env)
+    (child,) = psutil.Process(proc.pid).children()  # python -m worker.preload
+
+    # When the master is killed outright (its signal handlers never run)
+    proc.kill()
+    proc.wait(10)
+
+    # Then the child making the plan and the program it runs die with it (their own
+    # session: a kill of the master's group would not reach them), not 30 s later
+    wait_for(lambda: _dead(child) and _dead(stuck), 10, what="the plan's processes to die")

@@ -499,7 +499,8 @@ def _make_apart(program: str, stop: Callable[[], bool]) -> dict | None:
     at most that long, and a stop nothing."""
     log.info("making the start plan of %s (once per host and version of it)", program)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.preload", program],
+        proc = subprocess.Popen([sys.executable, "-m", "worker.preload", program,
+                                 str(os.getpid())],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True,
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -616,9 +617,11 @@ def use(plans: dict[str, tuple[str, ...]]) -> None:
     _plans.update(plans)
 
 
-if __name__ == "__main__":  # the master's child: python -m worker.preload PROGRAM
+if __name__ == "__main__":  # the master's child: python -m worker.preload PROGRAM MASTER_PID
     from worker.media import set_parent_death_signal
 
-    set_parent_death_signal(signal.SIGKILL)  # with the master, whatever kills it
+    set_parent_death_signal(signal.SIGKILL)  # with the master, whatever kills it;
+    if len(sys.argv) > 2 and os.getppid() != int(sys.argv[2]):
+        sys.exit(1)  # and if that was before the line above: already gone
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     print(json.dumps(make(sys.argv[1])))
