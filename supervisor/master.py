@@ -40,6 +40,7 @@ from worker import cache, logs, preload
 from worker import config as config_mod
 from worker.config import Config, ConfigError
 from worker.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
+from worker.protocol import pid_alive
 from worker.queue import REDIS_ERRORS, JobQueue, connect
 from worker.runner import Worker, silence_limit
 
@@ -174,7 +175,7 @@ class Master:
         self._title()  # before the first fork: ps names the master as soon as it has workers
         # What the workers of a killed master left half-written (no worker of ours runs yet;
         # a worker of another master on this host is alive, and its files are kept)
-        self._remove_cache_left(lambda pid: not cache.alive(pid))
+        self._remove_cache_left(lambda pid: not pid_alive(pid))
         while not self.turn():
             self.sleep(self.next_timeout())
         self.finish_pending_recoveries()

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from worker.protocol import parse_worker_dir, parse_worker_id
+from worker.protocol import parse_worker_dir, parse_worker_id, pid_alive
 from worker.queue import HostClaims, JobQueue
 from worker.storage import remove_pending
 
@@ -68,12 +68,12 @@ def recover_at_start(queue: JobQueue, host_id: str) -> int:
     """Recover this host's workers whose process is gone, and lists nobody registered."""
     total = 0
     for worker_id, info in queue.registered_workers().items():
-        if info.get("host") == host_id and not _alive(info.get("pid")):
+        if info.get("host") == host_id and not pid_alive(info.get("pid")):
             total += max(0, recover_worker(queue, worker_id, count_attempt=True))
     for worker_id in queue.orphan_processing_lists():
         parts = parse_worker_id(worker_id)
         # Another host's unregistered list: leave it to that host unless its pid is ours.
-        if parts is not None and parts[0] == host_id and not _alive(parts[1]):
+        if parts is not None and parts[0] == host_id and not pid_alive(parts[1]):
             total += max(0, recover_worker(queue, worker_id, count_attempt=True))
     return total
 
@@ -280,7 +280,7 @@ def _create_time(pid: int) -> float:
 
 def _same_process(pid: int, created: float) -> bool:
     """Does the process that wrote a claim still run (and is not a later one with its pid)?"""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     return not created or abs(_create_time(pid) - created) < 0.5
 
@@ -306,14 +306,6 @@ def clean_stale_dirs(work_dir: str) -> int:
             clean_worker_dir(os.path.join(work_dir, name))
             removed += 1
     return removed
-
-
-def _alive(pid: object) -> bool:
-    # A zombie is dead: its parent (or a slow init, in a container) has not reaped it yet.
-    try:
-        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE  # type: ignore[arg-type]
-    except (TypeError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def _started_at(pid: int, started_ms: int) -> bool:

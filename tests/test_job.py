@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import wait_for
 from worker import config as config_mod
 from worker.errors import Permanent
 from worker.job import Job, Rejected, intake, job_id_of, parse
@@ -335,6 +337,30 @@ def test_worker_names_parse_back():
     assert parse_worker_id("not-a-worker") is None
     assert parse_worker_dir(worker_dir_name(42, 1700000000123)) == (42, 1700000000123)
     assert parse_worker_dir("cache") is None and parse_worker_dir("w-1-2.part") is None
+
+
+def test_a_pid_is_alive_while_its_process_runs_and_not_once_it_is_a_zombie():
+    import subprocess
+    import sys
+
+    from worker.protocol import pid_alive
+
+    # A process whose name holds ") Z " cannot pass for a zombie (the state follows the
+    # last parenthesis of /proc/<pid>/stat)
+    child = subprocess.Popen([sys.executable, "-c", "import setproctitle, sys; "
+                              "setproctitle.setthreadtitle(') Z x'); sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        assert pid_alive(child.pid) and pid_alive(str(child.pid)) and pid_alive(os.getpid())
+        assert pid_alive(1)  # init: alive, whoever runs the tests
+        child.stdin.close()  # it exits, and stays a zombie until we reap it
+        wait_for(lambda: not pid_alive(child.pid), 10, what="the exited child to count dead")
+        assert os.path.exists(f"/proc/{child.pid}")  # a zombie, not yet reaped
+    finally:
+        child.wait(10)
+    assert not pid_alive(child.pid)
+    for nonsense in (None, "", "abc", "12x", 0, -1, "-1", 1.5j):
+        assert not pid_alive(nonsense)
 
 
 # The parser's shortcuts for the usual message (worker/job.py): each must give the answer

@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 
 from .context import Identity
 from .fsafe import UnsafePath, open_nofollow, private_dir
+from .protocol import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ class SourceCache:
                 age = now - st.st_mtime
                 if name.startswith(".tmp-"):
                     pid = tmp_owner(name)
-                    if age > 3600 or (pid is not None and not alive(pid)):
+                    if age > 3600 or (pid is not None and not pid_alive(pid)):
                         os.unlink(name, dir_fd=dfd)
                 elif stat.S_ISLNK(st.st_mode):
                     os.unlink(name, dir_fd=dfd)  # planted: removed, never followed
@@ -444,16 +445,6 @@ def tmp_owner(name: str) -> int | None:
     if not (pid.isascii() and pid.isdigit()):
         return None
     return int(pid) if 0 < int(pid) <= PID_MAX else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _exists(name: str, dir_fd: int) -> bool:

@@ -10,6 +10,7 @@ state of its own.
 from __future__ import annotations
 
 import enum
+import os
 import re
 
 # --- exit codes: how the master tells a clean exit from a crash ------------------------------
@@ -50,6 +51,30 @@ def parse_worker_dir(name: str) -> tuple[int, int] | None:
     """(pid, started_ms) of a worker folder's name, or None for any other name."""
     match = _WORKER_DIR.fullmatch(name)
     return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` (an int, or its text from Redis or a folder's name) runs on
+    this host: it exists and is not a zombie (exited, not yet reaped by its parent, or by a
+    slow init in a container). Another user's process counts; no valid pid never does."""
+    try:
+        number = int(pid)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+    if number <= 0:  # kill(0) and kill(-n) would ask about process groups
+        return False
+    try:
+        os.kill(number, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's: it exists
+    try:  # "pid (comm) S ...": the state follows the last ")" (comm may hold any)
+        with open(f"/proc/{number}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:  # no /proc, or gone since the kill: the next look decides
+        return True
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
 
 
 # --- a job's hash -----------------------------------------------------------------------------
