@@ -23,7 +23,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import child_named, wait_for
+from tests.conftest import child_named, gone, wait_for
 from worker import media, preload
 
 FFMPEG = shutil.which("ffmpeg")
@@ -422,13 +422,6 @@ def _hanging_ffmpeg(folder: str) -> str:
     return program
 
 
-def _dead(process: psutil.Process) -> bool:
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _making_a_plan(env) -> tuple[subprocess.Popen, str, psutil.Process]:
     """A master making the start plan of an ffmpeg that hangs while it is planned: (the
     master, that program, its hanging run)."""
@@ -469,7 +462,7 @@ def test_a_stop_while_the_start_plan_is_made_ends_it_at_once(env, ask):
     assert proc.wait(15) == 0
     took = time.monotonic() - began
     assert took < preload.RUN_TIMEOUT / 2, f"stopped after {took:.1f} s"
-    wait_for(lambda: _dead(stuck), 5, what="the planned program to die")
+    wait_for(lambda: gone(stuck.pid), 5, what="the planned program to die")
     log = env.log_text()
     assert f"ffmpeg start plan for {program} not made: stopping" in log
     assert "master stopped" in log and "Traceback" not in log
@@ -487,4 +480,4 @@ def test_the_making_of_a_plan_dies_with_a_killed_master(env):
 
     # Then the child making the plan and the program it runs die with it (their own
     # session: a kill of the master's group would not reach them), not 30 s later
-    wait_for(lambda: _dead(child) and _dead(stuck), 10, what="the plan's processes to die")
+    wait_for(lambda: gone(child.pid) and gone(stuck.pid), 10, what="the plan's processes to die")

@@ -379,7 +379,7 @@ def test_a_launcher_that_does_not_run_here_is_passed_over(monkeypatch, tmp_path)
     monkeypatch.setattr(media, "_SETPRIV", shutil.which("false"))
     monkeypatch.setattr(media, "_prefix", None)
     argv, preexec = media._launcher(["sleep", "1"])
-    assert argv == [shutil.which("sleep"), "1"] and preexec is media._die_with_parent
+    assert argv == [shutil.which("sleep"), "1"] and preexec is media.die_with_parent
 
 
 def test_die_with_parent_says_why_it_cannot_run_a_program(tmp_path):

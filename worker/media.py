@@ -77,8 +77,9 @@ def set_parent_death_signal(sig: int) -> None:
         _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the worker that started it dies."""
+def die_with_parent() -> None:
+    """preexec_fn (or a first call in a child): SIGKILL when the thread that started this
+    process dies (a worker, the master)."""
     set_parent_death_signal(signal.SIGKILL)
 
 
@@ -149,7 +150,7 @@ def _launcher(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     program = _program(cmd[0])
     prefix = _death_prefix()
     if not prefix:
-        return [program, *cmd[1:]], _die_with_parent
+        return [program, *cmd[1:]], die_with_parent
     return [*prefix, program, *cmd[1:]], None
 
 

@@ -306,12 +306,11 @@ def _run(program: str, debug: str, preload: list[str] | None = None) -> tuple[st
     env = {**_loader_env(), "LD_DEBUG": debug, "LD_BIND_NOW": "1"}
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
-    from .media import set_parent_death_signal  # (media imports this module)
+    from .media import die_with_parent  # (media imports this module)
 
     with subprocess.Popen([program, "-hide_banner", "-version"], env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE,
-                          preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL)) as proc:
+                          stderr=subprocess.PIPE, preexec_fn=die_with_parent) as proc:
         try:
             out, err = proc.communicate(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -618,9 +617,9 @@ def use(plans: dict[str, tuple[str, ...]]) -> None:
 
 
 if __name__ == "__main__":  # the master's child: python -m worker.preload PROGRAM MASTER_PID
-    from worker.media import set_parent_death_signal
+    from worker.media import die_with_parent
 
-    set_parent_death_signal(signal.SIGKILL)  # with the master, whatever kills it;
+    die_with_parent()  # with the master, whatever kills it;
     if len(sys.argv) > 2 and os.getppid() != int(sys.argv[2]):
         sys.exit(1)  # and if that was before the line above: already gone
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")

@@ -74,7 +74,8 @@ def pid_alive(pid: object) -> bool:
             stat = fh.read()
     except OSError:  # no /proc, or gone since the kill: the next look decides
         return True
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
+    state = stat.rfind(b")") + 2
+    return stat[state:state + 1] != b"Z"
 
 
 # --- a job's hash -----------------------------------------------------------------------------
